@@ -1,0 +1,219 @@
+"""Stage 1: train a byte-level BPE tokenizer (Chinese + English + code) and write it to tokenizer/.
+
+Reads:  the embedded corpus data/default_corpus/*.jsonl.gz (default), or local files/dirs (--input: .txt, .jsonl,
+        .jsonl.gz, .parquet with a "text" column), or Hugging Face datasets by name (--hf-dataset, streamed).
+Writes: tokenizer/ so that AutoTokenizer.from_pretrained("./tokenizer") works (tokenizer.json,
+        tokenizer_config.json with the chat template), the raw tokenizers file
+        tokenizer/byte_level_bpe_tokenizer_v1.json, and tokenizer/report.json (bytes per token on held-out
+        English, Chinese and code; training time).
+
+    cd PreTrain && python train_byte_level_bpe_tokenizer.py                 # embedded corpus, 50k vocab
+    python PreTrain/train_byte_level_bpe_tokenizer.py --vocab-size 8192     # what the CPU default run uses
+    python PreTrain/train_byte_level_bpe_tokenizer.py --input my_texts/ --vocab-size 50000
+    python PreTrain/train_byte_level_bpe_tokenizer.py --hf-dataset allenai/c4:en --max-chars 2e9
+
+Design: no normalizer (so decode(encode(x)) == x for any string), a GPT-4-style split regex in which every digit is
+its own pre-token (arithmetic stays learnable), runs of CJK characters and code whitespace kept as pre-tokens,
+then byte-level mapping so any byte sequence is representable with no unknown token.
+"""
+import argparse
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+# Letters with an optional leading non-letter (" the", "(foo"), single digits, punctuation runs, newlines, spaces.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+RAW_NAME = "byte_level_bpe_tokenizer_v1.json"
+
+
+def read_text_file(path):
+    """Yield documents of one local file; a binary or non-UTF-8 file is a UserError naming the file."""
+    path = Path(path)
+    name = path.name
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise UserError(f"{path}: parquet file has no 'text' column (columns: {table.column_names})")
+            yield from (t for t in table.column("text").to_pylist() if t)
+        elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                for row, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UserError(f"{path}, line {row}: expected a JSON object with a \"text\" field") from None
+                    yield text
+        else:
+            data = path.read_bytes()
+            if b"\x00" in data[:8192]:
+                raise UserError(f"{path} looks binary (NUL bytes): give text, .jsonl or .parquet files")
+            yield data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not valid UTF-8 (byte {e.start}): convert it to UTF-8 or remove it") from None
+
+
+def local_files(inputs):
+    files = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"input {p} does not exist")
+    if not files:
+        raise UserError(f"no input files found in {', '.join(inputs)}")
+    return files
+
+
+def hf_texts(spec, max_chars):
+    """Stream the 'text' field of a Hugging Face dataset given as name[:config]."""
+    from datasets import load_dataset
+
+    name, _, config = spec.partition(":")
+    ds = load_dataset(name, config or None, split="train", streaming=True)
+    seen = 0
+    for row in ds:
+        text = row.get("text") or row.get("content") or ""
+        if text:
+            yield text
+            seen += len(text)
+            if seen >= max_chars:
+                return
+
+
+def iter_corpus(args):
+    """All training documents, stopping after --max-chars characters."""
+    if args.hf_dataset:
+        sources = [hf_texts(spec, args.max_chars) for spec in args.hf_dataset]
+    elif args.input:
+        sources = [read_text_file(f) for f in local_files(args.input)]
+    else:
+        files = common.default_corpus_files("train")
+        if not files:
+            raise UserError(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
+        sources = [(doc["text"] for doc in common.read_jsonl_gz(f)) for f in files]
+    chars = 0
+    for source in sources:
+        for text in source:
+            yield text
+            chars += len(text)
+            if chars >= args.max_chars:
+                return
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE())  # byte-level alphabet: never an unknown token
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train(texts, vocab_size, min_frequency=2):
+    from tokenizers import pre_tokenizers, trainers
+
+    tok = build_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=common.SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save(tok, out_dir):
+    """Write the HF tokenizer files + the raw tokenizers json into out_dir, atomically."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=common.EOT, eos_token=common.EOT, unk_token=None, pad_token=common.PAD,
+        additional_special_tokens=[common.IM_START, common.IM_END], clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+    hf_tok.chat_template = common.CHAT_TEMPLATE
+    out_dir = Path(out_dir)
+    with common.atomic_dir(out_dir) as tmp:
+        hf_tok.save_pretrained(str(tmp))
+        tok.save(str(tmp / RAW_NAME))
+    return hf_tok
+
+
+def bytes_per_token(tok, texts):
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return round(n_bytes / max(n_tokens, 1), 3)
+
+
+def heldout_report(tok):
+    """Bytes per token on the embedded corpus's held-out documents, per language."""
+    report = {}
+    for f in common.default_corpus_files("heldout"):
+        docs = list(common.read_jsonl_gz(f))
+        lang = docs[0]["lang"] if docs else f.stem
+        report[lang] = bytes_per_token(tok, [d["text"] for d in docs])
+    return report
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab-size", type=int, default=50_000, help="target vocabulary size (default 50000)")
+    ap.add_argument("--input", nargs="+", help="local files or directories (.txt, .jsonl[.gz], .parquet)")
+    ap.add_argument("--hf-dataset", nargs="+", help="Hugging Face dataset names, name[:config], streamed")
+    ap.add_argument("--max-chars", type=float, default=1e9, help="stop reading after this many characters")
+    ap.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
+    ap.add_argument("--output-dir", default=str(common.TOKENIZER_DIR), help="where to write (default tokenizer/)")
+    args = ap.parse_args()
+    args.max_chars = int(args.max_chars)
+    if args.vocab_size < 300:
+        raise UserError(f"--vocab-size {args.vocab_size} is too small: it must exceed the 256 byte symbols + specials")
+    out_dir = Path(args.output_dir)
+    common.check_writable_dir(out_dir.parent)
+
+    t0 = time.perf_counter()
+    texts = list(iter_corpus(args))
+    n_chars = sum(len(t) for t in texts)
+    if n_chars == 0:
+        raise UserError(f"the input is empty ({', '.join(args.input or args.hf_dataset or ['default corpus'])}): "
+                        "give files that contain text")
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    print(f"read {len(texts):,} documents, {n_bytes / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
+
+    t0 = time.perf_counter()
+    tok = train(texts, args.vocab_size, args.min_frequency)
+    train_seconds = time.perf_counter() - t0
+    save(tok, out_dir)
+
+    report = {
+        "vocab_size": tok.get_vocab_size(),
+        "train_bytes": n_bytes,
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_mb": round(train_seconds / max(n_bytes / 1e6, 1e-9), 3),
+        "bytes_per_token_heldout": heldout_report(tok),
+        "fingerprint": common.tokenizer_fingerprint(out_dir),
+    }
+    common.atomic_write_json(out_dir / "report.json", report)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"wrote {out_dir}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

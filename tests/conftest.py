@@ -1,0 +1,79 @@
+"""Shared fixtures: a small real tokenizer trained by the project's own stage-1 code, and a tiny GPT-2 saved in the
+same Hugging Face layout as output/ (the stand-in "pretrained" model for SFT and RLHF tests)."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import common  # noqa: E402
+
+
+def load_script(relpath):
+    """Import a stage script (e.g. 'PreTrain/model.py') as a module, without running its main()."""
+    path = REPO / relpath
+    name = "stage_" + path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(relpath, *args, cwd=REPO, timeout=600, env=None, check=True):
+    """Run a stage script as a user would; returns the CompletedProcess (stdout+stderr captured as text)."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([PY, str(REPO / relpath), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{relpath} {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def sample_texts():
+    """A small mixed corpus: English, Chinese, Python code and the arithmetic tasks."""
+    import json as json_module
+
+    code = [Path(json_module.__file__).read_text(), Path(importlib.__file__).read_text()]
+    english = ["The quick brown fox jumps over the lazy dog. " * 20,
+               "Four score and seven years ago our fathers brought forth on this continent a new nation. " * 10]
+    chinese = ["学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？" * 10,
+               "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 10]
+    tasks = [t["prompt"] + " " + t["response"] for t in common.arithmetic_tasks(200, "train")]
+    return english + chinese + code + tasks
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A 600-token byte-level BPE tokenizer trained with the stage-1 code, saved like tokenizer/."""
+    stage = load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
+    out = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
+    stage.save(stage.train(sample_texts(), vocab_size=600), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """A randomly initialised 2-layer GPT-2 plus tokenizer files, in the layout of output/."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    out = tmp_path_factory.mktemp("output") / "output"
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
