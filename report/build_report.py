@@ -1,0 +1,257 @@
+"""The report card: reads what each stage wrote on disk and writes report/report.md, report/metrics.json and PNG plots.
+
+Reads:  tokenizer/report.json, pretrain_data_chunks/manifest.json, output/pretrain_summary.json + history.jsonl,
+        SFT/eval.json + SFT/sft_output/history.jsonl, RLHF/reward_eval.json, RLHF/eval.json,
+        RLHF/grpo_output/history.jsonl, report/timings/*.json (stage wall times written by `make all`), and the
+        models in output/, SFT/sft_output/ and RLHF/grpo_output/ for sample generations.
+Writes: report/report.md, report/metrics.json, report/pretrain_loss.png, report/sft_loss.png, report/grpo.png.
+
+    python report/build_report.py          # after `make all` (which runs it as its last step)
+
+Every number in the report is read from those files; nothing is typed in. A stage whose files are missing is
+reported as "not run".
+"""
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+REPORT_DIR = common.REPO / "report"
+PROMPTS = ["The history of the United States", "子曰：学而时习之",
+           "Tom has 12 apples and gets 7 more. How many apples does Tom have now?", "def fibonacci(n):"]
+
+
+def read_json(path):
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def machine():
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": __import__("os").cpu_count()}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def plot(path, series, title, xlabel="step"):
+    """series: list of (label, xs, ys, axis) with axis 0 = left, 1 = right. Returns the file name or None."""
+    series = [s for s in series if s[1]]
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    right = ax.twinx() if any(s[3] for s in series) else None
+    for label, xs, ys, axis in series:
+        (right if axis else ax).plot(xs, ys, label=label, color=None if not axis else "tab:red")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    handles = ax.get_legend_handles_labels()
+    if right:
+        handles = [a + b for a, b in zip(handles, right.get_legend_handles_labels())]
+    ax.legend(*handles, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def column(rows, key):
+    rows = [r for r in rows if r.get(key) is not None]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def generate_samples(max_new_tokens):
+    """Greedy continuations of the same prompts by the base, SFT and GRPO models (those that exist)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = {"pretrained": common.OUTPUT_DIR}
+    for name, d in [("sft", common.SFT_OUTPUT_DIR), ("grpo", common.GRPO_OUTPUT_DIR)]:
+        models[name] = d / "merged" if (d / "merged" / "config.json").is_file() else None
+    samples = {}
+    for name, path in models.items():
+        if path is None or not (Path(path) / "config.json").is_file():
+            continue
+        tok = common.load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+        samples[name] = {}
+        for prompt in PROMPTS:
+            if name == "pretrained":
+                text = prompt
+            else:
+                text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+            ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id,
+                                     eos_token_id=[tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id])
+            samples[name][prompt] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return samples
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="length of each sample generation")
+    ap.add_argument("--no-samples", action="store_true", help="skip loading models for sample generations")
+    args = ap.parse_args()
+    REPORT_DIR.mkdir(exist_ok=True)
+
+    metrics = {
+        "machine": machine(),
+        "timings": {p.stem: read_json(p) for p in sorted((REPORT_DIR / "timings").glob("*.json"))},
+        "tokenizer": read_json(common.TOKENIZER_DIR / "report.json"),
+        "chunks": read_json(common.CHUNKS_DIR / "manifest.json"),
+        "pretrain": read_json(common.OUTPUT_DIR / "pretrain_summary.json"),
+        "sft": read_json(common.REPO / "SFT" / "eval.json"),
+        "reward_model": read_json(common.REPO / "RLHF" / "reward_eval.json"),
+        "grpo": read_json(common.REPO / "RLHF" / "eval.json"),
+    }
+    pre_hist = read_jsonl(common.OUTPUT_DIR / "history.jsonl")
+    sft_hist = read_jsonl(common.SFT_OUTPUT_DIR / "history.jsonl")
+    grpo_hist = read_jsonl(common.GRPO_OUTPUT_DIR / "history.jsonl")
+    plots = {
+        "pretrain_loss": plot(REPORT_DIR / "pretrain_loss.png",
+                              [("train loss", *column(pre_hist, "loss"), 0),
+                               ("val loss", *column(pre_hist, "val_loss"), 0)], "Pretraining loss"),
+        "sft_loss": plot(REPORT_DIR / "sft_loss.png",
+                         [("train loss", *column(sft_hist, "loss"), 0),
+                          ("eval loss", *column(sft_hist, "eval_loss"), 0)], "SFT loss (assistant tokens)"),
+        "grpo": plot(REPORT_DIR / "grpo.png", [("reward", *column(grpo_hist, "reward"), 0),
+                                               ("KL", *column(grpo_hist, "kl"), 1)], "GRPO reward and KL"),
+    }
+    metrics["plots"] = plots
+    metrics["samples"] = {} if args.no_samples else generate_samples(args.max_new_tokens)
+    common.atomic_write_json(REPORT_DIR / "metrics.json", metrics)
+    common.atomic_write_bytes(REPORT_DIR / "report.md", render(metrics).encode("utf-8"))
+    print(f"wrote {REPORT_DIR / 'report.md'} and metrics.json")
+
+
+def render(m):
+    lines = ["# llm_train report card", "",
+             "Every number below was read from the files the stages wrote (see report/metrics.json).", ""]
+    mach = m["machine"]
+    lines += [f"Machine: {mach['cpu']}, {mach['cpu_count']} cores"
+              + (f", GPUs: {', '.join(mach['gpus'])}" if mach.get("gpus") else ", no GPU")
+              + f"; torch {mach['torch']}, Python {mach['python']}.", ""]
+
+    if m["timings"]:
+        lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {fmt(v.get('seconds'), 1)} |" for k, v in m["timings"].items() if v]
+        lines += [f"| total | {fmt(sum(v.get('seconds', 0) for v in m['timings'].values() if v), 1)} |", ""]
+
+    tok = m["tokenizer"]
+    lines += ["## Tokenizer", ""]
+    if tok:
+        bpt = tok.get("bytes_per_token_heldout", {})
+        lines += [f"Vocabulary {tok['vocab_size']:,}, trained on {tok['train_bytes'] / 1e6:.1f} MB in "
+                  f"{fmt(tok['train_seconds'], 1)} s. Held-out bytes per token: "
+                  + ", ".join(f"{k} {fmt(v, 2)}" for k, v in bpt.items()) + ".", ""]
+    else:
+        lines += ["not run", ""]
+
+    ch = m["chunks"]
+    if ch:
+        tr, va = ch["splits"]["train"], ch["splits"]["val"]
+        lines += ["## Pretraining data", "", f"{tr['tokens']:,} train tokens / {va['tokens']:,} validation tokens "
+                  f"in rows of {ch['row_length']} tokens.", ""]
+
+    pre = m["pretrain"]
+    lines += ["## Pretraining", ""]
+    if pre:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in pre.items() if not isinstance(v, (dict, list))]
+        lines += [""]
+    else:
+        lines += ["not run", ""]
+    if m["plots"].get("pretrain_loss"):
+        lines += [f"![pretraining loss]({m['plots']['pretrain_loss']})", ""]
+
+    lines += ["## Supervised fine-tuning (QLoRA)", ""]
+    lines += table_base_vs(m["sft"], "base", "sft")
+    if m["plots"].get("sft_loss"):
+        lines += [f"![SFT loss]({m['plots']['sft_loss']})", ""]
+
+    rm = m["reward_model"]
+    lines += ["## Reward model", ""]
+    if rm:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in flatten(rm).items()]
+        lines += [""]
+    else:
+        lines += ["not run", ""]
+
+    lines += ["## GRPO", ""]
+    lines += table_base_vs(m["grpo"], "sft", "grpo")
+    if m["plots"].get("grpo"):
+        lines += [f"![GRPO reward and KL]({m['plots']['grpo']})", ""]
+
+    if m["samples"]:
+        lines += ["## Samples (greedy, same prompts)", ""]
+        for prompt in PROMPTS:
+            lines += [f"**{prompt}**", ""]
+            for stage, outs in m["samples"].items():
+                out = outs.get(prompt, "").replace("\n", " ⏎ ")
+                lines += [f"- {stage}: {out}"]
+            lines += [""]
+    return "\n".join(lines) + "\n"
+
+
+def flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif not isinstance(v, list):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def table_base_vs(d, before, after):
+    """Rows metric | before | after for a {before: {...}, after: {...}, ...} eval file."""
+    if not d:
+        return ["not run", ""]
+    if isinstance(d.get(before), dict) and isinstance(d.get(after), dict):
+        keys = [k for k in d[after] if not isinstance(d[after][k], (dict, list))]
+        rows = [f"| metric | {before} | {after} |", "|---|---|---|"]
+        rows += [f"| {k} | {fmt(d[before].get(k))} | {fmt(d[after][k])} |" for k in keys]
+        rest = {k: v for k, v in d.items() if k not in (before, after)}
+        rows += [""] + [f"- {k}: {fmt(v)}" for k, v in flatten(rest).items()]
+        return rows + [""]
+    return ["| metric | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in flatten(d).items()] + [""]
+
+
+if __name__ == "__main__":
+    common.run_main(main)
