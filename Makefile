@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # CPU default: a small vocabulary so the whole pipeline fits in minutes on a laptop.
 VOCAB ?= 8192
+# CPU default context: matches PreTrain/model.py's cpu preset (smaller presets cut rows into windows).
+CONTEXT ?= 256
 
 .PHONY: setup test bench all clean
 setup: $(VENV)/.installed
@@ -26,7 +28,7 @@ tokenizer/tokenizer.json: PreTrain/train_byte_level_bpe_tokenizer.py common.py $
 	$(PY) PreTrain/train_byte_level_bpe_tokenizer.py --vocab-size $(VOCAB)
 
 pretrain_data_chunks/manifest.json: PreTrain/preprocess_dataset_for_pretrain_map.py tokenizer/tokenizer.json | setup
-	$(PY) PreTrain/preprocess_dataset_for_pretrain_map.py
+	$(PY) PreTrain/preprocess_dataset_for_pretrain_map.py --context-length $(CONTEXT)
 
 all: pretrain_data_chunks/manifest.json
 

@@ -94,6 +94,7 @@ def atomic_write_bytes(path, data):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; outputs are meant to be shared
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -116,6 +117,7 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     try:
         yield tmp
         if (path / "README.md").is_file() and not (tmp / "README.md").exists():
@@ -151,6 +153,50 @@ def default_corpus_files(split="train"):
     files = sorted(DATA_DIR.glob("*.jsonl.gz"))
     held = [f for f in files if f.name.startswith("heldout_")]
     return held if split == "heldout" else [f for f in files if f not in held]
+
+
+TXT_DOC_CHARS = 65536  # .txt files are cut at the first blank line after this many characters
+
+
+def read_text_file(path):
+    """Yield the documents of one local file; a binary or non-UTF-8 file is a UserError naming the file."""
+    path = Path(path)
+    name = path.name
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise UserError(f"{path}: parquet file has no 'text' column (columns: {table.column_names})")
+            yield from (t for t in table.column("text").to_pylist() if t)
+        elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                for row, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UserError(f"{path}, line {row}: expected a JSON object with a \"text\" field") from None
+                    if text:
+                        yield text
+        else:
+            data = path.read_bytes()
+            if b"\x00" in data[:8192]:
+                raise UserError(f"{path} looks binary (NUL bytes): give text, .jsonl or .parquet files")
+            text = data.decode("utf-8")
+            start = 0
+            while start < len(text):  # one document per ~64 KB, so a single big file still gets a val share
+                cut = text.find("\n\n", start + TXT_DOC_CHARS)
+                end = len(text) if cut < 0 else cut + 2
+                if text[start:end].strip():
+                    yield text[start:end]
+                start = end
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        what = f"not valid UTF-8 (byte {e.start})" if isinstance(e, UnicodeDecodeError) else f"unreadable ({e})"
+        raise UserError(f"{path} is {what}: convert it to UTF-8 text / fix the file, or remove it") from None
 
 
 def read_jsonl_gz(path):

@@ -17,7 +17,6 @@ its own pre-token (arithmetic stays learnable), runs of CJK characters and code 
 then byte-level mapping so any byte sequence is representable with no unknown token.
 """
 import argparse
-import gzip
 import json
 import sys
 import time
@@ -32,38 +31,6 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 RAW_NAME = "byte_level_bpe_tokenizer_v1.json"
-
-
-def read_text_file(path):
-    """Yield documents of one local file; a binary or non-UTF-8 file is a UserError naming the file."""
-    path = Path(path)
-    name = path.name
-    try:
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise UserError(f"{path}: parquet file has no 'text' column (columns: {table.column_names})")
-            yield from (t for t in table.column("text").to_pylist() if t)
-        elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                for row, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(f"{path}, line {row}: expected a JSON object with a \"text\" field") from None
-                    yield text
-        else:
-            data = path.read_bytes()
-            if b"\x00" in data[:8192]:
-                raise UserError(f"{path} looks binary (NUL bytes): give text, .jsonl or .parquet files")
-            yield data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 (byte {e.start}): convert it to UTF-8 or remove it") from None
 
 
 def local_files(inputs):
@@ -101,7 +68,7 @@ def iter_corpus(args):
     if args.hf_dataset:
         sources = [hf_texts(spec, args.max_chars) for spec in args.hf_dataset]
     elif args.input:
-        sources = [read_text_file(f) for f in local_files(args.input)]
+        sources = [common.read_text_file(f) for f in local_files(args.input)]
     else:
         files = common.default_corpus_files("train")
         if not files:

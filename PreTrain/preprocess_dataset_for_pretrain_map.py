@@ -1,0 +1,512 @@
+"""Stage 2: tokenize text into fixed-length rows of token ids for pretraining, stored as parquet shards.
+
+Reads:  tokenizer/tokenizer.json (--tokenizer-dir) and the text sources given by --sources (default: the embedded
+        corpus data/default_corpus/*.jsonl.gz, training files only; the held-out files stay for the tokenizer report).
+Writes: pretrain_data_chunks/ (--output-dir):
+          manifest.json                 written last: its existence means the output is complete
+          train/shard_00000.parquet ... one column "input_ids" = list<int32>, every row exactly context_length + 1 ids
+          val/shard_00000.parquet ...   the same for the validation documents
+
+    python PreTrain/preprocess_dataset_for_pretrain_map.py --context-length 256      # CPU default run (15-35 s)
+    python PreTrain/preprocess_dataset_for_pretrain_map.py                           # embedded corpus, context 1024
+    python PreTrain/preprocess_dataset_for_pretrain_map.py --sources my_texts/ notes.txt --num-proc 8
+    python PreTrain/preprocess_dataset_for_pretrain_map.py --sources c4:0.6 wikipedia:0.2 tiny-codes:0.2 --max-tokens 2e9
+    python PreTrain/preprocess_dataset_for_pretrain_map.py --sources c4 --max-tokens 1e8 \\
+        --data-files c4='~/c4/en/c4-train.0000*-of-01024.json.gz'      # a named source from files you downloaded
+
+Sources (--sources NAME[:WEIGHT] ...):
+  default          the embedded corpus; each of its files is a source of its own (weight split by file size)
+  a path           a file or directory: .txt (split at blank lines into ~64 KB documents), .jsonl / .jsonl.gz /
+                   .json.gz (one JSON object with a "text" field per line), .parquet (a "text" column)
+  a named dataset  streamed from the Hugging Face hub (needs --max-tokens); schemas as published on the hub:
+    c4             allenai/c4, config en, split train: {text, timestamp, url}                  -> text
+    wikipedia      wikimedia/wikipedia, config 20231101.en, split train: {id, url, title, text} -> title + text
+    wikipedia-zh   the same with config 20231101.zh
+    tiny-codes     nampdn-ai/tiny-codes, split train: {prompt, main_topic, subtopic, adjective, action_verb,
+                   scenario, target_audience, programming_language, common_sense_topic, idx, response}
+                                                                                            -> prompt + response
+    gutenberg      manu/project_gutenberg, split en (its splits are languages): {id, text}  -> text
+    stackexchange  HuggingFaceH4/stack-exchange-preferences, split train: {qid, question, date, metadata,
+                   answers: [{answer_id, author, author_id, author_profile, pm_score, selected, text}]}
+                                                               -> question + answers, highest pm_score first
+  To add a dataset, add an entry to NAMED_SOURCES. --data-files NAME=GLOB reads a named source from local .json[l]
+  [.gz] / .parquet files of the same schema instead of the hub (offline use, and how the tests run these paths).
+
+Weights: with --max-tokens T, source i contributes about T * w_i / sum(w) tokens (train + val); a source that runs
+out first contributes what it has. Documents of all sources are interleaved in that proportion, so every shard has
+the same mix. Without --max-tokens every source is read to its end and weights are ignored.
+
+Rows: each document's tokens are followed by <|endoftext|>, the stream is cut into rows of context_length + 1
+tokens (inputs = row[:-1], targets = row[1:]); the tail of a split that does not fill a row is dropped (logged).
+Split: a document goes to val when a hash of its text falls under --val-fraction (the same text always lands in the
+same split); a source with more than one document always gets at least one val document (its second one if the
+hash picked none before). Text that spells a special token ("<|endoftext|>") is tokenized as plain text.
+
+Work is done in batches of documents, one batch per shard: about --rows-per-shard rows' worth of text (at least
+64 KB), tokenized by datasets.map with --num-proc processes. After each batch its complete rows are written as one
+train and one val shard (atomically), the less-than-a-row rest is carried over, and the progress is saved in
+pretrain_data_chunks/.partial/; a killed run rerun with the same command skips its finished shards (it re-reads but
+does not re-tokenize the documents before them; hub sources are streamed again up to that point). A finished run
+moves its output into place in one rename; a failed run leaves an existing complete output untouched.
+"""
+import argparse
+import glob
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named Hugging Face datasets: where they live and how a row becomes one document's text.
+def stackexchange_text(row):
+    answers = sorted(row.get("answers") or [], key=lambda a: -(a.get("pm_score") or 0))
+    return "\n\n".join([row["question"]] + [a["text"] for a in answers if a.get("text")])
+
+
+NAMED_SOURCES = {
+    "c4": dict(hub="allenai/c4", config="en", split="train", text=lambda r: r["text"]),
+    "wikipedia": dict(hub="wikimedia/wikipedia", config="20231101.en", split="train",
+                      text=lambda r: r["title"] + "\n\n" + r["text"]),
+    "wikipedia-zh": dict(hub="wikimedia/wikipedia", config="20231101.zh", split="train",
+                         text=lambda r: r["title"] + "\n\n" + r["text"]),
+    "tiny-codes": dict(hub="nampdn-ai/tiny-codes", config=None, split="train",
+                       text=lambda r: r["prompt"] + "\n\n" + r["response"]),
+    "gutenberg": dict(hub="manu/project_gutenberg", config=None, split="en", text=lambda r: r["text"]),
+    "stackexchange": dict(hub="HuggingFaceH4/stack-exchange-preferences", config=None, split="train",
+                          text=stackexchange_text),
+}
+
+
+def hub_texts(name, data_files=None):
+    """Documents of a named dataset, streamed from the hub or read from local files of the same schema."""
+    from datasets import load_dataset
+
+    spec = NAMED_SOURCES[name]
+    if data_files:
+        files = sorted(f for pattern in data_files for f in glob.glob(os.path.expanduser(pattern)))
+        if not files:
+            raise UserError(f"--data-files {name}={' '.join(data_files)} matches no file")
+        builder = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
+        ds = load_dataset(builder, data_files=files, split="train", streaming=True)
+        where = f"{name} files {files[0]}{' ...' if len(files) > 1 else ''}"
+    else:
+        where = f"{spec['hub']} ({spec['config'] or 'default'}, {spec['split']})"
+        try:
+            ds = load_dataset(spec["hub"], spec["config"], split=spec["split"], streaming=True)
+        except Exception as e:  # offline, no network, renamed dataset: one clear line instead of a traceback
+            raise UserError(f"cannot stream {where} from the Hugging Face hub ({type(e).__name__}: "
+                            f"{str(e)[:200]}): check the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE must be "
+                            f"unset), or download its files and use --data-files {name}=GLOB") from None
+    for i, row in enumerate(ds):
+        try:
+            text = spec["text"](row)
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{where}, row {i + 1}: missing field {e} for source '{name}' "
+                            f"(columns: {sorted(row)}); see NAMED_SOURCES in {Path(__file__).name}") from None
+        if text:
+            yield text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local files: read with common.read_text_file (the same formats and errors as the tokenizer stage).
+def gzip_text_size(path):
+    """Uncompressed size of a .gz file (< 4 GB), from its trailer: the corpus mix without reading the files."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
+
+
+def local_files(path):
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise UserError(f"input directory {path} holds no files")
+        return files
+    if path.is_file():
+        return [path]
+    raise UserError(f"input {path} does not exist (and is not a named source: {', '.join(['default', *NAMED_SOURCES])})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources: each is {name, weight, origin, hub, open} where open() returns a fresh iterator over its documents.
+def parse_sources(specs, data_files):
+    """--sources NAME[:WEIGHT] ... -> list of sources; 'default' expands into one source per embedded corpus file."""
+    overrides = {}
+    for item in data_files or []:
+        name, eq, pattern = item.partition("=")
+        if not eq or name not in NAMED_SOURCES:
+            raise UserError(f"--data-files {item}: expected NAME=GLOB with NAME one of {', '.join(NAMED_SOURCES)}")
+        overrides.setdefault(name, []).append(pattern)
+    sources = []
+    for spec in specs:
+        name, weight = spec, 1.0
+        head, colon, tail = spec.rpartition(":")
+        if colon:
+            try:
+                name, weight = head, float(tail)
+            except ValueError:
+                pass
+        if not weight > 0:
+            raise UserError(f"--sources {spec}: the weight must be a positive number")
+        if name == "default":
+            files = common.default_corpus_files("train")
+            if not files:
+                raise UserError(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
+            sizes = [gzip_text_size(f) for f in files]
+            for f, size in zip(files, sizes):
+                sources.append(dict(name=f"default/{f.name.split('.')[0]}", weight=weight * size / sum(sizes),
+                                    origin=str(f.relative_to(common.REPO)), hub=False,
+                                    open=lambda f=f: (d["text"] for d in common.read_jsonl_gz(f) if d["text"])))
+        elif name in NAMED_SOURCES:
+            files = overrides.get(name)
+            origin = f"files {' '.join(files)}" if files else f"hub {NAMED_SOURCES[name]['hub']}"
+            sources.append(dict(name=name, weight=weight, origin=origin, hub=not files,
+                                open=lambda name=name, files=files: hub_texts(name, files)))
+        else:
+            files = local_files(Path(name).expanduser())
+            sources.append(dict(name=name, weight=weight, origin=name, hub=False,
+                                open=lambda files=files: (t for f in files for t in common.read_text_file(f))))
+    if len({s["name"] for s in sources}) != len(sources):
+        raise UserError(f"--sources {' '.join(specs)}: a source is given twice")
+    unused = set(overrides) - {s["name"] for s in sources}
+    if unused:
+        raise UserError(f"--data-files given for {', '.join(sorted(unused))}, which is not in --sources")
+    return sources
+
+
+def interleave(sources, progress, budgets, bytes_per_token):
+    """Yield (source index, index within source, text, utf-8 bytes) in token proportion to the sources' weights.
+
+    Next comes the source furthest below its share (estimated tokens so far / weight), so the mix is the same all
+    through the stream. Resumes after progress[i]['docs'] documents of each source."""
+    iters = [itertools.islice(s["open"](), p["docs"], None) for s, p in zip(sources, progress)]
+
+    def est_tokens(i):
+        return progress[i]["bytes"] / bytes_per_token[i]
+
+    active = [i for i, p in enumerate(progress) if not p["done"] and est_tokens(i) < budgets[i]]
+    while active:
+        i = min(active, key=lambda i: est_tokens(i) / sources[i]["weight"])
+        text = next(iters[i], None)
+        if text is None:
+            progress[i]["done"] = True
+            active.remove(i)
+            continue
+        n_bytes = len(text.encode("utf-8"))
+        progress[i]["docs"] += 1
+        progress[i]["bytes"] += n_bytes
+        if est_tokens(i) >= budgets[i]:
+            active.remove(i)
+        yield i, progress[i]["docs"] - 1, text, n_bytes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenization: datasets.map over a batch of documents, --num-proc processes, each running the fast tokenizer.
+_TOKENIZERS = {}  # path -> tokenizers.Tokenizer; loaded once in the parent, inherited by forked map workers
+
+
+def raw_tokenizer(path):
+    if path not in _TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(path)
+        tok.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, never the real token
+        _TOKENIZERS[path] = tok
+    return _TOKENIZERS[path]
+
+
+def tokenize_batch(batch, tokenizer_path):
+    # encode_batch_fast: the same ids as encode_batch, without the character offsets (~40% less CPU)
+    encodings = raw_tokenizer(tokenizer_path).encode_batch_fast(batch["text"], add_special_tokens=False)
+    return {"input_ids": [e.ids for e in encodings]}
+
+
+def tokenize(texts, tokenizer_path, num_proc):
+    """list of texts -> (all their token ids as one int32 array, start and end of text i's ids in it)."""
+    from datasets import Dataset, Features, List, Value
+
+    num_proc = min(num_proc, len(texts))
+    # map gives process r a contiguous 1/num_proc of the rows; dealing the documents round-robin first gives each
+    # process the same mix of long and short documents (a batch may be ordered by source); undone below
+    order = np.concatenate([np.arange(r, len(texts), num_proc) for r in range(num_proc)])
+    ds = Dataset.from_dict({"text": [texts[i] for i in order]})
+    out = ds.map(tokenize_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                 remove_columns=["text"], fn_kwargs={"tokenizer_path": tokenizer_path}, keep_in_memory=True,
+                 features=Features({"input_ids": List(Value("int32"))}), new_fingerprint=os.urandom(8).hex())
+    ids = out.data.table.column("input_ids").combine_chunks()
+    values = ids.flatten().to_numpy(zero_copy_only=False)
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+    starts, ends = np.empty(len(texts), np.int64), np.empty(len(texts), np.int64)
+    starts[order], ends[order] = offsets[:-1], offsets[1:]
+    return values, starts, ends
+
+
+def join_with_eot(values, starts, ends, docs, eot_id):
+    """The token ids of documents `docs` (indices into starts/ends), each followed by eot_id, as one int32 array."""
+    eot = np.array([eot_id], dtype=np.int32)
+    return np.concatenate([part for d in docs for part in (values[starts[d]:ends[d]], eot)])
+
+
+def doc_hash_fraction(text):
+    """A stable number in [0, 1) from the document's text: decides its split."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards and progress.
+def write_shard(path, tokens, row_length):
+    """Write tokens (a multiple of row_length) as a parquet shard, atomically (temp file, then rename)."""
+    n_rows = len(tokens) // row_length
+    offsets = pa.array(np.arange(0, (n_rows + 1) * row_length, row_length, dtype=np.int32))
+    column = pa.ListArray.from_arrays(offsets, pa.array(tokens, type=pa.int32()))
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"input_ids": column}), sink, row_group_size=4096)
+    common.atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def new_progress(sources):
+    return {
+        "splits": {s: {"shards": [], "rows": 0, "documents": 0, "text_bytes": 0, "doc_tokens": 0, "carry": []}
+                   for s in ("train", "val")},
+        "sources": [{"docs": 0, "bytes": 0, "done": False, "documents": {"train": 0, "val": 0},
+                     "tokens": {"train": 0, "val": 0}} for _ in sources],
+    }
+
+
+def check_output_dir(out_dir):
+    """Refuse to replace a directory that holds anything but this stage's output (it is swapped out at the end)."""
+    ours = {"README.md", "manifest.json", "train", "val", ".partial"}
+    if out_dir.is_dir():
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+        if other:
+            raise UserError(f"output directory {out_dir} holds other files ({', '.join(other[:5])}): it would be "
+                            "replaced; choose an empty or new --output-dir")
+    elif out_dir.exists():
+        raise UserError(f"output directory {out_dir} is a file: choose another --output-dir")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sources", nargs="+", default=["default"], metavar="NAME[:WEIGHT]",
+                    help="default | a file or directory | " + " | ".join(NAMED_SOURCES) + " (default: default)")
+    ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a named source from local files")
+    ap.add_argument("--max-tokens", type=float, help="total tokens to take, shared by the sources' weights")
+    ap.add_argument("--context-length", type=int, default=1024, help="model context; rows hold one more token")
+    ap.add_argument("--rows-per-shard", type=int, default=16384,
+                    help="about this many rows per shard (16384 rows x 1025 ids x 4 B = 67 MB); one batch of text each")
+    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    ap.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count(), help="tokenizer processes (default: the cores this process may use)")
+    ap.add_argument("--tokenizer-dir", default=str(common.TOKENIZER_DIR), help="default tokenizer/")
+    ap.add_argument("--output-dir", default=str(common.CHUNKS_DIR), help="default pretrain_data_chunks/")
+    ap.add_argument("--stop-after-shards", type=int, help=argparse.SUPPRESS)  # tests: die like kill -9 after N shards
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+
+    # Everything that can be wrong is checked before any work: tokenizer, sources, output directory.
+    if args.context_length < 1 or args.rows_per_shard < 1 or not 0 <= args.val_fraction < 1 or args.num_proc < 1:
+        raise UserError("--context-length, --rows-per-shard and --num-proc must be >= 1, --val-fraction in [0, 1)")
+    tokenizer_dir = Path(args.tokenizer_dir)
+    fingerprint = common.tokenizer_fingerprint(tokenizer_dir)
+    tokenizer_path = str(tokenizer_dir / "tokenizer.json")
+    tok = raw_tokenizer(tokenizer_path)
+    eot_id = tok.token_to_id(common.EOT)
+    if eot_id is None:
+        raise UserError(f"{tokenizer_path} has no {common.EOT} token: retrain it with the stage-1 script")
+    sources = parse_sources(args.sources, args.data_files)
+    max_tokens = int(args.max_tokens) if args.max_tokens else None
+    if max_tokens is None and any(s["hub"] for s in sources):
+        raise UserError("hub datasets are streamed without end: give --max-tokens (e.g. --max-tokens 2e9)")
+    out_dir = Path(args.output_dir)
+    check_output_dir(out_dir)
+    common.check_writable_dir(out_dir.parent)
+    common.check_writable_dir(out_dir)
+    row_length = args.context_length + 1
+    if args.rows_per_shard * row_length > 2**29:  # a shard's list offsets are int32; batches may overshoot a bit
+        raise UserError(f"--rows-per-shard {args.rows_per_shard} x {row_length} tokens is too large for one shard")
+
+    # Bytes per token of each source, from its first documents: turns token budgets into a text stream.
+    total_weight = sum(s["weight"] for s in sources)
+    budgets = [max_tokens * s["weight"] / total_weight if max_tokens else float("inf") for s in sources]
+    bytes_per_token = []
+    for s in sources:
+        sample = []
+        for text in s["open"]():
+            sample.append(text[:16384])
+            if sum(map(len, sample)) > 65536:
+                break
+        if not sample:
+            raise UserError(f"source {s['name']} ({s['origin']}) holds no text: give files that contain text")
+        n_tokens = sum(len(e.ids) for e in tok.encode_batch_fast(sample, add_special_tokens=False))
+        bytes_per_token.append(sum(len(t.encode("utf-8")) for t in sample) / max(n_tokens, 1))
+
+    # Text to read, for the progress bar (and a first pass over local files finds a bad file before any work).
+    expected_bytes = 0
+    for s, budget, bpt in zip(sources, budgets, bytes_per_token):
+        if s["hub"]:
+            expected_bytes += budget * bpt
+        else:
+            read = 0
+            for text in s["open"]():
+                read += len(text.encode("utf-8"))
+                if read >= budget * bpt:
+                    break
+            expected_bytes += read
+
+    config = dict(format=FORMAT, tokenizer_fingerprint=fingerprint, context_length=args.context_length,
+                  rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction, max_tokens=max_tokens,
+                  sources=[(s["name"], s["weight"], s["origin"]) for s in sources])
+    staging = out_dir / ".partial"
+    progress_path = staging / "progress.json"
+    progress = None
+    if progress_path.is_file():
+        saved = json.loads(progress_path.read_text())
+        shards = [rel for info in saved.get("progress", {}).get("splits", {}).values() for rel in info["shards"]]
+        if saved.get("config") == json.loads(json.dumps(config)) and all((staging / r).is_file() for r in shards):
+            progress = saved["progress"]
+            done = {s: len(progress["splits"][s]["shards"]) for s in ("train", "val")}
+            print(f"resuming: skipping {done['train']} finished train and {done['val']} val shards "
+                  f"({sum(p['docs'] for p in progress['sources']):,} documents already tokenized)")
+        else:
+            print(f"discarding {staging}: it was made with other settings (or lost shards)")
+    if progress is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        progress = new_progress(sources)
+    splits = progress["splits"]
+
+    print(f"tokenizer {tokenizer_dir} (vocab {tok.get_vocab_size()}, eot {eot_id}), context {args.context_length}, "
+          f"{len(sources)} sources, {args.num_proc} processes, ~{expected_bytes / 1e6:,.1f} MB of text")
+    for s, budget, bpt in zip(sources, budgets, bytes_per_token):
+        share = f"{budget:,.0f} tokens" if max_tokens else "all"
+        print(f"  {s['name']:<28} {s['origin']:<48} {share}, ~{bpt:.2f} bytes/token")
+
+    # The main loop: a batch of documents -> split by hash -> tokenize -> append to the split's token stream ->
+    # both splits' complete rows go to disk as one shard each, and the progress is saved.
+    import datasets
+    from tqdm import tqdm
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    mean_bytes_per_token = sum(s["weight"] * b for s, b in zip(sources, bytes_per_token)) / total_weight
+    batch_bytes = max(args.rows_per_shard * row_length * mean_bytes_per_token, 1 << 16)  # text for about one shard
+    pending = {s: [np.asarray(splits[s]["carry"], dtype=np.int32)] for s in splits}
+    stream = interleave(sources, progress["sources"], budgets, bytes_per_token)
+    bytes_done_before = sum(p["bytes"] for p in progress["sources"])
+    bar = tqdm(total=round(expected_bytes), initial=bytes_done_before, unit="B", unit_scale=True, unit_divisor=1000,
+               desc="tokenize")
+    t_work, n_bytes_read, n_tokens_made, shards_this_run = time.perf_counter(), 0, 0, 0
+
+    def flush():
+        nonlocal shards_this_run
+        for split, info in splits.items():
+            stream_ = np.concatenate(pending[split])
+            n_rows = len(stream_) // row_length
+            if n_rows:
+                rel = f"{split}/shard_{len(info['shards']):05d}.parquet"
+                write_shard(staging / rel, stream_[: n_rows * row_length], row_length)
+                info["shards"].append(rel)
+                info["rows"] += n_rows
+                stream_ = stream_[n_rows * row_length:]
+                tqdm.write(f"wrote {rel} ({n_rows:,} rows)")
+            pending[split] = [stream_]
+            info["carry"] = stream_.tolist()  # less than one row: the only state a resumed run needs besides counts
+        progress["splits"] = splits
+        common.atomic_write_json(progress_path, {"config": config, "progress": progress})
+        shards_this_run += 1
+        if args.stop_after_shards and shards_this_run >= args.stop_after_shards:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    while True:
+        batch, size = [], 0
+        for item in stream:  # breaking out leaves the generator where it is, for the next batch
+            batch.append(item)
+            size += item[3]
+            if size >= batch_bytes:
+                break
+        if not batch:
+            break
+        values, starts, ends = tokenize([text for _, _, text, _ in batch], tokenizer_path, args.num_proc)
+        lengths = ends - starts + 1  # + the end-of-text token
+        is_val = []
+        for (i, index, text, n_bytes), n_tokens in zip(batch, lengths.tolist()):
+            source = progress["sources"][i]
+            val = doc_hash_fraction(text) < args.val_fraction or (index == 1 and source["documents"]["val"] == 0)
+            split = "val" if val else "train"
+            source["documents"][split] += 1
+            source["tokens"][split] += n_tokens
+            splits[split]["documents"] += 1
+            splits[split]["text_bytes"] += n_bytes
+            splits[split]["doc_tokens"] += n_tokens
+            is_val.append(val)
+            n_tokens_made += n_tokens
+        for split, in_split in (("train", False), ("val", True)):
+            docs = [k for k, val in enumerate(is_val) if val == in_split]
+            if docs:
+                pending[split].append(join_with_eot(values, starts, ends, docs, eot_id))
+        n_bytes_read += size
+        bar.update(size)
+        flush()
+    bar.close()
+    seconds_work = time.perf_counter() - t_work
+
+    # The manifest, written last; then the whole directory replaces the old output in one rename.
+    if splits["train"]["rows"] == 0:
+        raise UserError(f"too little text for one training row of {row_length} tokens: give more text "
+                        "or a smaller --context-length")
+    if splits["val"]["rows"] == 0:
+        print("warning: the validation split is empty (too few or too small documents)")
+    manifest_splits, dropped = {}, {}
+    for split, info in splits.items():
+        tokens = info["rows"] * row_length
+        dropped[split] = info["doc_tokens"] - tokens
+        manifest_splits[split] = {
+            "shards": info["shards"], "rows": info["rows"], "tokens": tokens,
+            # the dropped tail (< 1 row) is taken off pro rata, so tokens / bytes is the split's true ratio
+            "bytes": round(info["text_bytes"] * tokens / max(info["doc_tokens"], 1)),
+            "documents": info["documents"],
+        }
+    manifest = {
+        "format": FORMAT, "tokenizer_fingerprint": fingerprint, "vocab_size": tok.get_vocab_size(),
+        "eot_id": eot_id, "context_length": args.context_length, "row_length": row_length,
+        "splits": manifest_splits,
+        "sources": [{"name": s["name"], "weight": s["weight"], "origin": s["origin"], "documents": p["documents"],
+                     "tokens": p["tokens"]} for s, p in zip(sources, progress["sources"])],
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "config": config,
+    }
+    common.atomic_write_json(staging / "manifest.json", manifest)
+    with common.atomic_dir(out_dir) as tmp:
+        for name in ("train", "val", "manifest.json"):
+            if (staging / name).exists():
+                os.replace(staging / name, tmp / name)
+
+    for split, info in manifest_splits.items():
+        print(f"{split:>5}: {info['documents']:,} documents, {info['rows']:,} rows, {info['tokens']:,} tokens, "
+              f"{info['bytes'] / 1e6:.2f} MB of text, {len(info['shards'])} shards; dropped the last "
+              f"{dropped[split]:,} tokens (less than one row)")
+    rate = f"{n_bytes_read / 1e6 / seconds_work:.2f} MB/s, {n_tokens_made / seconds_work:,.0f} tokens/s"
+    print(f"tokenized {n_bytes_read / 1e6:.1f} MB into {n_tokens_made:,} tokens in {seconds_work:.1f}s ({rate}); "
+          f"total {manifest['seconds']:.1f}s")
+    print(f"wrote {out_dir}/manifest.json")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,151 @@
+"""Benchmark of the data stages on the embedded corpus; prints results and writes bench/results/bench_data.json.
+
+1. Tokenizer training (stage 1's own train(), vocab 8192, the whole embedded training corpus): seconds per MB.
+2. Preprocessing throughput of stage 2 (PreTrain/preprocess_dataset_for_pretrain_map.py --num-proc 2, run as a
+   user runs it) next to the bare tokenizers `Tokenizer.encode_batch` rate (all cores) on the same text, all
+   interleaved, medians of --reps runs. Goal: stage >= 0.8x bare encode_batch. The stage tokenizes with
+   `encode_batch_fast` (same ids, no offsets), so the bare rate of that is reported too, for a same-method ratio.
+   The stage's rate is its steady state (the tokenize-pack-write loop it reports); its end-to-end wall time
+   (interpreter start, imports, the first pass over the input) is reported too.
+
+    python bench/bench_data.py                 # ~3 min on 2 idle cores
+    python bench/bench_data.py --slice-mb 4 --reps 3
+"""
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import common  # noqa: E402
+
+STAGE2 = REPO / "PreTrain" / "preprocess_dataset_for_pretrain_map.py"
+
+
+def load_stage1():
+    spec = importlib.util.spec_from_file_location("stage1", REPO / "PreTrain" / "train_byte_level_bpe_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def corpus_slice(mb):
+    """Whole documents from each embedded corpus file in turn, about mb MB of text in all (the same mix)."""
+    files = common.default_corpus_files("train")
+    per_file = mb * 1e6 / len(files)
+    docs = []
+    for f in files:
+        size = 0
+        for d in common.read_jsonl_gz(f):
+            if size >= per_file:
+                break
+            docs.append(d["text"])
+            size += len(d["text"].encode())
+    return docs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slice-mb", type=float, default=8.0, help="text for the throughput comparison")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--num-proc", type=int, default=2)
+    args = ap.parse_args()
+    if not common.default_corpus_files("train"):
+        sys.exit(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
+    load_start = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+
+    # 1. tokenizer training
+    stage1 = load_stage1()
+    texts = [d["text"] for f in common.default_corpus_files("train") for d in common.read_jsonl_gz(f)]
+    train_mb = sum(len(t.encode()) for t in texts) / 1e6
+    t0 = time.perf_counter()
+    tok = stage1.train(texts, vocab_size=8192)
+    train_seconds = time.perf_counter() - t0
+    stage1.save(tok, work / "tokenizer")
+    print(f"tokenizer training: {train_mb:.1f} MB in {train_seconds:.1f}s = {train_seconds / train_mb:.2f} s/MB")
+    del texts
+
+    # 2. stage 2 vs bare encode_batch, interleaved
+    from tokenizers import Tokenizer
+
+    docs = corpus_slice(args.slice_mb)
+    mb = sum(len(d.encode()) for d in docs) / 1e6
+    data = work / "slice.jsonl.gz"
+    data.write_bytes(gzip.compress("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode(),
+                                   compresslevel=1))
+    bare_tok = Tokenizer.from_file(str(work / "tokenizer" / "tokenizer.json"))
+    bare_tok.encode_special_tokens = True  # as the stage does
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    bare, bare_fast, stage, stage_wall = [], [], [], []
+    for rep in range(args.reps):
+        for runs, encode in ((bare, bare_tok.encode_batch), (bare_fast, bare_tok.encode_batch_fast)):
+            t0 = time.perf_counter()
+            n_tokens = sum(len(e.ids) for e in encode(docs, add_special_tokens=False))
+            seconds = time.perf_counter() - t0
+            runs.append({"seconds": seconds, "mb_per_s": mb / seconds, "tokens_per_s": n_tokens / seconds})
+
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(STAGE2), "--sources", str(data), "--tokenizer-dir",
+                               str(work / "tokenizer"), "--output-dir", str(work / "chunks"), "--context-length",
+                               "1024", "--num-proc", str(args.num_proc)], capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            sys.exit(f"stage 2 failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        m = re.search(r"tokenized ([\d.]+) MB into ([\d,]+) tokens in ([\d.]+)s", proc.stdout)
+        loop_mb, loop_tokens, loop_s = float(m.group(1)), int(m.group(2).replace(",", "")), float(m.group(3))
+        stage.append({"seconds": loop_s, "mb_per_s": loop_mb / loop_s, "tokens_per_s": loop_tokens / loop_s})
+        stage_wall.append({"seconds": wall, "mb_per_s": mb / wall})
+        print(f"rep {rep + 1}/{args.reps}: bare encode_batch {bare[-1]['mb_per_s']:.2f} MB/s, encode_batch_fast "
+              f"{bare_fast[-1]['mb_per_s']:.2f} MB/s, stage {stage[-1]['mb_per_s']:.2f} MB/s "
+              f"(end to end {stage_wall[-1]['mb_per_s']:.2f} MB/s)")
+
+    def median(runs, key):
+        return statistics.median(r[key] for r in runs)
+
+    ratio = median(stage, "mb_per_s") / median(bare, "mb_per_s")
+    ratio_wall = median(stage_wall, "mb_per_s") / median(bare, "mb_per_s")
+    ratio_fast = median(stage, "mb_per_s") / median(bare_fast, "mb_per_s")
+    result = {
+        "cpu_count": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "tokenizer_training": {"vocab_size": 8192, "mb": round(train_mb, 2), "seconds": round(train_seconds, 2),
+                               "seconds_per_mb": round(train_seconds / train_mb, 3)},
+        "throughput": {
+            "slice_mb": round(mb, 2), "context_length": 1024, "num_proc": args.num_proc, "reps": args.reps,
+            "bare_encode_batch": {"mb_per_s": round(median(bare, "mb_per_s"), 3),
+                                  "tokens_per_s": round(median(bare, "tokens_per_s")), "runs": bare},
+            "bare_encode_batch_fast": {"mb_per_s": round(median(bare_fast, "mb_per_s"), 3),
+                                       "tokens_per_s": round(median(bare_fast, "tokens_per_s")), "runs": bare_fast},
+            "stage": {"mb_per_s": round(median(stage, "mb_per_s"), 3),
+                      "tokens_per_s": round(median(stage, "tokens_per_s")), "runs": stage},
+            "stage_end_to_end": {"mb_per_s": round(median(stage_wall, "mb_per_s"), 3), "runs": stage_wall},
+            "ratio_stage_vs_bare": round(ratio, 3), "ratio_end_to_end_vs_bare": round(ratio_wall, 3),
+            "ratio_stage_vs_bare_fast": round(ratio_fast, 3),
+            "goal": 0.8, "goal_met": ratio >= 0.8,
+        },
+    }
+    print(f"preprocessing {result['throughput']['stage']['mb_per_s']:.2f} MB/s "
+          f"({result['throughput']['stage']['tokens_per_s']:,} tokens/s) vs bare encode_batch "
+          f"{result['throughput']['bare_encode_batch']['mb_per_s']:.2f} MB/s: ratio {ratio:.2f} (goal >= 0.8, "
+          f"{'met' if ratio >= 0.8 else 'NOT met'}); end to end {ratio_wall:.2f}; vs bare encode_batch_fast "
+          f"{result['throughput']['bare_encode_batch_fast']['mb_per_s']:.2f} MB/s: {ratio_fast:.2f}")
+    out = REPO / "bench" / "results" / "bench_data.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
