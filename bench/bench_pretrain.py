@@ -1,0 +1,203 @@
+"""Benchmark the pretraining step (PreTrain/model.py) against the plain reference step, and data loading.
+
+Reads:  PreTrain/model.py, ../shared/bench/reference_gpt2_step.py (skipped with a message if missing),
+        pretrain_data_chunks/ + tokenizer/ if they exist (else tiny chunks are written to a temp dir).
+Writes: bench/results/bench_pretrain.json
+
+    .venv/bin/python bench/bench_pretrain.py                  # cpu preset sizes + gpt2-124m (batch 1), ~10 min
+    .venv/bin/python bench/bench_pretrain.py --rounds 5 --skip-124m
+
+1. Step speed: our training step (the same train_step(), GPT module and fused AdamW that model.py runs, in the dtype
+   model.py picks: bf16 autocast where the CPU has bf16 units, else fp32) vs the reference's plain eager step at the
+   same sizes, dtype and batch, each in a fresh subprocess,
+   interleaved A/B/A/B for --rounds rounds; the ratio of medians of tokens/s is reported (goal >= 1.3x).
+2. Data loading: our step fed by model.py's Batches over real chunk rows vs a fixed synthetic tensor, interleaved;
+   the real-data step time should be within 5% of the synthetic one.
+3. fp32 and bf16 matmul rates of this machine (what model.py measures for MFU on CPU).
+"""
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import common  # noqa: E402
+
+REFERENCE = REPO.parent / "shared" / "bench" / "reference_gpt2_step.py"
+RESULTS = REPO / "bench" / "results" / "bench_pretrain.json"
+
+
+def load_model_module():
+    spec = importlib.util.spec_from_file_location("pretrain_model", REPO / "PreTrain" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker(a):
+    """Time our step in this process (called as a subprocess): prints one JSON line like the reference."""
+    import numpy as np
+    import torch
+
+    m = load_model_module()
+    torch.manual_seed(0)
+    model = m.GPT(a.vocab, a.ctx, a.layers, a.dim, a.heads)
+    args = argparse.Namespace(grad_accum=1, debug_nan_step=-1, grad_clip=1.0, weight_decay=0.1, lr=3e-4,
+                              beta1=0.9, beta2=0.95)
+    optimizer = m.make_optimizer(model, args, torch.device("cpu"))
+    if a.rows:  # real chunk rows through model.py's data path
+        rows = np.load(a.rows)
+    else:  # synthetic: the same rows every step, no sampling
+        rows = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.ctx + 1), dtype=np.int32)
+
+    class Fixed:
+        def get(self, step, micro):
+            batch = fixed
+            return batch[:, :-1], batch[:, 1:]
+
+    fixed = torch.from_numpy(rows[: a.batch].astype(np.int64))
+    batches = m.Batches(rows, a.batch, 1, 0, 1, seed=0) if a.rows else Fixed()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16")
+    times = []
+    for i in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        loss, _ = m.train_step(model, optimizer, batches, i, args, torch.device("cpu"), autocast)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - t0)
+    elapsed = sum(times[a.warmup:])
+    print(json.dumps({"tokens_per_s": round(a.batch * a.ctx * a.steps / elapsed, 1),
+                      "median_step_s": statistics.median(times[a.warmup:])}))
+
+
+def run_json(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def size_args(c):
+    return ["--layers", c["layers"], "--dim", c["dim"], "--heads", c["heads"], "--ctx", c["ctx"], "--batch",
+            c["batch"], "--vocab", c["vocab"], "--steps", c["steps"], "--warmup", c["warmup"], "--dtype", c["dtype"]]
+
+
+def compare(name, c, rounds):
+    ours_cmd = [sys.executable, __file__, "--worker", *map(str, size_args(c))]
+    ref_cmd = [sys.executable, str(REFERENCE), *map(str, size_args(c))]
+    ours, ref = [], []
+    for r in range(rounds):
+        ours.append(run_json(ours_cmd)["tokens_per_s"])
+        ref.append(run_json(ref_cmd)["tokens_per_s"])
+        print(f"  {name} round {r + 1}/{rounds}: ours {ours[-1]:,.0f} tok/s, reference {ref[-1]:,.0f} tok/s",
+              flush=True)
+    result = {"config": c, "ours_tokens_per_s": ours, "reference_tokens_per_s": ref,
+              "ours_median": statistics.median(ours), "reference_median": statistics.median(ref)}
+    result["speedup"] = result["ours_median"] / result["reference_median"]
+    print(f"{name}: ours {result['ours_median']:,.0f} tok/s vs reference {result['reference_median']:,.0f} tok/s "
+          f"-> {result['speedup']:.2f}x (goal >= 1.3x, floor 1.0x)", flush=True)
+    return result
+
+
+def real_rows(c, tmp):
+    """Rows of real chunks (pretrain_data_chunks/, or tiny ones made here) as .npy for the worker."""
+    import numpy as np
+
+    m = load_model_module()
+    chunks, tok_dir = common.CHUNKS_DIR, common.TOKENIZER_DIR
+    if not (chunks / "manifest.json").is_file():
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import sample_texts
+        from test_pretrain import write_chunks
+
+        stage_spec = importlib.util.spec_from_file_location("tok_stage", REPO / "PreTrain" / "train_byte_level_bpe_tokenizer.py")
+        stage = importlib.util.module_from_spec(stage_spec)
+        stage_spec.loader.exec_module(stage)
+        tok_dir, chunks = Path(tmp) / "tok", Path(tmp) / "chunks"
+        stage.save(stage.train(sample_texts(), vocab_size=c["vocab"]), tok_dir)
+        chunks.mkdir()
+        write_chunks(tok_dir, chunks, context_length=c["ctx"], texts=sample_texts() * 3)
+        print(f"  (no {common.CHUNKS_DIR}/manifest.json: using tiny chunks written to {chunks})")
+    manifest = m.read_manifest(chunks, tok_dir)
+    rows = m.load_rows(chunks, manifest, "train", min(c["ctx"], manifest["context_length"]), c["vocab"])
+    path = Path(tmp) / "rows.npy"
+    np.save(path, rows)
+    return path, len(rows)
+
+
+def matmul_peak(dtype):
+    import torch
+
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    best = 0.0
+    for _ in range(4):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 1024**3 / (time.perf_counter() - t0))
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name, default in [("layers", 4), ("dim", 256), ("heads", 4), ("ctx", 256), ("batch", 16),
+                          ("vocab", 8192), ("steps", 6), ("warmup", 2)]:
+        ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--rows", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-124m", action="store_true")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a)
+
+    import torch
+
+    m = load_model_module()
+    p = m.PRESETS["cpu"]
+    # The dtype model.py trains in here (--dtype auto): bf16 only where the CPU has bf16 matmul units.
+    dtype = "bf16" if torch.cuda.is_available() or m.cpu_has_fast_bf16() else "fp32"
+    cpu_cfg = {"layers": p["n_layer"], "dim": p["n_embd"], "heads": p["n_head"], "ctx": p["context_length"],
+               "batch": p["batch_size"], "vocab": 8192, "steps": 4, "warmup": 1, "dtype": dtype}
+    results = {"machine": {"threads": torch.get_num_threads(), "fast_bf16": m.cpu_has_fast_bf16()}, "dtype": dtype}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        results[f"{name}_matmul_flops"] = matmul_peak(dt)
+        print(f"{name} 1024^3 matmul: {results[f'{name}_matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
+    if dtype == "fp32":
+        print("this CPU has no bf16 matmul units (no AMX/AVX512-BF16): bf16 is far slower than fp32 here, so both "
+              "steps are compared in fp32, the dtype model.py uses on this machine")
+    if REFERENCE.is_file():
+        results["cpu_preset"] = compare("cpu preset", cpu_cfg, a.rounds)
+        if not a.skip_124m:
+            big = {"layers": 12, "dim": 768, "heads": 12, "ctx": 1024, "batch": 1, "vocab": 50304, "steps": 2,
+                   "warmup": 1, "dtype": dtype}
+            results["gpt2_124m"] = compare("gpt2-124m", big, max(2, a.rounds - 1))
+    else:
+        print(f"reference step not found at {REFERENCE}: skipping the comparison")
+        results["reference"] = f"missing: {REFERENCE}"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_path, n_rows = real_rows(cpu_cfg, tmp)
+        base = [sys.executable, __file__, "--worker", *map(str, size_args({**cpu_cfg, "steps": 8}))]
+        real, synthetic = [], []
+        for _ in range(a.rounds):
+            real.append(run_json(base + ["--rows", str(rows_path)])["median_step_s"])
+            synthetic.append(run_json(base)["median_step_s"])
+        ratio = statistics.median(real) / statistics.median(synthetic)
+        results["data_loading"] = {"real_rows": n_rows, "real_step_s": real, "synthetic_step_s": synthetic,
+                                   "real_over_synthetic": ratio}
+        print(f"data loading: step with real chunks {statistics.median(real) * 1e3:.1f} ms vs synthetic "
+              f"{statistics.median(synthetic) * 1e3:.1f} ms -> {ratio:.3f}x (goal <= 1.05)")
+    common.atomic_write_json(RESULTS, results)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
