@@ -1,0 +1,146 @@
+"""GRPO written out in plain PyTorch, to read top to bottom: the same algorithm and settings as grpo_trl.py
+(TRL 1.16, loss_type="dapo", scale_rewards="none", beta=0.05), on the same prompts and reward functions.
+
+For each step: take a few prompts, sample a group of G completions per prompt from the current policy, score
+each completion (reward model + exact answer), and turn scores into group-relative advantages
+    A_i = r_i - mean(r_group)                                  (no division by the std: Dr. GRPO / scale_rewards="none")
+Then minimise, over every completion token t, averaged over all completion tokens in the batch ("dapo"),
+    -min(ratio_t * A, clip(ratio_t, 1-eps, 1+eps) * A) + beta * ratio_t * k3_t
+where ratio_t = pi(token)/pi_old(token) (1 in value here: one update per batch, but it carries the gradient),
+k3_t = exp(ref - logp) - (ref - logp) - 1 is the KL estimator to the frozen reference (the SFT policy), and the
+ratio factor on k3 is TRL's use_bias_correction_kl=True. tests/test_rlhf.py checks that this loss and its
+gradients equal TRL's GRPOTrainer.compute_loss on the same batch.
+
+Unlike grpo_trl.py it trains all weights (no LoRA), runs in one process, and writes only
+RLHF/checkpoints/grpo_training/ (final model + tokenizer) and its log lines to RLHF/train.log.
+
+    python RLHF/grpo_training.py                    # short default: 16 prompts, 1 epoch
+    python RLHF/grpo_training.py --num-prompts 64 --epochs 3
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+import torch  # noqa: E402
+
+RLHF_DIR = common.GRPO_OUTPUT_DIR.parent
+BETA, EPSILON = 0.05, 0.2
+
+
+
+
+def group_advantages(rewards, group_size):
+    """reward minus the mean reward of its group (the G completions of one prompt); no std scaling."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=BETA, epsilon=EPSILON):
+    """The clipped GRPO objective with a k3 KL penalty, averaged over all completion tokens of the batch.
+    logps/old_logps/ref_logps/mask: (B, T); advantages: (B,)."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    adv = advantages[:, None]
+    policy_term = -torch.min(ratio * adv, clipped * adv)
+    kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1  # k3: unbiased, always >= 0
+    per_token = policy_term + beta * kl * ratio  # ratio on the KL: TRL's use_bias_correction_kl
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
+    parser.add_argument("--base-dir", type=Path, default=common.OUTPUT_DIR, help="pretrained base of the SFT adapter")
+    parser.add_argument("--reward-model", type=Path, help="default: OUT_DIR/reward_model (= RLHF/reward_model)")
+    parser.add_argument("--out-dir", type=Path, default=RLHF_DIR)
+    parser.add_argument("--rm-weight", type=float, default=1.0)
+    parser.add_argument("--exact-weight", type=float, default=1.0)
+    parser.add_argument("--num-prompts", type=int, default=16, help="training prompts: 3/4 arithmetic, 1/4 chat")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--num-generations", type=int, default=4, help="group size G")
+    parser.add_argument("--max-completion-length", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    reward_model_dir = args.reward_model or args.out_dir / "reward_model"
+    if args.rm_weight and not (reward_model_dir / "config.json").is_file():
+        raise common.UserError(f"no reward model in {reward_model_dir}: run `python RLHF/reward_model.py` first "
+                               "(or pass --rm-weight 0)")
+    common.check_writable_dir(args.out_dir)
+    torch.manual_seed(args.seed)
+
+    from transformers import AutoModelForSequenceClassification
+
+    policy, tok = common.load_policy(args.sft_dir, args.base_dir)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the frozen SFT policy the KL is measured to
+    rm = AutoModelForSequenceClassification.from_pretrained(str(reward_model_dir)).eval() if args.rm_weight else None
+    rm_tok = common.load_chat_tokenizer(reward_model_dir) if rm is not None else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    prompts = common.rlhf_prompts("train", args.num_prompts - args.num_prompts // 4, args.num_prompts // 4, seed=args.seed)
+    log_file, G = args.out_dir / "train.log", args.num_generations
+    print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, {len(prompts)} prompts, G={G}")
+
+    step = 0
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(prompts)).tolist()
+        for start in range(0, len(order), args.prompts_per_step):
+            t0 = time.time()
+            batch = [prompts[i] for i in order[start:start + args.prompts_per_step]]
+            messages = [p["prompt"] for p in batch for _ in range(G)]  # each prompt G times, groups adjacent
+            answers = [p["answer"] for p in batch for _ in range(G)]
+
+            # 1. Sample a group of completions per prompt from the current policy.
+            policy.eval()
+            completion_ids, texts = common.generate_completions(policy, tok, messages, args.max_completion_length,
+                                                         do_sample=True, temperature=args.temperature)
+            # 2. Score them; a reward a prompt has no value for (exact answer on a chat prompt) counts 0.
+            rewards = torch.zeros(len(texts))
+            if rm is not None:
+                rewards += args.rm_weight * torch.tensor(common.reward_model_scores(rm, rm_tok, messages, texts))
+            if args.exact_weight:
+                exact = common.exact_answer_reward(texts, answers)
+                rewards += args.exact_weight * torch.tensor([0.0 if r is None else r for r in exact])
+            advantages = group_advantages(rewards, G)
+
+            # 3. Log-probabilities of the sampled tokens: reference (frozen) and current policy (with gradient).
+            prompt_ids = common.prompt_token_ids(tok, messages)
+            with torch.no_grad():
+                ref_logps, _ = common.completion_logps(reference, prompt_ids, completion_ids, args.temperature)
+            policy.train()
+            logps, mask = common.completion_logps(policy, prompt_ids, completion_ids, args.temperature)
+            old_logps = logps.detach()  # one update per batch: the sampling policy is the current one
+
+            # 4. One gradient step on the clipped objective + KL penalty.
+            loss = grpo_loss(logps, old_logps, ref_logps, advantages, mask)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+
+            with torch.no_grad():
+                kl = ((torch.exp(ref_logps - logps) - (ref_logps - logps) - 1) * mask).sum() / mask.sum()
+            record = {"stage": "grpo_training", "step": step, "epoch": epoch, "loss": loss.item(),
+                      "reward": rewards.mean().item(), "reward_std": rewards.std().item(), "kl": kl.item(),
+                      "completion_length": mask.sum(1).mean().item(), "step_time": time.time() - t0}
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    out = args.out_dir / "checkpoints" / "grpo_training"
+    with common.atomic_dir(out) as tmp:
+        policy.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"saved the policy to {out}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

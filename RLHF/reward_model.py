@@ -1,0 +1,292 @@
+"""RLHF step 1: train a reward model on chosen/rejected answer pairs with TRL's RewardTrainer.
+
+Reads:  the SFT policy as the starting point (SFT/sft_output/merged/, else output/ + the LoRA adapter in
+        SFT/sft_output/ merged in memory; if there is no SFT output yet, the pretrained model in output/), and
+        preference pairs: by default the embedded RLHF/data/preference_{train,heldout}.jsonl.gz, or your own.
+Writes: RLHF/reward_model/      GPT2ForSequenceClassification (num_labels=1) + tokenizer; load it with
+                                AutoModelForSequenceClassification.from_pretrained("RLHF/reward_model")
+        RLHF/reward_eval.json   held-out pairwise accuracy (chosen scored above rejected), overall and per kind
+        RLHF/checkpoints/reward_model/  resumable checkpoints (a killed run resumes when rerun with the same command)
+        RLHF/train.log, RLHF/runs/reward_model/ (TensorBoard)
+
+Your own pairs (--data FILE..., --hf-dataset NAME): jsonl(.gz) or parquet rows in one of these layouts
+  conversational   {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  (prompt optional: the
+                   shared leading messages of chosen and rejected become the prompt)
+  Anthropic HH     {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}  (converted to our chat template)
+  plain text       {"prompt": "question", "chosen": "good answer", "rejected": "bad answer"}
+An optional "kind" column breaks the held-out accuracy down by kind.
+
+    python RLHF/reward_model.py                         # CPU default (~1.5 min)
+    python RLHF/reward_model.py --max-steps 5           # smoke
+    python RLHF/reward_model.py --max-steps -1 --epochs 2 --batch-size 32              # GPU, embedded pairs
+    python RLHF/reward_model.py --hf-dataset Anthropic/hh-rlhf --max-steps -1 --max-length 512 --batch-size 32
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+import torch  # noqa: E402
+
+RLHF_DIR = common.REWARD_MODEL_DIR.parent
+DEFAULT_TRAIN = RLHF_DIR / "data" / "preference_train.jsonl.gz"
+DEFAULT_HELDOUT = RLHF_DIR / "data" / "preference_heldout.jsonl.gz"
+
+
+
+
+def log_line(log_file, record):
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference data: every layout is converted to {"prompt": [messages], "chosen": [msg], "rejected": [msg], "kind"}.
+ROLES = {"system", "user", "assistant"}
+
+
+def parse_hh(text, where):
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' (Anthropic HH-RLHF) -> chat messages."""
+    import re
+
+    parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + text.lstrip("\n"))
+    if parts[0].strip() or len(parts) < 3:
+        raise common.UserError(f"{where}: HH-style text must start with '\\n\\nHuman: '")
+    return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def check_messages(messages, where, name):
+    if not isinstance(messages, list) or not messages:
+        raise common.UserError(f"{where}: '{name}' must be a non-empty list of {{role, content}} messages")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise common.UserError(f"{where}: '{name}' has a message that is not {{'role': system|user|assistant, "
+                                   f"'content': str}}: {str(m)[:80]}")
+    return messages
+
+
+def normalize_pair(row, where):
+    if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+        raise common.UserError(f"{where}: a preference row needs 'chosen' and 'rejected' (and optionally 'prompt')")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if "\n\nHuman:" in chosen[:200] or chosen.startswith("Human:"):
+            chosen, rejected = parse_hh(chosen, where), parse_hh(rejected, where)
+        elif isinstance(prompt, str) and prompt.strip():
+            prompt = [{"role": "user", "content": prompt}]
+            chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+        else:
+            raise common.UserError(f"{where}: text rows need a 'prompt' string, or HH-style '\\n\\nHuman: ... "
+                                   "\\n\\nAssistant: ...' dialogues in 'chosen'/'rejected'")
+    chosen, rejected = check_messages(chosen, where, "chosen"), check_messages(rejected, where, "rejected")
+    if prompt is None:  # implicit prompt: the messages chosen and rejected share
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    prompt = check_messages(prompt, where, "prompt")
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if answer[-1]["role"] != "assistant" or not answer[-1]["content"].strip():
+            raise common.UserError(f"{where}: '{name}' must end with a non-empty assistant message")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": str(row.get("kind") or "all")}
+
+
+def read_rows(path):
+    """(row number, row) of a local jsonl / jsonl.gz / parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise common.UserError(f"preference data file {path} not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - any pyarrow failure means the file is not readable parquet
+            raise common.UserError(f"{path}: not a readable parquet file ({e})") from None
+        yield from enumerate(rows, start=1)
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise common.UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise common.UserError(f"{path}: cannot read it as UTF-8 JSON Lines ({e})") from None
+
+
+def load_pairs(files):
+    pairs = [normalize_pair(row, f"{path} row {n}") for path in files for n, row in read_rows(path)]
+    if not pairs:
+        raise common.UserError(f"no preference pairs in {', '.join(map(str, files))}")
+    return pairs
+
+
+def load_hf_pairs(name, split):
+    import datasets
+
+    ds = datasets.load_dataset(name, split=split)
+    return [normalize_pair(row, f"{name} [{split}] row {n}") for n, row in enumerate(ds, start=1)]
+
+
+def heldout_by_hash(pairs, fraction=0.05):
+    """Split pairs without a separate eval set: a pair is held out by a hash of its prompt (never both sides)."""
+    def held(p):
+        return hashlib.sha1(json.dumps(p["prompt"], ensure_ascii=False).encode()).digest()[0] < 256 * fraction
+    return [p for p in pairs if not held(p)], [p for p in pairs if held(p)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def latest_checkpoint(ckpt_dir):
+    """Newest checkpoint-N whose trainer_state.json exists: Trainer writes that file last, so a checkpoint cut
+    short by a kill is skipped."""
+    ckpts = [p for p in Path(ckpt_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
+
+
+def init_reward_model(sft_dir, base_dir, tmp):
+    """GPT2ForSequenceClassification (num_labels=1) from the SFT policy, else from the pretrained model."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        kind, path = common.find_policy(sft_dir, base_dir)
+        source = f"SFT policy {path}"
+        if kind == "adapter":  # merge the adapter, then reload the merged weights with a score head
+            model, tok = common.load_policy(sft_dir, base_dir)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            path = tmp
+    except common.UserError:
+        path = Path(base_dir)
+        if not (path / "config.json").is_file():
+            raise common.UserError(f"no SFT model in {sft_dir} and no pretrained model in {base_dir}: "
+                                   "run pretraining and SFT first") from None
+        source = f"pretrained model {path} (no SFT output found in {sft_dir})"
+    tok = common.load_chat_tokenizer(path if (Path(path) / "tokenizer.json").is_file() else base_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok, source
+
+
+def evaluate(model, tok, pairs):
+    """Held-out pairwise accuracy (chosen scored above rejected), overall and per kind, and the mean margin."""
+    model.eval()
+    prompts = [p["prompt"] + p["chosen"][:-1] for p in pairs]
+    chosen = common.reward_model_scores(model, tok, prompts, [p["chosen"][-1]["content"] for p in pairs])
+    prompts = [p["prompt"] + p["rejected"][:-1] for p in pairs]
+    rejected = common.reward_model_scores(model, tok, prompts, [p["rejected"][-1]["content"] for p in pairs])
+    wins = [c > r for c, r in zip(chosen, rejected)]
+    by_kind = {}
+    for p, w in zip(pairs, wins):
+        by_kind.setdefault(p["kind"], []).append(w)
+    return {"pairs": len(pairs), "accuracy": sum(wins) / len(wins),
+            "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "pairs_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
+            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
+    parser.add_argument("--base-dir", type=Path, default=common.OUTPUT_DIR, help="pretrained base of the SFT adapter")
+    parser.add_argument("--data", type=Path, nargs="+", help="your preference pairs (jsonl, jsonl.gz, parquet)")
+    parser.add_argument("--eval-data", type=Path, nargs="+", help="held-out pairs (default: 5%% of --data by hash)")
+    parser.add_argument("--hf-dataset", help="a Hugging Face hub dataset of pairs, e.g. Anthropic/hh-rlhf")
+    parser.add_argument("--hf-split", default="train")
+    parser.add_argument("--hf-eval-split", default="test")
+    parser.add_argument("--out-dir", type=Path, default=RLHF_DIR,
+                        help="writes reward_model/, reward_eval.json, checkpoints/, runs/, train.log here")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=30,
+                        help="stop after this many steps (CPU default; -1 = full --epochs, e.g. on a GPU)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per device per step")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--max-length", type=int, default=128, help="drop pairs longer than this many tokens")
+    parser.add_argument("--save-steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    # Data first: a bad file fails in a second, before any model is loaded or anything is written.
+    if args.hf_dataset:
+        train_pairs = load_hf_pairs(args.hf_dataset, args.hf_split)
+        eval_pairs = load_hf_pairs(args.hf_dataset, args.hf_eval_split)
+    elif args.data:
+        train_pairs = load_pairs(args.data)
+        eval_pairs = load_pairs(args.eval_data) if args.eval_data else None
+        if eval_pairs is None:
+            train_pairs, eval_pairs = heldout_by_hash(train_pairs)
+            if not eval_pairs:
+                raise common.UserError("too few pairs to hold any out: pass --eval-data")
+    else:
+        train_pairs, eval_pairs = load_pairs([DEFAULT_TRAIN]), load_pairs([DEFAULT_HELDOUT])
+    common.check_writable_dir(args.out_dir)
+    out_model, ckpt_dir = args.out_dir / "reward_model", args.out_dir / "checkpoints" / "reward_model"
+    log_file = args.out_dir / "train.log"
+
+    from datasets import Dataset
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+    from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok, source = init_reward_model(args.sft_dir, args.base_dir, tmp)
+    print(f"reward model initialised from {source}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
+          f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
+    cols = ("prompt", "chosen", "rejected")
+    train_ds = Dataset.from_list([{k: p[k] for k in cols} for p in train_pairs])
+
+    class LogFile(TrainerCallback):
+        def on_log(self, a, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                log_line(log_file, {"stage": "reward_model", "step": state.global_step, "time": time.time(), **logs})
+
+    config = RewardConfig(
+        output_dir=str(ckpt_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
+        warmup_steps=0.05, weight_decay=0.0, max_length=args.max_length, gradient_checkpointing=False,
+        bf16=torch.cuda.is_available(),  # on CPU, bf16 autocast measured slower than fp32 for these small models
+        logging_steps=5, save_strategy="steps", save_steps=args.save_steps,
+        save_total_limit=2, report_to="none", seed=args.seed, dataloader_num_workers=0,
+        disable_tqdm=False, use_cpu=not torch.cuda.is_available())
+    callbacks = [LogFile()]
+    if int(os.environ.get("RANK", "0")) == 0:
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / "reward_model"))))
+    trainer = RewardTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)
+    resume = latest_checkpoint(ckpt_dir)
+    if resume:
+        print(f"resuming from {resume}")
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.time() - t0
+
+    if trainer.accelerator.is_main_process:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        with common.atomic_dir(out_model) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        metrics = evaluate(model, tok, eval_pairs)
+        report = {"initialised_from": source, "train_pairs": len(train_pairs), "steps": trainer.state.global_step,
+                  "train_loss": result.training_loss, "train_seconds": round(train_seconds, 1), "heldout": metrics}
+        common.atomic_write_json(args.out_dir / "reward_eval.json", report)
+        log_line(log_file, {"stage": "reward_model", "event": "eval", **metrics})
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in metrics["accuracy_by_kind"].items())
+        print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} ({kinds}); saved {out_model} "
+              f"and {args.out_dir / 'reward_eval.json'}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
