@@ -1,13 +1,53 @@
 # llm_train: `make all` runs the pipeline on the embedded corpus, `make test` runs the test suite.
+#   make all                 CPU presets with no GPU, the full-size presets with GPUs (SCALE=gpu)
+#   make all SCALE=smoke     the same code paths on tiny sizes (a few minutes)
+# A stage whose output is newer than its inputs is skipped, as make does; changing SCALE starts over.
+SHELL := bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# CPU default: a small vocabulary so the whole pipeline fits in minutes on a laptop.
-VOCAB ?= 8192
-# CPU default context: matches PreTrain/model.py's cpu preset (smaller presets cut rows into windows).
-CONTEXT ?= 256
+NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+SCALE ?= $(if $(filter 0,$(NGPU)),cpu,gpu)
+
+ifeq ($(SCALE),smoke)
+TOKENIZER_FLAGS := --vocab-size 1024 --max-chars 1e6
+CHUNK_FLAGS := --context-length 128 --max-tokens 3e5
+PRETRAIN_FLAGS := --preset smoke --context-length 128
+SFT_FLAGS := --max-steps 6 --arith-tasks 300 --eval-tasks 8 --eval-chats 4 --max-new-tokens 12
+RM_FLAGS := --max-steps 6
+GRPO_FLAGS := --num-prompts 8 --epochs 1 --batch-size 8 --max-completion-length 12 --eval-arithmetic 8 --eval-conversation 4
+REPORT_FLAGS := --max-new-tokens 12
+else ifeq ($(SCALE),gpu)
+TOKENIZER_FLAGS := --vocab-size 50000
+CHUNK_FLAGS := --context-length 1024
+PRETRAIN_FLAGS := --preset gpt2-100m
+SFT_FLAGS :=
+RM_FLAGS :=
+GRPO_FLAGS :=
+REPORT_FLAGS :=
+else
+TOKENIZER_FLAGS := --vocab-size 8192
+CHUNK_FLAGS := --context-length 256
+PRETRAIN_FLAGS := --preset cpu
+SFT_FLAGS :=
+RM_FLAGS :=
+GRPO_FLAGS := --num-prompts 16
+REPORT_FLAGS :=
+endif
+# With several GPUs pretraining runs under DeepSpeed ZeRO-2, one rank per GPU.
+PRETRAIN_LAUNCH := $(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/deepspeed --num_gpus=$(NGPU) PreTrain/model.py --deepspeed PreTrain/ds_config.json,$(PY) PreTrain/model.py)
+
+# Run a stage, print its wall time and record it in report/timings/ for the report card.
+define timed
+	@mkdir -p report/timings
+	@echo "== stage $(1)"
+	@start=$$(date +%s%N); $(2) || exit $$?; end=$$(date +%s%N); ms=$$(( (end - start) / 1000000 )); \
+	  printf '{"stage": "%s", "seconds": %d.%03d}\n' $(1) $$((ms / 1000)) $$((ms % 1000)) > report/timings/$(1).json; \
+	  echo "== stage $(1) took $$((ms / 1000)).$$((ms % 1000 / 100)) s"
+endef
 
 .PHONY: setup test bench all clean
+FORCE:
 setup: $(VENV)/.installed
 
 # Reinstalled only when requirements.txt changes; a second `make setup` does nothing.
@@ -24,15 +64,42 @@ bench: setup
 	@mkdir -p bench/results
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
-tokenizer/tokenizer.json: PreTrain/train_byte_level_bpe_tokenizer.py common.py $(wildcard data/default_corpus/*.jsonl.gz) | setup
-	$(PY) PreTrain/train_byte_level_bpe_tokenizer.py --vocab-size $(VOCAB)
+# The scale of the last run; when it changes, every stage reruns from scratch.
+.scale: FORCE
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(SCALE)" ]; then \
+	  rm -rf checkpoints SFT/checkpoints RLHF/checkpoints report/timings; echo $(SCALE) > $@; fi
 
-pretrain_data_chunks/manifest.json: PreTrain/preprocess_dataset_for_pretrain_map.py tokenizer/tokenizer.json | setup
-	$(PY) PreTrain/preprocess_dataset_for_pretrain_map.py --context-length $(CONTEXT)
+tokenizer/tokenizer.json: PreTrain/train_byte_level_bpe_tokenizer.py common.py $(wildcard data/default_corpus/*.jsonl.gz) .scale | setup
+	$(call timed,tokenizer,$(PY) PreTrain/train_byte_level_bpe_tokenizer.py $(TOKENIZER_FLAGS))
 
-all: pretrain_data_chunks/manifest.json
+pretrain_data_chunks/manifest.json: PreTrain/preprocess_dataset_for_pretrain_map.py tokenizer/tokenizer.json
+	$(call timed,chunks,$(PY) PreTrain/preprocess_dataset_for_pretrain_map.py $(CHUNK_FLAGS))
+
+# Checkpoints older than a stage's input belong to an earlier run: they are dropped, not resumed from.
+output/pretrain_summary.json: PreTrain/model.py pretrain_data_chunks/manifest.json
+	@find checkpoints/pretrain -maxdepth 0 ! -newer pretrain_data_chunks/manifest.json -exec rm -rf {} + 2>/dev/null || true
+	$(call timed,pretrain,$(PRETRAIN_LAUNCH) $(PRETRAIN_FLAGS))
+
+SFT/eval.json: SFT/qlora_fine_tune_trl.py output/pretrain_summary.json
+	@find SFT/checkpoints -maxdepth 0 ! -newer output/pretrain_summary.json -exec rm -rf {} + 2>/dev/null || true
+	$(call timed,sft,$(PY) SFT/qlora_fine_tune_trl.py --merge $(SFT_FLAGS))
+
+RLHF/reward_eval.json: RLHF/reward_model.py SFT/eval.json
+	@find RLHF/checkpoints/reward_model -maxdepth 0 ! -newer SFT/eval.json -exec rm -rf {} + 2>/dev/null || true
+	$(call timed,reward_model,$(PY) RLHF/reward_model.py $(RM_FLAGS))
+
+RLHF/eval.json: RLHF/grpo_trl.py RLHF/reward_eval.json
+	@find RLHF/checkpoints/grpo -maxdepth 0 ! -newer RLHF/reward_eval.json -exec rm -rf {} + 2>/dev/null || true
+	$(call timed,grpo,$(PY) RLHF/grpo_trl.py $(GRPO_FLAGS))
+
+report/report.md: report/build_report.py RLHF/eval.json
+	$(call timed,report,$(PY) report/build_report.py $(REPORT_FLAGS))
+
+all: report/report.md
+	@echo "== done: see report/report.md"
 
 clean:
-	find tokenizer pretrain_data_chunks output report -mindepth 1 ! -name README.md -exec rm -rf {} +
-	rm -rf checkpoints runs train.log SFT/sft_output SFT/checkpoints SFT/runs SFT/train.log SFT/eval.json \
+	find tokenizer pretrain_data_chunks output -mindepth 1 ! -name README.md -exec rm -rf {} +
+	find report -mindepth 1 ! -name README.md ! -name build_report.py -exec rm -rf {} +
+	rm -rf .scale checkpoints runs train.log SFT/sft_output SFT/checkpoints SFT/runs SFT/train.log SFT/eval.json \
 	       RLHF/reward_model RLHF/grpo_output RLHF/checkpoints RLHF/runs RLHF/train.log RLHF/*eval.json

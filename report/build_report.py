@@ -89,12 +89,11 @@ def generate_samples(max_new_tokens):
     import torch
     from transformers import AutoModelForCausalLM
 
-    models = {"pretrained": common.OUTPUT_DIR}
-    for name, d in [("sft", common.SFT_OUTPUT_DIR), ("grpo", common.GRPO_OUTPUT_DIR)]:
-        models[name] = d / "merged" if (d / "merged" / "config.json").is_file() else None
+    # full models only: SFT's merged/ copy, GRPO's output dir (it saves the merged policy there)
+    models = {"pretrained": common.OUTPUT_DIR, "sft": common.SFT_OUTPUT_DIR / "merged", "grpo": common.GRPO_OUTPUT_DIR}
     samples = {}
     for name, path in models.items():
-        if path is None or not (Path(path) / "config.json").is_file():
+        if not (Path(path) / "config.json").is_file():
             continue
         tok = common.load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(str(path)).eval()

@@ -1,0 +1,64 @@
+"""`make all SCALE=smoke` runs every stage end to end in a copy of the repo, the report card's numbers are the ones
+the stages wrote, and a second `make all` skips every stage."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory):
+    """A copy of the repo's tracked and untracked-but-not-ignored files, sharing .venv/, after `make all SCALE=smoke`."""
+    root = tmp_path_factory.mktemp("pipeline") / "llm_train"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)  # keeps mtimes: .venv/.installed stays newer than requirements.txt
+    os.symlink(REPO / ".venv", root / ".venv")
+    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, proc.stdout
+
+
+def read(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_every_stage_ran_and_was_timed(smoke_repo):
+    root, log = smoke_repo
+    stages = ["tokenizer", "chunks", "pretrain", "sft", "reward_model", "grpo", "report"]
+    for stage in stages:
+        assert f"== stage {stage} took" in log
+        assert read(root / "report" / "timings" / f"{stage}.json")["seconds"] > 0
+    for made in ["tokenizer/tokenizer.json", "pretrain_data_chunks/manifest.json", "output/model.safetensors",
+                 "SFT/sft_output/adapter_model.safetensors", "SFT/sft_output/merged/config.json",
+                 "RLHF/reward_model/config.json", "RLHF/grpo_output/config.json", "report/report.md"]:
+        assert (root / made).is_file(), made
+
+
+def test_report_numbers_come_from_the_stage_outputs(smoke_repo):
+    root, _ = smoke_repo
+    metrics = read(root / "report" / "metrics.json")
+    assert metrics["tokenizer"] == read(root / "tokenizer" / "report.json")
+    assert metrics["pretrain"] == read(root / "output" / "pretrain_summary.json")
+    assert metrics["sft"] == read(root / "SFT" / "eval.json")
+    assert metrics["reward_model"] == read(root / "RLHF" / "reward_eval.json")
+    assert metrics["grpo"] == read(root / "RLHF" / "eval.json")
+    report = (root / "report" / "report.md").read_text(encoding="utf-8")
+    val_bpb = metrics["pretrain"]["val_bpb"]
+    assert f"{val_bpb:.3f}" in report
+    for png in metrics["plots"].values():
+        assert png and (root / "report" / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in report
+    assert set(metrics["samples"]) == {"pretrained", "sft", "grpo"}
+
+
+def test_second_run_skips_every_stage(smoke_repo):
+    root, _ = smoke_repo
+    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "== stage" not in proc.stdout, proc.stdout
