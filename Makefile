@@ -31,7 +31,7 @@ CHUNK_FLAGS := --context-length 256
 PRETRAIN_FLAGS := --preset cpu
 SFT_FLAGS :=
 RM_FLAGS :=
-GRPO_FLAGS := --num-prompts 16
+GRPO_FLAGS := --num-prompts 32 --lr 1e-3
 REPORT_FLAGS :=
 endif
 # With several GPUs pretraining runs under DeepSpeed ZeRO-2, one rank per GPU.

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 REPORT_DIR = common.REPO / "report"
+STAGES = ["tokenizer", "chunks", "pretrain", "sft", "reward_model", "grpo", "report"]  # in pipeline order
 PROMPTS = ["The history of the United States", "子曰：学而时习之",
            "Tom has 12 apples and gets 7 more. How many apples does Tom have now?", "def fibonacci(n):"]
 
@@ -130,7 +131,8 @@ def main():
 
     metrics = {
         "machine": machine(),
-        "timings": {p.stem: read_json(p) for p in sorted((REPORT_DIR / "timings").glob("*.json"))},
+        "timings": {stage: read_json(REPORT_DIR / "timings" / f"{stage}.json") for stage in STAGES
+                    if (REPORT_DIR / "timings" / f"{stage}.json").is_file()},
         "tokenizer": read_json(common.TOKENIZER_DIR / "report.json"),
         "chunks": read_json(common.CHUNKS_DIR / "manifest.json"),
         "pretrain": read_json(common.OUTPUT_DIR / "pretrain_summary.json"),

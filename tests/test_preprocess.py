@@ -3,12 +3,11 @@
 Runs the script as a user would, on small text in tmp_path, with conftest's 600-token tokenizer."""
 import gzip
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, run_script
+from conftest import run_script
 from tokenizers import Tokenizer
 
 import common
@@ -154,7 +153,7 @@ def test_multiprocess_output_identical_and_resume_after_kill(good_run, corpus, t
 
 def test_named_sources_from_local_files_with_hub_schema(tiny_tokenizer_dir, tmp_path):
     """c4, tiny-codes and stackexchange rows in their hub schemas go through the same code as the hub stream."""
-    c4 = write_jsonl(tmp_path / "c4-train.00000-of-01024.json.gz", [
+    write_jsonl(tmp_path / "c4-train.00000-of-01024.json.gz", [
         {"text": f"Web page {i}: " + "news about the weather and the city council. " * 40,
          "timestamp": "2019-04-25T12:57:54Z", "url": f"https://example.com/{i}"} for i in range(60)], gz=True)
     codes = tmp_path / "tiny-codes.parquet"

@@ -1,7 +1,6 @@
 """RLHF stage: embedded preference data, reward model (TRL RewardTrainer), GRPO with TRL and in plain PyTorch.
 
 Everything runs on the tiny random GPT-2 of conftest as the "SFT policy" (a full model dir is accepted as --sft-dir)."""
-import gzip
 import json
 import os
 import subprocess
@@ -197,7 +196,6 @@ def test_inference_uses_the_training_prompt_format(rlhf_dir, tiny_model_dir):
                       "--prompt", "小明有3本书，又得到了4本书。小明现在一共有多少本书？", "--max-new-tokens", 16)
     assert proc.stdout.count("assistant:") == 2 and "user: Hello" in proc.stdout
     assert "<|" not in proc.stdout  # special tokens never leak into the printed answer
-    gt = load_script("RLHF/grpo_training.py")
     tok = common.load_chat_tokenizer(rlhf_dir / "grpo_output")
     ids = common.prompt_token_ids(tok, [[{"role": "user", "content": "Hello"}]])[0]
     assert tok.decode(ids) == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"  # no extra BOS
