@@ -73,14 +73,17 @@ def reply(model, tokenizer, messages, args):
     from transformers import TextStreamer
 
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    ids = {k: v.to(model.device) for k, v in ids.items()}
+    # the model sees at most n_positions tokens: keep the conversation's end and leave room for the reply
+    context = model.config.n_positions
+    max_new_tokens = min(args.max_new_tokens, context // 2)
+    ids = {k: v[:, -(context - max_new_tokens):].to(model.device) for k, v in ids.items()}
     stops = [tokenizer.convert_tokens_to_ids(common.IM_END), tokenizer.convert_tokens_to_ids(common.EOT)]
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
         dict(do_sample=False)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     t0 = time.time()
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, eos_token_id=stops,
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, eos_token_id=stops,
                              pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
     seconds = time.time() - t0
     new = out[0, ids["input_ids"].shape[1]:]
