@@ -123,3 +123,17 @@ def test_unwritable_output_dir(tmp_path):
                       "--output-dir", tmp_path / "file" / "tok", check=False)
     assert proc.returncode == 2 and "cannot write to output directory" in proc.stderr
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_hf_dataset_path_on_local_data(tmp_path):
+    # the same datasets.load_dataset(..., streaming=True) call that reads a hub dataset, pointed at a local folder
+    # holding rows in the hub's {"text": ...} schema
+    (tmp_path / "ds").mkdir()
+    rows = [json.dumps({"text": t, "url": "https://example.com"}) for t in sample_texts()]
+    (tmp_path / "ds" / "train.jsonl").write_text("\n".join(rows), encoding="utf-8")
+    out = tmp_path / "tok"
+    run_script("PreTrain/train_byte_level_bpe_tokenizer.py", "--hf-dataset", tmp_path / "ds", "--vocab-size", 400,
+               "--max-chars", 5000, "--output-dir", out)
+    report = json.loads((out / "report.json").read_text())
+    all_bytes = sum(len(t.encode()) for t in sample_texts())
+    assert report["vocab_size"] <= 400 and 5000 <= report["train_bytes"] < all_bytes  # --max-chars stopped the stream
