@@ -75,6 +75,20 @@ def load_tokenizer(tokenizer_dir=TOKENIZER_DIR):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
+def load_script(relpath):
+    """Import a stage script (e.g. 'PreTrain/model.py') as a module without running its main(): for tests and
+    benchmarks, which measure the stages' own functions. Stages themselves never import each other."""
+    import importlib.util
+
+    path = REPO / relpath
+    name = "stage_" + path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors the user can fix: one line naming the file and the fix, exit code 2, no traceback.
 class UserError(Exception):

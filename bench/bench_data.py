@@ -13,7 +13,6 @@
 """
 import argparse
 import gzip
-import importlib.util
 import json
 import os
 import re
@@ -29,13 +28,6 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 
 STAGE2 = REPO / "PreTrain" / "preprocess_dataset_for_pretrain_map.py"
-
-
-def load_stage1():
-    spec = importlib.util.spec_from_file_location("stage1", REPO / "PreTrain" / "train_byte_level_bpe_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def corpus_slice(mb):
@@ -65,7 +57,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
 
     # 1. tokenizer training
-    stage1 = load_stage1()
+    stage1 = common.load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
     texts = [d["text"] for f in common.default_corpus_files("train") for d in common.read_jsonl_gz(f)]
     train_mb = sum(len(t.encode()) for t in texts) / 1e6
     t0 = time.perf_counter()

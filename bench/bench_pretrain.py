@@ -16,7 +16,6 @@ Writes: bench/results/bench_pretrain.json
 3. fp32 and bf16 matmul rates of this machine (what model.py measures for MFU on CPU).
 """
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -33,19 +32,12 @@ REFERENCE = REPO.parent / "shared" / "bench" / "reference_gpt2_step.py"
 RESULTS = REPO / "bench" / "results" / "bench_pretrain.json"
 
 
-def load_model_module():
-    spec = importlib.util.spec_from_file_location("pretrain_model", REPO / "PreTrain" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def worker(a):
     """Time our step in this process (called as a subprocess): prints one JSON line like the reference."""
     import numpy as np
     import torch
 
-    m = load_model_module()
+    m = common.load_script("PreTrain/model.py")
     torch.manual_seed(0)
     model = m.GPT(a.vocab, a.ctx, a.layers, a.dim, a.heads)
     args = argparse.Namespace(grad_accum=1, debug_nan_step=-1, grad_clip=1.0, weight_decay=0.1, lr=3e-4,
@@ -110,16 +102,14 @@ def real_rows(c, tmp):
     """Rows of real chunks (pretrain_data_chunks/, or tiny ones made here) as .npy for the worker."""
     import numpy as np
 
-    m = load_model_module()
+    m = common.load_script("PreTrain/model.py")
     chunks, tok_dir = common.CHUNKS_DIR, common.TOKENIZER_DIR
     if not (chunks / "manifest.json").is_file():
         sys.path.insert(0, str(REPO / "tests"))
         from conftest import sample_texts
         from test_pretrain import write_chunks
 
-        stage_spec = importlib.util.spec_from_file_location("tok_stage", REPO / "PreTrain" / "train_byte_level_bpe_tokenizer.py")
-        stage = importlib.util.module_from_spec(stage_spec)
-        stage_spec.loader.exec_module(stage)
+        stage = common.load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
         tok_dir, chunks = Path(tmp) / "tok", Path(tmp) / "chunks"
         stage.save(stage.train(sample_texts(), vocab_size=c["vocab"]), tok_dir)
         chunks.mkdir()
@@ -160,7 +150,7 @@ def main():
 
     import torch
 
-    m = load_model_module()
+    m = common.load_script("PreTrain/model.py")
     p = m.PRESETS["cpu"]
     # The dtype model.py trains in here (--dtype auto): bf16 only where the CPU has bf16 matmul units.
     dtype = "bf16" if torch.cuda.is_available() or m.cpu_has_fast_bf16() else "fp32"

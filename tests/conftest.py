@@ -1,6 +1,6 @@
 """Shared fixtures: a small real tokenizer trained by the project's own stage-1 code, and a tiny GPT-2 saved in the
 same Hugging Face layout as output/ (the stand-in "pretrained" model for SFT and RLHF tests)."""
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -17,17 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP threads sleep instead of spinning on shared CPUs
 
 import common  # noqa: E402
-
-
-def load_script(relpath):
-    """Import a stage script (e.g. 'PreTrain/model.py') as a module, without running its main()."""
-    path = REPO / relpath
-    name = "stage_" + path.stem
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from common import load_script  # noqa: E402,F401  (tests import it from here)
 
 
 def run_script(relpath, *args, cwd=REPO, timeout=600, env=None, check=True):
