@@ -18,7 +18,7 @@ same algorithm written out in plain PyTorch.
 
     python RLHF/grpo_trl.py                                   # CPU default (~3 min)
     python RLHF/grpo_trl.py --num-prompts 16 --epochs 1       # smoke
-    accelerate launch --num_processes=2 RLHF/grpo_trl.py      # or: torchrun --nproc_per_node=2 RLHF/grpo_trl.py
+    accelerate launch --multi_gpu --num_processes=2 RLHF/grpo_trl.py   # 2 GPUs or 2 CPU processes; or torchrun
     python RLHF/grpo_trl.py --mode inference --prompt "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
     python RLHF/grpo_trl.py --mode eval                       # only rewrite RLHF/eval.json
 """
