@@ -53,7 +53,6 @@ setup: $(VENV)/.installed
 # Reinstalled only when requirements.txt changes; a second `make setup` does nothing.
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
