@@ -37,8 +37,6 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 RLHF_DIR = common.REWARD_MODEL_DIR.parent
-DEFAULT_TRAIN = RLHF_DIR / "data" / "preference_train.jsonl.gz"
-DEFAULT_HELDOUT = RLHF_DIR / "data" / "preference_heldout.jsonl.gz"
 
 
 
@@ -230,7 +228,8 @@ def main():
             if not eval_pairs:
                 raise common.UserError("too few pairs to hold any out: pass --eval-data")
     else:
-        train_pairs, eval_pairs = load_pairs([DEFAULT_TRAIN]), load_pairs([DEFAULT_HELDOUT])
+        train_pairs = load_pairs([common.PREFERENCE_FILES["train"]])
+        eval_pairs = load_pairs([common.PREFERENCE_FILES["heldout"]])
     common.check_writable_dir(args.out_dir)
     out_model, ckpt_dir = args.out_dir / "reward_model", args.out_dir / "checkpoints" / "reward_model"
     log_file = args.out_dir / "train.log"
