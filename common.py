@@ -75,6 +75,20 @@ def load_tokenizer(tokenizer_dir=TOKENIZER_DIR):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
+def load_chat_tokenizer(model_dir):
+    """The tokenizer saved with a model (or tokenizer/), checked to be a chat tokenizer of this project, with the
+    chat template and a pad token guaranteed. The one loader for SFT, RLHF and the inference scripts."""
+    tokenizer = load_tokenizer(model_dir)
+    if IM_END not in tokenizer.get_vocab():
+        raise UserError(f"the tokenizer in {model_dir} has no {IM_END} token, so it cannot hold a chat: retrain it "
+                        "with PreTrain/train_byte_level_bpe_tokenizer.py (or pass the right --tokenizer-dir)")
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = PAD if PAD in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer
+
+
 def load_script(relpath):
     """Import a stage script (e.g. 'PreTrain/model.py') as a module without running its main(): for tests and
     benchmarks, which measure the stages' own functions. Stages themselves never import each other."""
@@ -134,6 +148,9 @@ def atomic_dir(path):
     A README.md in the old directory (the committed ones in tokenizer/, output/, ...) is carried over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a save that was killed: never resumed from
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     try:
@@ -162,6 +179,206 @@ def check_writable_dir(path):
     except OSError as e:
         raise UserError(f"cannot write to output directory {path} ({e.strerror}): choose another with the output flag "
                         "or fix its permissions") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compute dtype: decided here only. LLM_TRAIN_DTYPE=bf16|fp32 forces it for every stage (the tests run the
+# precision-sensitive cases under both); auto = bf16 on CUDA (fp16 on pre-Ampere GPUs where allowed) and on CPUs
+# with bf16 matmul units (AMX / AVX512-BF16), else fp32: on an AVX2-only CPU a bf16 matmul is ~100x slower.
+DTYPE_ENV = "LLM_TRAIN_DTYPE"
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def cpu_has_fast_bf16():
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def dtype_name(requested=None, allow_fp16=False):
+    """'bf16' or 'fp32' (or 'fp16' with allow_fp16, on GPUs without bf16) for a --dtype value; None or 'auto'
+    defers to $LLM_TRAIN_DTYPE, then to the hardware."""
+    if requested in (None, "auto"):
+        requested = os.environ.get(DTYPE_ENV) or "auto"
+    if requested not in DTYPES:
+        raise UserError(f"dtype {requested!r} (from --dtype or ${DTYPE_ENV}) must be one of {', '.join(DTYPES)}")
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() or not allow_fp16 else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def compute_dtype(requested=None, allow_fp16=False):
+    """The torch dtype of dtype_name()."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name(requested, allow_fp16)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lineage: every stage output holds lineage.json = {stage, settings, tokenizer_fingerprint, parents: {role: {path,
+# fingerprint}}}. A stage that loads outputs of earlier stages checks that they still are the ones it was built
+# from; a stage asked to replace an output that later stages were built from refuses without --force.
+LINEAGE = "lineage.json"
+
+
+def output_fingerprint(path):
+    """sha256 of what an output *is*: a model dir's weights (*.safetensors), a chunks dir's manifest, or a
+    tokenizer dir's tokenizer fingerprint."""
+    path = Path(path)
+    weights = sorted(path.glob("*.safetensors"))
+    if weights:
+        h = hashlib.sha256()
+        for f in weights:
+            with open(f, "rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+        return h.hexdigest()
+    if (path / "manifest.json").is_file():
+        return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    if (path / "tokenizer.json").is_file():
+        return tokenizer_fingerprint(path)
+    return None
+
+
+def read_lineage(path):
+    try:
+        return json.loads((Path(path) / LINEAGE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_lineage(out_dir, stage, settings, tokenizer_dir=None, **parents):
+    """Record in out_dir (usually the temporary dir about to be renamed into place) what it was built from."""
+    lineage = {"stage": stage, "settings": settings,
+               "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir or out_dir) if (
+                   Path(tokenizer_dir or out_dir) / "tokenizer.json").is_file() else None,
+               "parents": {role: {"path": str(Path(p).resolve()), "fingerprint": output_fingerprint(p)}
+                           for role, p in parents.items() if p is not None}}
+    atomic_write_json(Path(out_dir) / LINEAGE, lineage)
+    return lineage
+
+
+def check_lineage(child_dir, rerun, **parents):
+    """UserError if child_dir was built from another version of one of the given parent dirs (e.g. an adapter
+    trained on an older base): names both directories and the command `rerun` that rebuilds the child.
+    Outputs without lineage.json (made elsewhere) are not checked."""
+    lineage = read_lineage(child_dir)
+    if lineage is None:
+        return
+    for role, parent in parents.items():
+        recorded = lineage.get("parents", {}).get(role)
+        if parent is None or recorded is None:
+            continue
+        if recorded["fingerprint"] != output_fingerprint(parent):
+            raise UserError(f"{child_dir} was built from a different {role} than the one now in {parent} (it was "
+                            f"replaced after {child_dir} was made): they do not belong together. Rebuild it with "
+                            f"`{rerun}`, or point to the matching {role} directory")
+
+
+def stale_if_replaced(path):
+    """The known stage outputs that were built from the output in `path` as it is now (they would silently go
+    stale if it were replaced)."""
+    path = Path(path).resolve()
+    current = output_fingerprint(path)
+    if current is None:
+        return []
+    stale = []
+    for other in (CHUNKS_DIR, OUTPUT_DIR, SFT_OUTPUT_DIR, SFT_OUTPUT_DIR / "merged", REWARD_MODEL_DIR,
+                  GRPO_OUTPUT_DIR):
+        lineage = read_lineage(other)
+        if lineage and any(Path(r["path"]) == path and r["fingerprint"] == current
+                           for r in lineage.get("parents", {}).values()):
+            stale.append(str(other.relative_to(REPO)) if other.is_relative_to(REPO) else str(other))
+    return stale
+
+
+def refuse_to_replace(path, force, what):
+    """Before replacing an existing output: UserError unless --force when later stages were built from it."""
+    stale = stale_if_replaced(path)
+    if stale and not force:
+        raise UserError(f"{path} already holds a {what} that {', '.join(stale)} were built from: replacing it would "
+                        f"leave them stale. Pass --force to replace it (then rerun the later stages), or write to "
+                        f"another --output-dir; nothing was changed")
+
+
+def already_done(out_dir, stage, settings):
+    """True (and says so) when out_dir holds this stage's finished output made with exactly these settings."""
+    lineage = read_lineage(out_dir)
+    if lineage and lineage.get("stage") == stage and lineage.get("settings") == settings:
+        print(f"{stage}: {out_dir} is already finished with these settings; nothing to do "
+              f"(delete it or pass --force to redo it)", flush=True)
+        return True
+    return False
+
+
+def settings_of(args, *names):
+    """The settings that decide an output, as JSON-safe values (compared by already_done)."""
+    return {n: (str(v) if isinstance(v, Path) else v) for n, v in ((n, getattr(args, n)) for n in names)}
+
+
+def latest_trainer_checkpoint(checkpoint_dir):
+    """The newest checkpoint-N of a transformers Trainer run that is complete: trainer_state.json is written last,
+    so a checkpoint cut short by a kill lacks it and is skipped. None if there is none."""
+    done = [d for d in Path(checkpoint_dir).glob("checkpoint-*")
+            if d.name.split("-")[-1].isdigit() and (d / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda d: int(d.name.split("-")[-1]))) if done else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line number checks, for argparse `type=`: a bad value is one clear usage error at parse time.
+def positive_int(text):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text):
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,18 +510,6 @@ def extract_answer(text):
 # ---------------------------------------------------------------------------------------------------------------
 # Chat models: loading the SFT policy, rendering chats, generating, scoring (RLHF's reward model, GRPO and its
 # plain-PyTorch twin). torch and transformers are imported inside, so importing common stays cheap.
-def load_chat_tokenizer(model_dir):
-    """The tokenizer saved with a model, with our chat template and a pad token guaranteed."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if not tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
-    if tok.pad_token is None:
-        tok.pad_token = PAD if PAD in tok.get_vocab() else tok.eos_token
-    return tok
-
-
 def find_policy(sft_dir, base_dir):
     """Where the SFT policy is: ('full', dir) for a full model dir (SFT's merged/ or any HF causal LM),
     ('adapter', sft_dir) for a LoRA adapter on base_dir, or a UserError saying what to run first."""

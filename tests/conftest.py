@@ -68,3 +68,17 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+def free_port():
+    """A TCP port nobody listens on now, for a launcher's rendezvous (so two test runs can share a machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The precision-sensitive tests run under both compute dtypes on any CPU (bf16 is slow but correct without bf16
+# units): parametrize with this and set common.DTYPE_ENV in the test (monkeypatch.setenv / a subprocess env).
+BOTH_DTYPES = pytest.mark.parametrize("dtype", ["fp32", "bf16"])
