@@ -1,7 +1,8 @@
 # llm_train: `make all` runs the pipeline on the embedded corpus, `make test` runs the test suite.
 #   make all                 CPU presets with no GPU, the full-size presets with GPUs (SCALE=gpu)
 #   make all SCALE=smoke     the same code paths on tiny sizes (a few minutes)
-# A stage whose output is newer than its inputs is skipped, as make does; changing SCALE starts over.
+# A stage whose output is newer than its inputs is skipped, as make does. Outputs of another SCALE are never replaced
+# silently: `make all` stops and says how to continue that run or start over (NEW_SCALE=1).
 SHELL := bash
 PYTHON ?= python3
 VENV := .venv
@@ -46,7 +47,7 @@ define timed
 	  echo "== stage $(1) took $$((ms / 1000)).$$((ms % 1000 / 100)) s"
 endef
 
-.PHONY: setup test bench all clean
+.PHONY: setup test bench all clean banner
 FORCE:
 setup: $(VENV)/.installed
 
@@ -63,39 +64,46 @@ bench: setup
 	@mkdir -p bench/results
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
-# The scale of the last run; when it changes, every stage reruns from scratch.
+# The scale of the last run. A different SCALE (a typo, or a flaky nvidia-smi on a login node) would retrain every
+# stage and drop its checkpoints, so it needs NEW_SCALE=1; the stages then drop checkpoints older than their inputs.
 .scale: FORCE
-	@if [ "$$(cat $@ 2>/dev/null)" != "$(SCALE)" ]; then \
-	  rm -rf checkpoints SFT/checkpoints RLHF/checkpoints report/timings; echo $(SCALE) > $@; fi
+	@old=$$(cat $@ 2>/dev/null); if [ -n "$$old" ] && [ "$$old" != "$(SCALE)" ] && [ -z "$(NEW_SCALE)" ]; then \
+	  echo "error: the outputs and checkpoints here are from SCALE=$$old; this run is SCALE=$(SCALE) and would replace" \
+	       "them. Continue that run with 'make all SCALE=$$old', or start over with 'make all SCALE=$(SCALE) NEW_SCALE=1'" >&2; \
+	  exit 2; fi; \
+	if [ "$$old" != "$(SCALE)" ]; then echo $(SCALE) > $@; rm -rf report/timings; fi
 
 tokenizer/tokenizer.json: PreTrain/train_byte_level_bpe_tokenizer.py common.py $(wildcard data/default_corpus/*.jsonl.gz) .scale | setup
-	$(call timed,tokenizer,$(PY) PreTrain/train_byte_level_bpe_tokenizer.py $(TOKENIZER_FLAGS))
+	$(call timed,tokenizer,$(PY) PreTrain/train_byte_level_bpe_tokenizer.py --force $(TOKENIZER_FLAGS))
 
 pretrain_data_chunks/manifest.json: PreTrain/preprocess_dataset_for_pretrain_map.py tokenizer/tokenizer.json
-	$(call timed,chunks,$(PY) PreTrain/preprocess_dataset_for_pretrain_map.py $(CHUNK_FLAGS))
+	$(call timed,chunks,$(PY) PreTrain/preprocess_dataset_for_pretrain_map.py --force $(CHUNK_FLAGS))
 
 # Checkpoints older than a stage's input belong to an earlier run: they are dropped, not resumed from.
 output/pretrain_summary.json: PreTrain/model.py pretrain_data_chunks/manifest.json
 	@find checkpoints/pretrain -maxdepth 0 ! -newer pretrain_data_chunks/manifest.json -exec rm -rf {} + 2>/dev/null || true
-	$(call timed,pretrain,$(PRETRAIN_LAUNCH) $(PRETRAIN_FLAGS))
+	$(call timed,pretrain,$(PRETRAIN_LAUNCH) --force $(PRETRAIN_FLAGS))
 
 SFT/eval.json: SFT/qlora_fine_tune_trl.py output/pretrain_summary.json
 	@find SFT/checkpoints -maxdepth 0 ! -newer output/pretrain_summary.json -exec rm -rf {} + 2>/dev/null || true
-	$(call timed,sft,$(PY) SFT/qlora_fine_tune_trl.py --merge $(SFT_FLAGS))
+	$(call timed,sft,$(PY) SFT/qlora_fine_tune_trl.py --force --merge $(SFT_FLAGS))
 
 RLHF/reward_eval.json: RLHF/reward_model.py SFT/eval.json
 	@find RLHF/checkpoints/reward_model -maxdepth 0 ! -newer SFT/eval.json -exec rm -rf {} + 2>/dev/null || true
-	$(call timed,reward_model,$(PY) RLHF/reward_model.py $(RM_FLAGS))
+	$(call timed,reward_model,$(PY) RLHF/reward_model.py --force $(RM_FLAGS))
 
 RLHF/eval.json: RLHF/grpo_trl.py RLHF/reward_eval.json
 	@find RLHF/checkpoints/grpo -maxdepth 0 ! -newer RLHF/reward_eval.json -exec rm -rf {} + 2>/dev/null || true
-	$(call timed,grpo,$(PY) RLHF/grpo_trl.py $(GRPO_FLAGS))
+	$(call timed,grpo,$(PY) RLHF/grpo_trl.py --force $(GRPO_FLAGS))
 
 report/report.md: report/build_report.py RLHF/eval.json
 	$(call timed,report,$(PY) report/build_report.py $(REPORT_FLAGS))
 
-all: report/report.md
+all: banner report/report.md
 	@echo "== done: see report/report.md"
+
+banner:
+	@echo "== make all: SCALE=$(SCALE) ($(NGPU) GPUs found by nvidia-smi)"
 
 clean:
 	find tokenizer pretrain_data_chunks output -mindepth 1 ! -name README.md -exec rm -rf {} +

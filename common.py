@@ -306,14 +306,19 @@ def refuse_to_replace(path, force, what):
                         f"another --output-dir; nothing was changed")
 
 
-def already_done(out_dir, stage, settings):
-    """True (and says so) when out_dir holds this stage's finished output made with exactly these settings."""
+def already_done(out_dir, stage, settings, **parents):
+    """True (and says so) when out_dir holds this stage's finished output made with exactly these settings from the
+    parent outputs (dirs) as they are now; a parent replaced since then means the output must be rebuilt."""
     lineage = read_lineage(out_dir)
-    if lineage and lineage.get("stage") == stage and lineage.get("settings") == settings:
-        print(f"{stage}: {out_dir} is already finished with these settings; nothing to do "
-              f"(delete it or pass --force to redo it)", flush=True)
-        return True
-    return False
+    if not lineage or lineage.get("stage") != stage or lineage.get("settings") != settings:
+        return False
+    recorded = lineage.get("parents", {})
+    if any(p is not None and role in recorded and recorded[role]["fingerprint"] != output_fingerprint(p)
+           for role, p in parents.items()):
+        return False
+    print(f"{stage}: {out_dir} is already finished with these settings; nothing to do "
+          f"(delete it or pass --force to redo it)", flush=True)
+    return True
 
 
 def settings_of(args, *names):

@@ -47,7 +47,9 @@ Work is done in batches of documents, one batch per shard: about --rows-per-shar
 train and one val shard (atomically), the less-than-a-row rest is carried over, and the progress is saved in
 pretrain_data_chunks/.partial/; a killed run rerun with the same command skips its finished shards (it re-reads but
 does not re-tokenize the documents before them; hub sources are streamed again up to that point). A finished run
-moves its output into place in one rename; a failed run leaves an existing complete output untouched.
+moves its output into place in one rename; a failed run leaves an existing complete output untouched. Rerunning a
+finished run with the same settings (and tokenizer) does nothing and says so; replacing chunks that a pretrained
+model in output/ was built from needs --force.
 """
 import argparse
 import glob
@@ -292,7 +294,7 @@ def new_progress(sources):
 
 def check_output_dir(out_dir):
     """Refuse to replace a directory that holds anything but this stage's output (it is swapped out at the end)."""
-    ours = {"README.md", "manifest.json", "train", "val", ".partial"}
+    ours = {"README.md", "manifest.json", "train", "val", ".partial", common.LINEAGE}
     if out_dir.is_dir():
         other = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
         if other:
@@ -307,15 +309,16 @@ def main():
     ap.add_argument("--sources", nargs="+", default=["default"], metavar="NAME[:WEIGHT]",
                     help="default | a file or directory | " + " | ".join(NAMED_SOURCES) + " (default: default)")
     ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a named source from local files")
-    ap.add_argument("--max-tokens", type=float, help="total tokens to take, shared by the sources' weights")
-    ap.add_argument("--context-length", type=int, default=1024, help="model context; rows hold one more token")
-    ap.add_argument("--rows-per-shard", type=int, default=16384,
+    ap.add_argument("--max-tokens", type=common.positive_float, help="total tokens to take, shared by the sources' weights")
+    ap.add_argument("--context-length", type=common.positive_int, default=1024, help="model context; rows hold one more token")
+    ap.add_argument("--rows-per-shard", type=common.positive_int, default=16384,
                     help="about this many rows per shard (16384 rows x 1025 ids x 4 B = 67 MB); one batch of text each")
     ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
-    ap.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+    ap.add_argument("--num-proc", type=common.positive_int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                     else os.cpu_count(), help="tokenizer processes (default: the cores this process may use)")
     ap.add_argument("--tokenizer-dir", default=str(common.TOKENIZER_DIR), help="default tokenizer/")
     ap.add_argument("--output-dir", default=str(common.CHUNKS_DIR), help="default pretrain_data_chunks/")
+    ap.add_argument("--force", action="store_true", help="replace existing chunks that later stages were built from")
     ap.add_argument("--stop-after-shards", type=int, help=argparse.SUPPRESS)  # tests: die like kill -9 after N shards
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -336,6 +339,12 @@ def main():
         raise UserError("hub datasets are streamed without end: give --max-tokens (e.g. --max-tokens 2e9)")
     out_dir = Path(args.output_dir)
     check_output_dir(out_dir)
+    settings = {**common.settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
+                                     "val_fraction"), "tokenizer_fingerprint": fingerprint}
+    if (out_dir / "manifest.json").is_file():
+        if not args.force and common.already_done(out_dir, "chunks", settings):
+            return
+        common.refuse_to_replace(out_dir, args.force, "chunk set")
     common.check_writable_dir(out_dir.parent)
     common.check_writable_dir(out_dir)
     row_length = args.context_length + 1
@@ -497,6 +506,7 @@ def main():
         for name in ("train", "val", "manifest.json"):
             if (staging / name).exists():
                 os.replace(staging / name, tmp / name)
+        common.write_lineage(tmp, "chunks", settings, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer_dir)
 
     for split, info in manifest_splits.items():
         print(f"{split:>5}: {info['documents']:,} documents, {info['rows']:,} rows, {info['tokens']:,} tokens, "

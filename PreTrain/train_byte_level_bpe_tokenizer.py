@@ -12,6 +12,10 @@ Writes: tokenizer/ so that AutoTokenizer.from_pretrained("./tokenizer") works (t
     python PreTrain/train_byte_level_bpe_tokenizer.py --input my_texts/ --vocab-size 50000
     python PreTrain/train_byte_level_bpe_tokenizer.py --hf-dataset allenai/c4:en --max-chars 2e9
 
+Rerunning the same command on a finished tokenizer/ does nothing (and says so). Replacing a tokenizer with another
+one (other settings or data) needs --force or a new --output-dir: every later stage output built on it (chunks,
+models, adapters) would no longer match, and the error lists them.
+
 Design: no normalizer (so decode(encode(x)) == x for any string), a GPT-4-style split regex in which every digit is
 its own pre-token (arithmetic stays learnable), runs of CJK characters and code whitespace kept as pre-tokens,
 then byte-level mapping so any byte sequence is representable with no unknown token.
@@ -107,8 +111,9 @@ def train(texts, vocab_size, min_frequency=2):
     return tok
 
 
-def save(tok, out_dir):
-    """Write the HF tokenizer files + the raw tokenizers json into out_dir, atomically."""
+def save(tok, out_dir, settings=None):
+    """Write the HF tokenizer files + the raw tokenizers json (+ lineage.json with the settings) into out_dir,
+    atomically."""
     from transformers import PreTrainedTokenizerFast
 
     hf_tok = PreTrainedTokenizerFast(
@@ -121,6 +126,8 @@ def save(tok, out_dir):
     with common.atomic_dir(out_dir) as tmp:
         hf_tok.save_pretrained(str(tmp))
         tok.save(str(tmp / RAW_NAME))
+        if settings is not None:
+            common.write_lineage(tmp, "tokenizer", settings)
     return hf_tok
 
 
@@ -142,17 +149,28 @@ def heldout_report(tok):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab-size", type=int, default=50_000, help="target vocabulary size (default 50000)")
+    ap.add_argument("--vocab-size", type=common.positive_int, default=50_000, help="target vocabulary size (default 50000)")
     ap.add_argument("--input", nargs="+", help="local files or directories (.txt, .jsonl[.gz], .parquet)")
     ap.add_argument("--hf-dataset", nargs="+", help="Hugging Face dataset names, name[:config], streamed")
-    ap.add_argument("--max-chars", type=float, default=1e9, help="stop reading after this many characters")
-    ap.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
+    ap.add_argument("--max-chars", type=common.positive_float, default=1e9, help="stop reading after this many characters")
+    ap.add_argument("--min-frequency", type=common.positive_int, default=2, help="minimum pair count for a merge")
     ap.add_argument("--output-dir", default=str(common.TOKENIZER_DIR), help="where to write (default tokenizer/)")
+    ap.add_argument("--force", action="store_true", help="replace an existing, different tokenizer in --output-dir")
     args = ap.parse_args()
     args.max_chars = int(args.max_chars)
     if args.vocab_size < 300:
         raise UserError(f"--vocab-size {args.vocab_size} is too small: it must exceed the 256 byte symbols + specials")
     out_dir = Path(args.output_dir)
+    settings = common.settings_of(args, "vocab_size", "input", "hf_dataset", "max_chars", "min_frequency")
+    if (out_dir / "tokenizer.json").is_file():
+        if not args.force and common.already_done(out_dir, "tokenizer", settings):
+            return
+        if not args.force:
+            stale = common.stale_if_replaced(out_dir)
+            built = f"; {', '.join(stale)} were built from it and would go stale" if stale else ""
+            raise UserError(f"{out_dir} already holds a trained tokenizer (other settings or data){built}. Pass --force "
+                            "to replace it (then rerun the later stages), or write to another --output-dir; nothing "
+                            "was changed")
     common.check_writable_dir(out_dir.parent)
 
     t0 = time.perf_counter()
@@ -167,7 +185,7 @@ def main():
     t0 = time.perf_counter()
     tok = train(texts, args.vocab_size, args.min_frequency)
     train_seconds = time.perf_counter() - t0
-    save(tok, out_dir)
+    save(tok, out_dir, settings)
 
     report = {
         "vocab_size": tok.get_vocab_size(),

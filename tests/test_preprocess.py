@@ -233,3 +233,30 @@ def test_bad_inputs_fail_clearly_and_keep_the_old_output(good_run, tiny_tokenize
     (other / "thesis.txt").write_text("precious")
     err = bad_run(tiny_tokenizer_dir, other, "--sources", empty)
     assert "thesis.txt" in err and (other / "thesis.txt").read_text() == "precious"
+
+
+def test_rerun_of_a_finished_run_is_a_no_op(good_run, corpus, tiny_tokenizer_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "chunks"
+    shutil.copytree(good_run[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run(tiny_tokenizer_dir, out, "--sources", corpus[0] / "docs.jsonl.gz", "--num-proc", "1")
+    assert "nothing to do" in proc.stdout and "wrote" not in proc.stdout
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    lineage = common.read_lineage(out)
+    assert lineage["stage"] == "chunks" and lineage["parents"]["tokenizer"]["fingerprint"] == \
+        common.tokenizer_fingerprint(tiny_tokenizer_dir)
+    # other settings: a new chunk set replaces this one (no later stage was built from it)
+    proc = run(tiny_tokenizer_dir, out, "--sources", corpus[0] / "docs.jsonl.gz", "--num-proc", "1",
+               "--val-fraction", "0.3")
+    assert "nothing to do" not in proc.stdout
+    assert json.loads((out / "manifest.json").read_text())["config"]["val_fraction"] == 0.3
+
+
+@pytest.mark.parametrize("flag", ["--context-length", "--rows-per-shard", "--num-proc", "--max-tokens"])
+def test_bad_numbers_are_usage_errors(tiny_tokenizer_dir, tmp_path, flag):
+    proc = run_script(SCRIPT, "--tokenizer-dir", tiny_tokenizer_dir, "--output-dir", tmp_path / "c", flag, "0",
+                      check=False)
+    assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "c").exists()

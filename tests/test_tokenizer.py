@@ -2,6 +2,8 @@
 and chat template, writes its report, and refuses bad input with one clear error."""
 import json
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 import common
@@ -137,3 +139,29 @@ def test_hf_dataset_path_on_local_data(tmp_path):
     report = json.loads((out / "report.json").read_text())
     all_bytes = sum(len(t.encode()) for t in sample_texts())
     assert report["vocab_size"] <= 400 and 5000 <= report["train_bytes"] < all_bytes  # --max-chars stopped the stream
+
+
+def test_rerun_is_a_no_op_and_replacing_needs_force(tmp_path):
+    """The same command on a finished tokenizer does nothing; another tokenizer over it needs --force."""
+    (tmp_path / "in.txt").write_text("\n\n".join(sample_texts()[:6]), encoding="utf-8")
+    out = tmp_path / "tok"
+    args = ["--input", tmp_path / "in.txt", "--vocab-size", 400, "--output-dir", out]
+    run_script("PreTrain/train_byte_level_bpe_tokenizer.py", *args)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = run_script("PreTrain/train_byte_level_bpe_tokenizer.py", *args)
+    assert "nothing to do" in again.stdout and "read " not in again.stdout  # no corpus was even read
+    other = run_script("PreTrain/train_byte_level_bpe_tokenizer.py", *args[:3], 500, *args[4:], check=False)
+    assert other.returncode == 2 and "--force" in other.stderr and str(out) in other.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was changed
+    run_script("PreTrain/train_byte_level_bpe_tokenizer.py", *args[:3], 500, *args[4:], "--force")
+    assert json.loads((out / "report.json").read_text())["vocab_size"] == 500
+    assert common.read_lineage(out)["settings"]["vocab_size"] == 500
+
+
+@pytest.mark.parametrize("flag, value", [("--vocab-size", "0"), ("--vocab-size", "-5"), ("--min-frequency", "0"),
+                                         ("--max-chars", "0"), ("--max-chars", "nan")])
+def test_bad_numbers_are_usage_errors(tmp_path, flag, value):
+    proc = run_script("PreTrain/train_byte_level_bpe_tokenizer.py", flag, value, "--output-dir", tmp_path / "t",
+                      check=False)
+    assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "t").exists()
