@@ -8,15 +8,19 @@ Reads:  output/ and SFT/sft_output/ (or SFT/sft_output/merged/). Writes nothing.
     python SFT/inference.py --interactive            # multi-turn chat, streamed; empty line or Ctrl-D quits
     python SFT/inference.py --merged                 # use the merged model instead of base + adapter
 
-Replies stream as they are generated and stop at <|im_end|>; each is followed by its tokens/s.
+Replies stream as they are generated and stop at <|im_end|>; each is followed by its tokens/s. An adapter trained on
+another base than --model-dir (e.g. output/ was retrained since) is refused with the command that retrains it.
 """
 import argparse
+import logging
 import sys
 import time
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)  # peft
+# bitsandbytes on AVX512-BF16 CPUs: an optional faster kernel package (`kernels`) is not installed; nothing is wrong.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from common import UserError  # noqa: E402
@@ -36,34 +40,42 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", help="a user message (repeatable); default: a few built-in ones")
     p.add_argument("--system", help="an optional system message")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn, keeping the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    return p.parse_args(argv)
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=128)
+    p.add_argument("--temperature", type=common.nonnegative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=common.positive_float, default=0.9)
+    args = p.parse_args(argv)
+    if args.top_p > 1:
+        p.error(f"argument --top-p: must be at most 1, got {args.top_p}")
+    return args
 
 
 def load_chat_model(args):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    # The checks come before the slow imports, so a wrong directory fails at once.
     if args.merged:
         path = args.adapter_dir / "merged"
         if not (path / "config.json").is_file():
             raise UserError(f"no merged model in {path}: run python SFT/qlora_fine_tune_trl.py --merge")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
     else:
-        from peft import PeftModel
-
         if not (args.model_dir / "config.json").is_file():
             raise UserError(f"no base model in {args.model_dir}: run the pretraining stage first")
         if not (args.adapter_dir / "adapter_config.json").is_file():
             raise UserError(f"no adapter in {args.adapter_dir}: run python SFT/qlora_fine_tune_trl.py first")
+        common.check_lineage(args.adapter_dir, f"python SFT/qlora_fine_tune_trl.py --model-dir {args.model_dir} "
+                                               f"--output-dir {args.adapter_dir}", base=args.model_dir)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = common.compute_dtype(allow_fp16=True)
+    if args.merged:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tokenizer = common.load_chat_tokenizer(path)
+    else:
+        from peft import PeftModel
+
         base = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=dtype)
         model = PeftModel.from_pretrained(base, str(args.adapter_dir))
-        tokenizer = AutoTokenizer.from_pretrained(str(args.adapter_dir))
+        tokenizer = common.load_chat_tokenizer(args.adapter_dir)
     return model.to(device).eval(), tokenizer
 
 

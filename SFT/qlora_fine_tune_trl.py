@@ -5,17 +5,26 @@ Reads:  output/ (the pretrained Hugging Face GPT-2 + tokenizer with the chat tem
         common.arithmetic_tasks (default), or --data FILE... (.jsonl/.jsonl.gz/.json/.parquet rows in `messages`
         format [{"role", "content"}, ...] or Alpaca instruction/input/output), or --hf-dataset NAME.
 Writes: SFT/sft_output/   LoRA adapter (adapter_config.json, adapter_model.safetensors), tokenizer (eos <|im_end|>),
-                          generation_config.json, history.jsonl (step, loss, lr, eval_loss); with --merge also
-                          merged/ (full model + tokenizer, for the RLHF stage)
-        SFT/checkpoints/  Trainer checkpoints; a rerun of the same command resumes from the latest complete one
+                          generation_config.json, history.jsonl (step, loss, lr, eval_loss), lineage.json (the
+                          settings and the base it was trained on); with --merge also merged/ (full model +
+                          tokenizer + lineage.json, for the RLHF stage)
+        SFT/checkpoints/  Trainer checkpoints + settings.json (the run's training settings)
         SFT/runs/         TensorBoard logs;  SFT/train.log: the log;  SFT/eval.json: base vs SFT on held-out data
+
+Reruns: the same command on a finished run is a no-op that says so. A killed run rerun with the same command resumes
+from the latest complete checkpoint and logs the same losses as an uninterrupted run. Checkpoints of a run with other
+training settings (another --max-steps, --lr, data, base, ...) are never resumed from: the run stops and names the
+setting. --force starts over then (deleting those checkpoints), replaces an sft_output that the reward model or GRPO
+were built from (refused without it), and on a finished run rewrites its outputs and evaluation from its last
+checkpoint. SFT/inference.py and --eval-only refuse an adapter trained on another base than --model-dir.
 
     python SFT/qlora_fine_tune_trl.py                       # CPU default: ~2 min on 2 cores for the CPU-preset model
     python SFT/qlora_fine_tune_trl.py --max-steps 5 --eval-tasks 8 --eval-chats 4    # smoke run
     accelerate launch --multi_gpu --num_processes=2 SFT/qlora_fine_tune_trl.py   # 2 GPUs, or 2 CPU processes (gloo)
+                                          # (without --multi_gpu accelerate starts one process: the script stops)
     torchrun --nproc_per_node=2 SFT/qlora_fine_tune_trl.py                      # the same
-    python SFT/qlora_fine_tune_trl.py --data my_chats.jsonl --epochs 3 --merge
-    python SFT/qlora_fine_tune_trl.py --hf-dataset tatsu-lab/alpaca --epochs 1
+    python SFT/qlora_fine_tune_trl.py --data my_chats.jsonl --max-steps -1 --epochs 3 --merge
+    python SFT/qlora_fine_tune_trl.py --hf-dataset tatsu-lab/alpaca --max-steps -1 --epochs 1
     python SFT/qlora_fine_tune_trl.py --eval-only           # re-measure base vs SFT from SFT/sft_output
 
 QLoRA: the frozen base is loaded in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute). GPT-2 keeps its
@@ -23,18 +32,24 @@ projections in transformers' Conv1D (weight stored in x out); transformers 5 qua
 the weight transposed to the Linear layout, so LoRA trains on Linear4bit layers (fan_in_fan_out=False). A LoRA
 adapter's A/B matrices are the same in either layout, so the saved adapter_config says fan_in_fan_out=True: right
 for the plain Conv1D model that PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("output"), ...) gives.
+The compute dtype is common.compute_dtype ($LLM_TRAIN_DTYPE=bf16|fp32 forces it): bf16 on GPUs and bf16-capable CPUs.
 """
 import argparse
 import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)  # peft
+# bitsandbytes on AVX512-BF16 CPUs: an optional faster kernel package (`kernels`) is not installed; nothing is wrong.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
+# DeepSpeed (imported by the Trainer when installed) announces that it found no GPU: CPUs are a supported setup.
+logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from common import UserError  # noqa: E402
@@ -46,6 +61,11 @@ ROLES = {"system", "user", "assistant"}
 log = logging.getLogger("sft")
 
 
+def step_count(text):
+    """--max-steps: a positive number of optimizer steps, or -1 for --epochs epochs."""
+    return -1 if text.strip() == "-1" else common.positive_int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=common.OUTPUT_DIR, help="pretrained model (HF layout)")
@@ -54,27 +74,39 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, nargs="+", help="local conversation files instead of the embedded set")
     p.add_argument("--hf-dataset", help="a Hugging Face dataset name (or local dataset dir) instead of the embedded set")
     p.add_argument("--hf-split", default="train")
-    p.add_argument("--arith-tasks", type=int, default=3000, help="arithmetic problems added to the embedded set")
-    p.add_argument("--max-steps", type=int, default=150, help="optimizer steps; -1 trains --epochs epochs")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=4, help="per device")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--lora-alpha", type=int, default=128)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--max-length", type=int, default=None, help="tokens per conversation (default: the model's context)")
+    p.add_argument("--arith-tasks", type=common.nonnegative_int, default=3000,
+                   help="arithmetic problems added to the embedded set")
+    p.add_argument("--max-steps", type=step_count, default=150, help="optimizer steps; -1 trains --epochs epochs")
+    p.add_argument("--epochs", type=common.positive_float, default=1.0)
+    p.add_argument("--batch-size", type=common.positive_int, default=4, help="per device")
+    p.add_argument("--grad-accum", type=common.positive_int, default=1)
+    p.add_argument("--lr", type=common.positive_float, default=1e-4)
+    p.add_argument("--lora-r", type=common.positive_int, default=64)
+    p.add_argument("--lora-alpha", type=common.positive_int, default=128)
+    p.add_argument("--lora-dropout", type=common.nonnegative_float, default=0.05)
+    p.add_argument("--max-length", type=common.positive_int, default=None,
+                   help="tokens per conversation (default: the model's context)")
     p.add_argument("--no-4bit", action="store_true", help="train LoRA on the full-precision base (for comparison)")
     p.add_argument("--merge", action="store_true", help="also write the merged full model to OUTPUT_DIR/merged/")
-    p.add_argument("--save-steps", type=int, default=50)
-    p.add_argument("--eval-steps", type=int, default=50)
-    p.add_argument("--val-size", type=int, default=100, help="held-out conversations for the validation loss")
+    p.add_argument("--save-steps", type=common.positive_int, default=50)
+    p.add_argument("--eval-steps", type=common.positive_int, default=50)
+    p.add_argument("--val-size", type=common.positive_int, default=100,
+                   help="held-out conversations for the validation loss")
     p.add_argument("--eval-only", action="store_true", help="only compare base and SFT (from --output-dir)")
-    p.add_argument("--eval-tasks", type=int, default=64, help="held-out arithmetic problems for exact match")
-    p.add_argument("--eval-chats", type=int, default=16, help="held-out chat prompts for the clean-ending check")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--eval-tasks", type=common.nonnegative_int, default=64,
+                   help="held-out arithmetic problems for exact match")
+    p.add_argument("--eval-chats", type=common.nonnegative_int, default=16,
+                   help="held-out chat prompts for the clean-ending check")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=64,
+                   help="longest reply in the evaluation (a worked arithmetic answer is ~40-50 tokens)")
+    p.add_argument("--seed", type=common.nonnegative_int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="redo a finished run's outputs, even if the reward model or GRPO were built from them; "
+                        "start over if the checkpoints are of a run with other settings")
+    args = p.parse_args(argv)
+    if args.lora_dropout >= 1:
+        p.error(f"argument --lora-dropout: must be below 1, got {args.lora_dropout}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,13 +155,18 @@ def read_rows(path):
         yield from enumerate(rows, 1)
     elif name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield n, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield n, json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise UserError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not valid UTF-8 text: convert it to UTF-8 (e.g. with iconv)") from None
+        except (gzip.BadGzipFile, EOFError) as e:
+            raise UserError(f"{path}: not a readable gzip file ({e})") from None
     else:
         raise UserError(f"{path}: unsupported file type; give .jsonl, .jsonl.gz, .json or .parquet")
 
@@ -180,7 +217,8 @@ def load_conversations(args):
 
 def drop_too_long(conversations, tokenizer, max_length, what):
     """Conversations that fit in max_length tokens; the rest are dropped and counted, never silently truncated."""
-    kept = [c for c in conversations if len(tokenizer.apply_chat_template(c, tokenize=True)) <= max_length]
+    kept = [c for c in conversations
+            if len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) <= max_length]
     log.info(f"{what}: kept {len(kept)}, dropped {len(conversations) - len(kept)} (longer than {max_length} tokens)")
     if not kept:
         raise UserError(f"no {what} conversation fits in {max_length} tokens: raise --max-length or shorten the data")
@@ -189,22 +227,12 @@ def drop_too_long(conversations, tokenizer, max_length, what):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model
-def compute_dtype():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # bf16 matmuls are fast on CPUs with AMX/AVX512-BF16 and ~100x slower than fp32 without (e.g. AMD Zen 3).
-    fast_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if fast_bf16 else torch.float32
-
-
 def autocast(device):
     import contextlib
 
     import torch
 
-    dtype = compute_dtype()
+    dtype = common.compute_dtype(allow_fp16=True)
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
@@ -214,33 +242,29 @@ def load_base(model_dir, four_bit):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = f"cuda:{PartialState().local_process_index}" if torch.cuda.is_available() else "cpu"
+    dtype = common.compute_dtype(allow_fp16=True)
     if not four_bit:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map={"": device})
+    import bitsandbytes as bnb
+
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=compute_dtype())
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quantization,
-                                                dtype=compute_dtype(), device_map={"": device})
+                                      bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quantization,
+                                                 dtype=dtype, device_map={"": device})
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place on its first no-grad forward in eval
+    # mode (absmax dequantized to bf16), and state_dict() (every checkpoint save) packs it back by quantizing absmax
+    # a second time, lossily: the "frozen" base changed at each eval + save, and a resumed run (fresh base) diverged
+    # from an uninterrupted one. Keep the weights exactly as quantized at load.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def check_model_dir(model_dir):
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"no pretrained model in {model_dir}: run the pretraining stage first "
                         f"(or pass --model-dir DIR with config.json, model.safetensors and the tokenizer)")
-
-
-def load_chat_tokenizer(model_dir):
-    tokenizer = common.load_tokenizer(model_dir)
-    if common.IM_END not in tokenizer.get_vocab() or not tokenizer.chat_template:
-        raise UserError(f"the tokenizer in {model_dir} has no chat template or no {common.IM_END} token: "
-                        "retrain it with PreTrain/train_byte_level_bpe_tokenizer.py")
-    tokenizer.pad_token = tokenizer.pad_token or common.PAD
-    return tokenizer
-
-
-def latest_complete_checkpoint(checkpoint_dir):
-    """The newest checkpoint-N with trainer_state.json (the Trainer writes it last, so a killed save lacks it)."""
-    done = [d for d in Path(checkpoint_dir).glob("checkpoint-*") if (d / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda d: int(d.name.split("-")[1]))) if done else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,10 +330,14 @@ def measure(model, tokenizer, val, tasks, chat_prompts, max_new_tokens):
     task_replies = generate(model, tokenizer, [arithmetic_conversation(t)[:1] for t in tasks], max_new_tokens)
     chat_replies = generate(model, tokenizer, chat_prompts, max_new_tokens)
     correct = [common.extract_answer(text) == t["answer"] for (text, _), t in zip(task_replies, tasks)]
+    by_kind = {}
+    for ok, t in zip(correct, tasks):  # per operation and language, e.g. "add_en"
+        by_kind.setdefault(f"{t['op']}_{t['lang']}", []).append(ok)
     replies = task_replies + chat_replies
     return {
         "val_loss_assistant_tokens": round(assistant_loss(model, tokenizer, val), 4),
         "exact_match": round(sum(correct) / max(len(tasks), 1), 4),
+        "exact_match_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
         "ends_with_im_end": round(sum(ended for _, ended in replies) / max(len(replies), 1), 4),
         "examples": [{"prompt": t["prompt"], "answer": t["answer"], "reply": text}
                      for (text, _), t in list(zip(task_replies, tasks))[:3]]
@@ -372,8 +400,9 @@ def write_history(log_history, path):
     common.atomic_write_bytes(path, lines.encode())
 
 
-def save_outputs(trainer, tokenizer, args):
-    """Adapter + tokenizer + generation config (+ merged model), written to a temporary dir renamed into place."""
+def save_outputs(trainer, tokenizer, args, settings):
+    """Adapter + tokenizer + generation config + lineage (+ merged model), written to a temporary dir renamed into
+    place."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -395,6 +424,7 @@ def save_outputs(trainer, tokenizer, args):
         tokenizer.save_pretrained(str(tmp))
         generation_config.save_pretrained(str(tmp))
         write_history(trainer.state.log_history, tmp / "history.jsonl")
+        common.write_lineage(tmp, "sft", settings, tokenizer_dir=tmp, base=args.model_dir)
         if args.merge:
             base = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.float32)
             merged = PeftModel.from_pretrained(base, str(tmp)).merge_and_unload()
@@ -402,13 +432,27 @@ def save_outputs(trainer, tokenizer, args):
             merged.config.eos_token_id = stops[0]
             merged.save_pretrained(str(tmp / "merged"))
             tokenizer.save_pretrained(str(tmp / "merged"))
+            common.write_lineage(tmp / "merged", "sft", settings, tokenizer_dir=tmp / "merged", base=args.model_dir)
     log.info(f"wrote adapter, tokenizer{' and merged model' if args.merge else ''} to {args.output_dir}")
 
 
-def train(args, tokenizer, train_conversations, val):
+def mean_train_loss(log_history):
+    """(mean training loss over steps 1..N, N) from the Trainer's log history, which a resumed run restores from the
+    checkpoint: each logged loss is the mean over the steps since the previous log. (The Trainer's own training_loss
+    after a resume is the resumed steps' loss sum divided by all steps.)"""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total, last = total + entry["loss"] * (entry["step"] - last), entry["step"]
+    return total / max(last, 1), last
+
+
+def train(args, tokenizer, train_conversations, val, settings, resume):
     import datasets
     import torch
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import LoraConfig, prepare_model_for_kbit_training, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
     from trl import SFTConfig, SFTTrainer
 
     four_bit = not args.no_4bit
@@ -419,7 +463,7 @@ def train(args, tokenizer, train_conversations, val):
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
                       fan_in_fan_out=not four_bit)  # Linear4bit is (out, in); unquantized GPT-2 Conv1D is (in, out)
-    dtype = compute_dtype()
+    dtype = common.compute_dtype(allow_fp16=True)
     checkpoint_dir = args.run_dir / "checkpoints"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(args.run_dir / "runs"))
     config = SFTConfig(
@@ -439,52 +483,150 @@ def train(args, tokenizer, train_conversations, val):
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, peft_config=lora,
                          train_dataset=datasets.Dataset.from_dict({"messages": train_conversations}),
                          eval_dataset=datasets.Dataset.from_dict({"messages": val}))
-    if dtype == torch.float32:  # TRL casts QLoRA adapters to bf16; keep fp32 where bf16 matmuls are slow (see above)
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+    # TRL casts QLoRA adapters to bf16. Keep them fp32 in every dtype: the Trainer's autocast still computes in bf16,
+    # the optimizer updates fp32 master weights (a bf16 weight drops updates below 2^-8 of its size), and a resumed run
+    # gets fp32 adapters anyway (peft loads checkpointed bf16 adapters as fp32), so only fp32 resumes exactly.
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     if trainer.accelerator.is_main_process:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
         log.info(f"{'4-bit NF4' if four_bit else 'full-precision'} base, LoRA r={args.lora_r} alpha={args.lora_alpha} "
                  f"on {LORA_TARGETS}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M parameters; "
                  f"{len(train_conversations)} training conversations, {trainer.args.world_size} process(es)")
-    resume = latest_complete_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
-    if resume:
-        log.info(f"resuming from {resume}")
+        if resume is None:
+            common.atomic_write_json(checkpoint_dir / "settings.json", settings)
+    state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")) if resume else None
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    if state and state.global_step >= state.max_steps:
+        # A finished run (rerun with --force, or killed while writing its outputs): the Trainer would train one step
+        # past the end, so take the final checkpoint as it is.
+        log.info(f"the run finished at step {state.global_step}: writing its outputs from {resume}")
+        set_peft_model_state_dict(trainer.model, load_file(str(Path(resume) / "adapter_model.safetensors")))
+        trainer.state = state
+    else:
+        if resume:
+            log.info(f"resuming from {resume}")
+        trainer.train(resume_from_checkpoint=resume)
     if trainer.accelerator.is_main_process:
-        log.info(f"trained {trainer.state.global_step} steps in {time.time() - t0:.0f}s, "
-                 f"final train loss {result.training_loss:.3f}")
-        save_outputs(trainer, tokenizer, args)
+        loss, n_steps = mean_train_loss(trainer.state.log_history)
+        log.info(f"trained to step {trainer.state.global_step} ({time.time() - t0:.0f}s); "
+                 f"mean train loss over steps 1-{n_steps}: {loss:.4f}")
+        save_outputs(trainer, tokenizer, args, {**settings, "merge": args.merge})
     return trainer
 
 
+# ---------------------------------------------------------------------------------------------------------------
+def check_launch():
+    """`accelerate launch --num_processes=N` without --multi_gpu on a machine without GPUs starts ONE process (it sets
+    MASTER_ADDR for the N asked for, but no WORLD_SIZE): stop instead of silently training alone."""
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ or "MASTER_ADDR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    try:  # the launcher's own command line says how many processes were asked for
+        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        launcher = []
+    asked = next((arg.partition("=")[2] or after for arg, after in zip(launcher, launcher[1:] + [""])
+                  if arg.partition("=")[0] in ("--num_processes", "--num-processes")), "N")
+    raise UserError(f"accelerate launch started 1 process, not the {asked} asked for (without --multi_gpu it runs one "
+                    f"process on CPUs): run `accelerate launch --multi_gpu --num_processes={asked} "
+                    f"{shlex.join(sys.argv)}` (gloo on CPUs, nccl on GPUs)")
+
+
+def data_fingerprint(paths):
+    """sha256 of the --data files' contents (not their paths): an edited file is other training data."""
+    digest = hashlib.sha256()
+    for path in paths or []:
+        if Path(path).is_file():
+            with open(path, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest() if paths else None
+
+
+def run_settings(args, processes):
+    """What decides the trained adapter: compared with a checkpoint's run before resuming it, and (with --merge)
+    recorded in the outputs' lineage.json, where an identical rerun finds it finished."""
+    return {**common.settings_of(args, "hf_dataset", "hf_split", "arith_tasks", "max_steps", "epochs", "batch_size",
+                                 "grad_accum", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length", "no_4bit",
+                                 "seed", "val_size"),
+            "data_sha256": data_fingerprint(args.data),
+            "dtype": common.dtype_name(allow_fp16=True), "processes": processes,
+            "base": common.output_fingerprint(args.model_dir)}
+
+
+def checkpoint_to_resume(checkpoint_dir, settings, force):
+    """The latest complete checkpoint of this run, or None to start fresh. Checkpoints of a run with other settings
+    would follow neither run's data, base or lr schedule: a UserError, or with --force they are deleted."""
+    import shutil
+
+    from accelerate import PartialState
+
+    resume = common.latest_trainer_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    if resume is None:
+        return None
+    try:
+        recorded = json.loads((checkpoint_dir / "settings.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        recorded = {}
+    changed = [k for k in settings if recorded.get(k) != settings[k]]
+    if not changed:
+        return resume
+    what = "; ".join(f"{k} differs" if k in ("base", "data_sha256") else
+                     f"{k}: {recorded.get(k)} there, {settings[k]} now" for k in changed) \
+        if recorded else "its settings.json is missing"
+    if not force:
+        raise UserError(f"{checkpoint_dir} holds checkpoints of a run with other settings ({what}), so it cannot be "
+                        f"resumed: rerun with that run's settings to continue it, or pass --force (or delete "
+                        f"{checkpoint_dir}, or pass another --run-dir) to train from scratch with the new ones")
+    print(f"sft: {checkpoint_dir} holds a run with other settings ({what}): --force deletes it and starts over",
+          flush=True)
+    if PartialState().is_main_process:
+        shutil.rmtree(checkpoint_dir)
+    return None
+
+
 def main(argv=None):
+    args = parse_args(argv)
+    check_launch()
+    if args.data and args.hf_dataset:
+        raise UserError("give --data or --hf-dataset, not both")
+    check_model_dir(args.model_dir)
+    n_positions = json.loads((args.model_dir / "config.json").read_text()).get("n_positions", 1024)
+    if args.max_length is None:
+        args.max_length = n_positions
+    if args.max_length > n_positions:
+        raise UserError(f"--max-length {args.max_length} is longer than the context of {args.model_dir} "
+                        f"({n_positions} positions)")
     import torch
     from accelerate import PartialState
 
-    args = parse_args(argv)
-    if args.data and args.hf_dataset:
-        raise UserError("give --data or --hf-dataset, not both")
     # Under torchrun / accelerate launch this joins the process group (gloo on CPU, nccl on GPUs).
-    is_main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    check_model_dir(args.model_dir)
-    setup_logging(args.run_dir, is_main)
-    if is_main:
+    state = PartialState(cpu=not torch.cuda.is_available())
+    settings = run_settings(args, state.num_processes)
+    if args.eval_only:
+        common.check_lineage(args.output_dir, f"python SFT/qlora_fine_tune_trl.py --model-dir {args.model_dir} "
+                                              f"--output-dir {args.output_dir}", base=args.model_dir)
+    else:
+        if not args.force and common.already_done(args.output_dir, "sft", {**settings, "merge": args.merge},
+                                                  base=args.model_dir):
+            return None, None
+        for out in (args.output_dir, args.output_dir / "merged"):  # later stages may have been built from either
+            common.refuse_to_replace(out, args.force, "SFT model")
+    setup_logging(args.run_dir, state.is_main_process)
+    if state.is_main_process:
         common.check_writable_dir(args.run_dir)
         common.check_writable_dir(args.output_dir.parent)
-    tokenizer = load_chat_tokenizer(args.model_dir)
-    if args.max_length is None:
-        args.max_length = json.loads((args.model_dir / "config.json").read_text()).get("n_positions", 1024)
+    tokenizer = common.load_chat_tokenizer(args.model_dir)
     train_conversations, val, chat_prompts = load_conversations(args)
     train_conversations = drop_too_long(train_conversations, tokenizer, args.max_length, "training")
     val = drop_too_long(val, tokenizer, args.max_length, "validation")
     trainer = report = None
     if not args.eval_only:
-        trainer = train(args, tokenizer, train_conversations, val)
-    if is_main:
+        # after the data checks: --force may delete the checkpoints of a run with other settings
+        resume = checkpoint_to_resume(args.run_dir / "checkpoints", settings, args.force)
+        trainer = train(args, tokenizer, train_conversations, val, settings, resume)
+    if state.is_main_process:
         report = evaluate(args, tokenizer, val, chat_prompts)
     return trainer, report
 
