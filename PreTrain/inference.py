@@ -8,9 +8,11 @@ Reads:  output/ (the Hugging Face GPT-2 checkpoint written by PreTrain/model.py:
     python PreTrain/inference.py --model-dir SFT/sft_output --prompt "..."   # any GPT-2 dir in the same layout
 
 Sampling uses Hugging Face generate() with the KV cache (use_cache=True), so each new token costs one position of
-compute, not a pass over the whole text. --dtype auto: bf16 autocast on CUDA and on CPUs with bf16 matmul units
-(AMX / AVX512-BF16); fp32 elsewhere, because on an AVX2-only CPU bf16 matmuls are ~12x slower than fp32 (measured).
-Prints each continuation and its tokens/s.
+compute, not a pass over the whole text. The model sees at most its context (config n_positions) tokens: a longer
+prompt keeps its end, and when the context is full the window slides, generation going on from the last half
+context of tokens, so --max-new-tokens may exceed the context. --dtype (default: $LLM_TRAIN_DTYPE, else auto): bf16
+autocast on CUDA and on CPUs with bf16 matmul units (AMX / AVX512-BF16); fp32 elsewhere, because on an AVX2-only CPU
+bf16 matmuls are ~12x slower than fp32 (measured). Prints each continuation and its tokens/s.
 """
 import argparse
 import sys
@@ -28,18 +30,42 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def generate(model, ids, max_new_tokens, eos_token_id, **gen_kwargs):
+    """(new token ids (1, N), number of window slides): ids (1, T) continued by max_new_tokens tokens, fewer if
+    eos comes first. Past the context the window slides: the next generate() call starts from the last half
+    context of tokens (a new KV cache), so no position beyond the model's n_positions is ever asked for."""
+    import torch
+
+    context = model.config.n_positions
+    keep = max(1, context // 2)
+    window = ids[:, -(context - 1):]
+    new, slides = ids[:, :0], 0
+    while True:
+        n = min(max_new_tokens - new.shape[1], context - window.shape[1])
+        chunk = model.generate(window, attention_mask=torch.ones_like(window), max_new_tokens=n,
+                               eos_token_id=eos_token_id, **gen_kwargs)[:, window.shape[1]:]
+        new = torch.cat([new, chunk], dim=1)
+        if new.shape[1] >= max_new_tokens or chunk.shape[1] < n or chunk[0, -1].item() == eos_token_id:
+            return new, slides
+        window = torch.cat([window, chunk], dim=1)[:, -keep:]
+        slides += 1
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=common.OUTPUT_DIR)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: English, Chinese and code")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
-    p.add_argument("--top-p", type=float, default=0.95, help="1.0 disables nucleus sampling")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=100)
+    p.add_argument("--temperature", type=common.nonnegative_float, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=common.nonnegative_int, default=50, help="0 disables top-k")
+    p.add_argument("--top-p", type=common.positive_float, default=0.95, help="1.0 disables nucleus sampling")
+    p.add_argument("--seed", type=common.nonnegative_int, default=None)
+    p.add_argument("--dtype", choices=common.DTYPES, default=None,
+                   help=f"bf16 autocast or fp32 (default: ${common.DTYPE_ENV}, else auto: bf16 on CUDA and on CPUs "
+                        "with AMX/AVX512-BF16)")
     args = p.parse_args(argv)
+    if args.top_p > 1:
+        p.error(f"argument --top-p: must be at most 1, got {args.top_p}")
 
     if not (args.model_dir / "config.json").is_file():
         raise UserError(f"no model in {args.model_dir} (config.json missing): run `python PreTrain/model.py` first "
@@ -50,31 +76,30 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = common.load_tokenizer(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), use_safetensors=True).to(device).eval()
+    if model.config.n_positions < 2:
+        raise UserError(f"{args.model_dir}: a context of {model.config.n_positions} position leaves no room to "
+                        "generate")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sample = args.temperature > 0
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, use_cache=True,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    gen_kwargs = dict(do_sample=sample, use_cache=True, pad_token_id=tokenizer.pad_token_id)
     if sample:
         gen_kwargs.update(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     else:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=common.dtype_name(args.dtype) == "bf16")
     context = model.config.n_positions
-    if args.dtype == "auto":
-        flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
-        args.dtype = "bf16" if device.type == "cuda" or {"amx_bf16", "avx512_bf16"} & set(flags) else "fp32"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for prompt in args.prompt or DEFAULT_PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -(context - 1):].to(device)
-        gen_kwargs["max_new_tokens"] = min(args.max_new_tokens, context - ids.shape[1])
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         start = time.perf_counter()
         with torch.no_grad(), autocast:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
+            new, slides = generate(model, ids, args.max_new_tokens, tokenizer.eos_token_id, **gen_kwargs)
         seconds = time.perf_counter() - start
-        new = out.shape[1] - ids.shape[1]
         print("=" * 80)
-        print(prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False))
-        print(f"--- {new} new tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s")
+        print(prompt + tokenizer.decode(new[0], skip_special_tokens=False))
+        slid = f"; the {context}-token context was full {slides} times, each time continued from its last " \
+               f"{max(1, context // 2)} tokens" if slides else ""
+        print(f"--- {new.shape[1]} new tokens in {seconds:.2f}s, {new.shape[1] / seconds:.1f} tokens/s{slid}")
 
 
 if __name__ == "__main__":

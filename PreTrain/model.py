@@ -3,9 +3,10 @@
 Reads:  pretrain_data_chunks/ (manifest.json + parquet shards of fixed-length token rows, from
         PreTrain/preprocess_dataset_for_pretrain_map.py) and tokenizer/ (its fingerprint must match the manifest's).
 Writes: output/ a Hugging Face GPT-2 checkpoint (config.json, model.safetensors, generation_config.json, tokenizer
-        files, history.jsonl, pretrain_summary.json) that AutoModelForCausalLM.from_pretrained("./output") loads;
-        checkpoints/pretrain/step_NNNNNN/ (every --checkpoint-interval steps and at the end, last --keep-checkpoints
-        kept), train.log, TensorBoard events in runs/pretrain/.
+        files with model_max_length = the context, history.jsonl, pretrain_summary.json, lineage.json) that
+        AutoModelForCausalLM.from_pretrained("./output") loads; checkpoints/pretrain/step_NNNNNN/ (every
+        --checkpoint-interval steps and at the end, last --keep-checkpoints kept), train.log, TensorBoard events in
+        runs/pretrain/.
 
     python PreTrain/model.py                                   # CPU default: `cpu` preset, ~5 minutes on 2 cores
     python PreTrain/model.py --preset smoke                    # seconds
@@ -14,26 +15,39 @@ Writes: output/ a Hugging Face GPT-2 checkpoint (config.json, model.safetensors,
     DS_ACCELERATOR=cpu deepspeed --num_gpus=2 --bind_cores_to_rank PreTrain/model.py --deepspeed PreTrain/ds_config.json
     python -m torch.distributed.launch --nproc_per_node=1 --use_env PreTrain/model.py    # the legacy launcher
 
-Rerunning the same command resumes from the newest checkpoint in --checkpoint-dir (model, optimizer, step, data
-position, RNG); delete that directory to start over. A NaN/inf loss stops the run before the bad update is applied.
-The batch for an optimizer step is a pure function of (seed, step, rank): rows come from one seeded permutation of
-the training rows per epoch and rank r takes its own disjoint slice, so a resumed run sees exactly the same data.
-If --context-length is smaller than the chunks' rows, each row is cut into windows of context+1 tokens (sharing one
-boundary token), so no token is thrown away; a larger one is an error (re-chunk the data instead).
+Reruns. Rerunning the same command resumes from the newest checkpoint in --checkpoint-dir (model, optimizer, step,
+data position, RNG); train.log then gets a "resumed at step N from ..." line, and step lines of the killed run above
+it for later steps are superseded (history.jsonl holds each step once). Rerunning a finished run with the same
+settings (run_settings: sizes, rows per step, schedule, seed, dtype; tokenizer and chunks unchanged) does nothing
+and says so (output/lineage.json records them; --force redoes the export). A checkpoint of a run with other settings
+is never resumed: with another --max-steps the run stops and says how many steps the checkpoint was trained for (its
+lr schedule ends there); rerun with that --max-steps to finish it, or use a new --checkpoint-dir (or delete the old
+one) to train from scratch. Replacing an output/ that later stages (SFT, ...) were built from needs --force; an
+output/ holding files that are not a pretraining output is never replaced.
 
-Precision: --dtype auto = bf16 autocast on CUDA and on CPUs with bf16 matmul units (AMX / AVX512-BF16), else fp32.
-On an AVX2-only CPU (e.g. the AMD EPYC development machine) a bf16 matmul is ~12x SLOWER than fp32 (measured), so
-bf16 there is a loss, not a gain.
+The batch for an optimizer step is a pure function of (seed, step, rank): rows come from one seeded permutation of
+the training rows per epoch and rank r takes its own disjoint slice, so a resumed run sees exactly the same data, and
+--batch-size B --grad-accum A on R ranks sees the same rows per step as any other split of B x A x R rows. A NaN/inf
+loss stops the run before the bad update is applied. If --context-length is smaller than the chunks' rows, each row
+is cut into windows of context+1 tokens (sharing one boundary token), so no token is thrown away; a larger one is an
+error (re-chunk the data instead).
+
+Precision: --dtype (default: $LLM_TRAIN_DTYPE, else auto) = bf16 autocast (DeepSpeed: its bf16 mode) or fp32; auto
+picks bf16 on CUDA and on CPUs with bf16 matmul units (AMX / AVX512-BF16), else fp32: on an AVX2-only CPU a bf16
+matmul is ~12x SLOWER than fp32 (measured). The exported weights are always fp32.
 
 MFU = 6*N + 12*layers*dim*context FLOPs per token (PaLM appendix B) times tokens/s over the peak: bf16 dense peak by
 GPU name (H100 989 TFLOP/s, ...); on CPU --peak-flops, by default a nominal peak from the CPU flags and thread count
 (cpu_peak_flops: 2 AVX2 cores fp32 = 0.19e12, as on the AMD EPYC development machine; 2 AMX cores bf16 = 0.67e12).
 
 DeepSpeed checkpoints: engine.save_checkpoint writes checkpoints/pretrain/step_NNNNNN/ from all ranks; only after
-every rank has finished (barrier) rank 0 atomically replaces the `latest` file, which is what a resumed run loads.
-A run killed mid-save leaves `latest` pointing at the previous complete checkpoint.
+every rank has finished (barrier) rank 0 adds trainer_state.json (step, history, settings) and atomically replaces
+the `latest` file, which is what a resumed run loads. A run killed mid-save leaves `latest` pointing at the previous
+complete checkpoint.
 """
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -43,7 +57,9 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +70,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+# DeepSpeed's ZeRO code calls a torch collective that torch has deprecated: nothing a user of this script can act on.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 # Model size, batch and schedule of each preset; every value can be overridden by its flag.
 PRESETS = {
@@ -173,8 +192,15 @@ def hf_state_dict(model):
 
 
 def save_hf(model_state, model_config, tokenizer, tokenizer_dir, out_dir):
-    """Write a GPT2LMHeadModel checkpoint + the tokenizer files into out_dir (a fresh temporary directory)."""
+    """Write a GPT2LMHeadModel checkpoint + the tokenizer files into out_dir (a fresh temporary directory).
+
+    The tokenizer's model_max_length is the model's context (the tokenizer dir's own value knows no model), and the
+    generation config holds sampling defaults only: a max_new_tokens there would override a caller's
+    generate(max_length=...)."""
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its bar over the one shard written is noise
 
     c = model_config
     config = GPT2Config(vocab_size=c["vocab_size"], n_positions=c["context_length"], n_embd=c["n_embd"],
@@ -191,11 +217,14 @@ def save_hf(model_state, model_config, tokenizer, tokenizer_dir, out_dir):
         raise RuntimeError(f"export left parameters unset: {missing[:5]}")
     hf.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                             pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.8,
-                                            top_k=50, max_new_tokens=100)
+                                            top_k=50)
     hf.save_pretrained(str(out_dir), safe_serialization=True)
     for f in Path(tokenizer_dir).iterdir():  # the tokenizer as stage 1 wrote it (chat template included)
-        if f.is_file() and f.name not in ("README.md", "report.json"):
+        if f.is_file() and f.name not in ("README.md", "report.json", common.LINEAGE):
             shutil.copy2(f, Path(out_dir) / f.name)
+    tokenizer_config = Path(out_dir) / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text(encoding="utf-8")) if tokenizer_config.is_file() else {}
+    common.atomic_write_json(tokenizer_config, {**settings, "model_max_length": c["context_length"]})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +308,7 @@ class Batches:
 # ---------------------------------------------------------------------------------------------------------------
 # Training helpers.
 def lr_at(step, args):
-    """Linear warmup to --lr, then cosine decay to --lr * --min-lr-ratio at --max-steps."""
+    """Linear warmup to --lr, then cosine decay to --lr * --min-lr-ratio at --max-steps (the lr of step 0-based)."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
@@ -301,7 +330,8 @@ def make_optimizer(model, args, device):
 
 
 def train_step(model, optimizer, batches, step, args, device, autocast):
-    """One optimizer step of the plain/DDP path: grad accumulation, clipping. Returns (mean loss, grad norm)."""
+    """Forward/backward of one optimizer step of the plain/DDP path: grad accumulation (DDP syncs gradients on the
+    last micro batch only), clipping. Returns (mean loss, grad norm); the caller steps the optimizer."""
     losses = []
     for micro in range(args.grad_accum):
         x, y = batches.get(step, micro)
@@ -327,14 +357,6 @@ def gpu_peak_flops(device):
     return None, name
 
 
-def cpu_has_fast_bf16():
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def cpu_peak_flops(dtype):
     """Nominal peak of the cores torch uses: per core 0.335e12 bf16 with AMX (measured, 2-core Sapphire Rapids
     VM), else fp32 FMA: 64 FLOP/cycle with AVX-512, 32 with AVX2 (e.g. AMD EPYC Zen 3), at ~3 GHz."""
@@ -346,10 +368,34 @@ def cpu_peak_flops(dtype):
     return torch.get_num_threads() * per_core
 
 
+def device_peak_flops(args, dist):
+    """(peak FLOP/s of one rank for MFU, or None for an unknown GPU; a description of the device)."""
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return gpu_peak_flops(dist.device)
+    peak = args.peak_flops or cpu_peak_flops(args.dtype)
+    return peak, f"cpu ({torch.get_num_threads()} threads, {args.dtype} peak {peak / 1e9:.0f} GFLOP/s)"
+
+
 def peak_mem_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Drop what DeepSpeed prints unasked ("... op built successfully", "Processing zero checkpoint ..."); shown
+    after all if the call fails."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    except BaseException:
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,14 +431,42 @@ def prune_checkpoints(ckpt_dir, keep):
         shutil.rmtree(Path(ckpt_dir) / f"step_{s:06d}", ignore_errors=True)
 
 
-def check_resume_compatible(state, model_config, fingerprint, ckpt_path):
-    if state["model_config"] != model_config or state.get("tokenizer_fingerprint") != fingerprint:
-        raise UserError(f"{ckpt_path} is a checkpoint of a different model or tokenizer ({state['model_config']}): "
-                        "rerun with the same flags, or delete/choose another --checkpoint-dir to start over")
+def run_settings(args, vocab_size, world_size):
+    """What decides the trained model: compared with a checkpoint's run before resuming it, and recorded in
+    output/lineage.json, where an identical rerun finds the run finished. Not paths or logging, and not how the
+    rows of a step are split into ranks and micro batches (any split of the same rows_per_step trains the same)."""
+    return {**common.settings_of(args, "n_layer", "n_embd", "n_head", "context_length", "max_steps", "lr",
+                                 "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
+                                 "dtype"),
+            "vocab_size": vocab_size, "rows_per_step": args.batch_size * args.grad_accum * world_size}
 
 
-def check_output_dir(out_dir):
-    """Refuse to replace a directory that holds anything but a previous output of this script (or README.md)."""
+def check_resume(state, settings, fingerprints, ckpt_path, ckpt_dir):
+    """A checkpoint is resumed only by the run that wrote it: same tokenizer, chunks and settings."""
+    start_over = f"delete {ckpt_dir} (or pass another --checkpoint-dir) to train from scratch"
+    for what, fingerprint in fingerprints.items():
+        if state.get(f"{what}_fingerprint") != fingerprint:
+            raise UserError(f"{ckpt_path} was trained with another {what} than the one now given (it was rebuilt "
+                            f"since): {start_over}")
+    recorded = state.get("settings")
+    if recorded is None:
+        raise UserError(f"{ckpt_path} was written by an older version of this script: {start_over}")
+    if recorded["max_steps"] != settings["max_steps"]:
+        raise UserError(f"{ckpt_path} belongs to a run of {recorded['max_steps']} steps (--max-steps "
+                        f"{recorded['max_steps']}; its lr schedule ends there), not {settings['max_steps']}: rerun "
+                        f"with --max-steps {recorded['max_steps']} to finish that run, or {start_over} for "
+                        f"{settings['max_steps']} steps. Nothing was changed")
+    changed = [k for k in settings if recorded.get(k) != settings[k]]
+    if changed:
+        what = "; ".join(f"{k}: {recorded.get(k)} there, {settings[k]} now" for k in changed)
+        what += " (rows_per_step = --batch-size x --grad-accum x ranks)" if "rows_per_step" in changed else ""
+        raise UserError(f"{ckpt_path} is a checkpoint of a run with other settings ({what}): rerun with that run's "
+                        f"flags to continue it, or {start_over}. Nothing was changed")
+
+
+def check_output_dir(out_dir, force):
+    """--output-dir may only replace a previous output of this script (or hold just README.md), and one that later
+    stages were built from only with --force."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
         return
@@ -402,41 +476,47 @@ def check_output_dir(out_dir):
     if names and "pretrain_summary.json" not in names:
         raise UserError(f"{out_dir} holds files that are not a previous pretraining output ({sorted(names)[:5]}): "
                         "move them away or choose another --output-dir; nothing was written")
+    if names:
+        common.refuse_to_replace(out_dir, force, "pretrained model")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos_int, nonneg_int = common.positive_int, common.nonnegative_int
+    pos_float, nonneg_float = common.positive_float, common.nonnegative_float
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size and schedule (default: gpt2-100m with CUDA, cpu without)")
-    p.add_argument("--n-layer", type=int)
-    p.add_argument("--n-embd", type=int)
-    p.add_argument("--n-head", type=int)
-    p.add_argument("--context-length", type=int)
-    p.add_argument("--vocab-size", type=int, help="model vocabulary (default: the tokenizer's)")
-    p.add_argument("--batch-size", type=int, help="micro batch per rank, in rows")
-    p.add_argument("--grad-accum", type=int, help="micro batches per optimizer step")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.95)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
+    p.add_argument("--n-layer", type=pos_int)
+    p.add_argument("--n-embd", type=pos_int)
+    p.add_argument("--n-head", type=pos_int)
+    p.add_argument("--context-length", type=pos_int)
+    p.add_argument("--vocab-size", type=pos_int, help="model vocabulary (default: the tokenizer's)")
+    p.add_argument("--batch-size", type=pos_int, help="micro batch per rank, in rows")
+    p.add_argument("--grad-accum", type=pos_int, help="micro batches per optimizer step")
+    p.add_argument("--max-steps", type=pos_int, help="optimizer steps")
+    p.add_argument("--lr", type=pos_float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=nonneg_int)
+    p.add_argument("--min-lr-ratio", type=nonneg_float, default=0.1,
+                   help="final lr as a fraction of --lr (cosine decay)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    p.add_argument("--beta1", type=nonneg_float, default=0.9)
+    p.add_argument("--beta2", type=nonneg_float, default=0.95)
+    p.add_argument("--grad-clip", type=pos_float, default=1.0)
+    p.add_argument("--seed", type=nonneg_int, default=1337)
+    p.add_argument("--dtype", choices=common.DTYPES, default=None,
+                   help=f"bf16 autocast or fp32 (default: ${common.DTYPE_ENV}, else auto: bf16 on CUDA and on CPUs "
+                        "with AMX/AVX512-BF16)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
-    p.add_argument("--eval-interval", type=int, default=100, help="validate every N steps (and at the end)")
-    p.add_argument("--eval-batches", type=int, default=20, help="micro batches of the val split per validation")
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--checkpoint-interval", type=int, default=100)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--peak-flops", type=float, default=None,
-                   help="peak FLOP/s for MFU on CPU (default: measured matmul rate at startup)")
+    p.add_argument("--eval-interval", type=pos_int, default=100, help="validate every N steps (and at the end)")
+    p.add_argument("--eval-batches", type=pos_int, default=20, help="micro batches of the val split per validation")
+    p.add_argument("--log-interval", type=pos_int, default=10)
+    p.add_argument("--checkpoint-interval", type=pos_int, default=100)
+    p.add_argument("--keep-checkpoints", type=pos_int, default=2)
+    p.add_argument("--peak-flops", type=pos_float, default=None,
+                   help="peak FLOP/s for MFU on CPU (default: a nominal peak from the CPU flags, see cpu_peak_flops)")
     p.add_argument("--chunks-dir", type=Path, default=common.CHUNKS_DIR)
     p.add_argument("--tokenizer-dir", type=Path, default=common.TOKENIZER_DIR)
     p.add_argument("--output-dir", type=Path, default=common.OUTPUT_DIR)
@@ -444,39 +524,76 @@ def parse_args(argv=None):
     p.add_argument("--log-file", type=Path, default=common.REPO / "train.log")
     p.add_argument("--tensorboard-dir", type=Path, default=common.REPO / "runs" / "pretrain")
     p.add_argument("--deepspeed", type=Path, default=None, metavar="DS_CONFIG", help="train with DeepSpeed (ZeRO-2)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an output/ that later stages were built from, and redo a finished run's export")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by launchers
     p.add_argument("--debug-nan-step", type=int, default=-1, help="testing: make the loss NaN at this step")
     p.add_argument("--debug-kill-step", type=int, default=-1,
-                   help="testing: SIGKILL this process right after the checkpoint of this step")
+                   help="testing: SIGKILL this process at the end of this step (after its checkpoint, if one is due)")
     args = p.parse_args(argv)
+    if args.beta1 >= 1 or args.beta2 >= 1:
+        p.error(f"--beta1 and --beta2 must be below 1, got {args.beta1} and {args.beta2}")
+    if args.min_lr_ratio > 1:
+        p.error(f"--min-lr-ratio must be at most 1, got {args.min_lr_ratio}")
     args.preset = args.preset or ("gpt2-100m" if torch.cuda.is_available() else "cpu")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.dtype = common.dtype_name(args.dtype)
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
+# ---------------------------------------------------------------------------------------------------------------
+# The phases of a run, in the order main() calls them.
+@dataclass
+class Dist:
+    """Where this process runs: its rank among world_size processes and its device."""
+    rank: int
+    local_rank: int
+    world_size: int
+    distributed: bool  # a process group exists (DDP or DeepSpeed, even with one rank)
+    device: torch.device
 
-    # --- distributed setup: torchrun / torch.distributed.launch set RANK etc.; the deepspeed launcher too
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(args):
+    """Rank, world size and device from the launcher's environment (torchrun, torch.distributed.launch and the
+    deepspeed launcher set RANK etc.), and the process group: gloo on CPU, nccl on CUDA, DeepSpeed's own choice."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
-    distributed = "RANK" in os.environ or args.deepspeed is not None
     use_cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    elif world_size > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
+    else:  # DeepSpeed (imported by transformers too) would warn that it found no GPU: this script knows
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not use_cuda and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    master = rank == 0
-    if args.dtype == "auto":
-        args.dtype = "bf16" if use_cuda or cpu_has_fast_bf16() else "fp32"
+    dist = Dist(rank, local_rank, world_size, "RANK" in os.environ or args.deepspeed is not None, device)
+    if args.deepspeed is not None:
+        if not args.deepspeed.is_file():
+            raise UserError(f"DeepSpeed config {args.deepspeed} not found (it ships as PreTrain/ds_config.json)")
+        with quiet_stdout():
+            import deepspeed
 
-    # --- inputs, checked before anything is started or written
-    if args.deepspeed is not None and not args.deepspeed.is_file():
-        raise UserError(f"DeepSpeed config {args.deepspeed} not found (it ships as PreTrain/ds_config.json)")
+            deepspeed.init_distributed()
+        dist.rank, dist.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    elif dist.distributed:
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return dist
+
+
+def teardown_distributed():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def read_inputs(args):
+    """The chunks manifest and the tokenizer, checked against each other and the flags before anything is written:
+    (manifest, tokenizer, vocab_size, fingerprints of the tokenizer and the chunk set)."""
     manifest = read_manifest(args.chunks_dir, args.tokenizer_dir)
     tokenizer = common.load_tokenizer(args.tokenizer_dir)
     vocab_size = args.vocab_size or len(tokenizer)
@@ -486,43 +603,44 @@ def main(argv=None):
         raise UserError(f"--context-length {args.context_length} is larger than the chunks' context_length "
                         f"{manifest['context_length']} in {args.chunks_dir}: re-run preprocessing with "
                         f"--context-length {args.context_length} or pass a smaller --context-length")
-    check_output_dir(args.output_dir)
-    if master:
-        common.check_writable_dir(args.output_dir.parent)
-        common.check_writable_dir(args.checkpoint_dir)
+    fingerprints = {"tokenizer": manifest["tokenizer_fingerprint"],
+                    "chunks": common.output_fingerprint(args.chunks_dir)}
+    return manifest, tokenizer, vocab_size, fingerprints
+
+
+def load_data(args, manifest, vocab_size, dist):
+    """(train rows, val rows): int32 arrays of context_length + 1 tokens per row."""
     train_rows = load_rows(args.chunks_dir, manifest, "train", args.context_length, vocab_size)
     val_rows = load_rows(args.chunks_dir, manifest, "val", args.context_length, vocab_size)
     if len(val_rows) == 0:
         raise UserError(f"{args.chunks_dir}: the val split has no rows: re-run preprocessing with a val split")
-    if len(train_rows) < args.batch_size * world_size:
+    if len(train_rows) < args.batch_size * dist.world_size:
         raise UserError(f"{args.chunks_dir}: only {len(train_rows)} training rows, fewer than one batch "
-                        f"({args.batch_size} x {world_size} ranks): use more data or a smaller --batch-size")
+                        f"({args.batch_size} x {dist.world_size} ranks): use more data or a smaller --batch-size")
+    return train_rows, val_rows
 
-    torch.manual_seed(args.seed)
-    model = GPT(vocab_size, args.context_length, args.n_layer, args.n_embd, args.n_head,
-                activation_checkpointing=args.activation_checkpointing).to(device)
-    model_config = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    fpt = flops_per_token(model_config, n_params)
-    if use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        peak, device_name = gpu_peak_flops(device)
-    else:
-        peak = args.peak_flops or cpu_peak_flops(args.dtype)
-        device_name = f"cpu ({torch.get_num_threads()} threads, {args.dtype} peak {peak / 1e9:.0f} GFLOP/s)"
-    fingerprint = manifest["tokenizer_fingerprint"]
-    compile_model = args.compile if args.compile is not None else use_cuda
 
-    # --- engine: DeepSpeed ZeRO-2, DDP, or a single process
-    engine = None
+@dataclass
+class Engine:
+    """The model as the chosen mode trains it: single process, DDP, or a DeepSpeed ZeRO-2 engine (`ds`)."""
+    model: nn.Module  # the GPT itself
+    train_model: nn.Module  # what forward/backward run through: model (compiled, DDP-wrapped) or the DeepSpeed engine
+    optimizer: object
+    autocast: object  # bf16 autocast; nullcontext under DeepSpeed, whose bf16 mode keeps bf16 weights itself
+    ds: object = None
+    mode: str = "single process"
+
+
+def build_engine(args, dist, model):
+    compile_model = args.compile if args.compile is not None else dist.device.type == "cuda"
     if args.deepspeed is not None:
         import deepspeed
 
         ds_config = json.loads(args.deepspeed.read_text())
         ds_config.pop("_comment", None)
         auto = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
-                "train_batch_size": args.batch_size * args.grad_accum * world_size, "gradient_clipping": args.grad_clip}
+                "train_batch_size": args.batch_size * args.grad_accum * dist.world_size,
+                "gradient_clipping": args.grad_clip}
         for key, value in auto.items():
             if ds_config.get(key, "auto") == "auto":
                 ds_config[key] = value
@@ -530,238 +648,333 @@ def main(argv=None):
         for key, value in {"lr": args.lr, "betas": [args.beta1, args.beta2], "weight_decay": args.weight_decay}.items():
             if opt_params.get(key) == "auto":
                 opt_params[key] = value
-        ds_config.setdefault("bf16", {})["enabled"] = args.dtype == "bf16"
+        ds_config.setdefault("bf16", {})["enabled"] = args.dtype == "bf16"  # the one dtype switch decides
         if compile_model:
             model = torch.compile(model)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
-                                                       config=ds_config)
-        rank, world_size = engine.global_rank, engine.world_size
-        master = rank == 0
-        autocast = nullcontext()  # DeepSpeed's bf16 mode keeps bf16 weights itself
-        train_model = engine
+        with quiet_stdout():
+            ds, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                                       model_parameters=param_groups(model, args.weight_decay))
+        return Engine(model, ds, optimizer, nullcontext(), ds=ds, mode="deepspeed")
+    optimizer = make_optimizer(model, args, dist.device)
+    train_model = torch.compile(model) if compile_model else model
+    if dist.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    return Engine(model, train_model, optimizer, autocast, mode="ddp" if dist.distributed else "single process")
+
+
+@dataclass
+class Run:
+    """A run's fixed facts and where it stands: the step done and the history (train and val entries, restored on
+    resume, so each step is in it once)."""
+    settings: dict
+    fingerprints: dict
+    model_config: dict
+    rows_per_step: int
+    step: int = 0
+    history: list = field(default_factory=list)
+    step_times: list = field(default_factory=list)
+    resumed_from: Path = None
+
+
+def checkpoint_to_resume(args, run):
+    """(path, trainer state) of the newest checkpoint in --checkpoint-dir, checked to belong to this run, or None.
+    Read before the engine is built, so a mismatch stops the run at once."""
+    tag = latest_checkpoint(args.checkpoint_dir, args.deepspeed is not None)
+    if tag is None:
+        return None
+    ckpt_path = args.checkpoint_dir / tag
+    state_file = ckpt_path / ("trainer_state.json" if args.deepspeed is not None else "state.json")
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{state_file} is missing or unreadable: delete {ckpt_path} to resume from the checkpoint "
+                        f"before it, or delete {args.checkpoint_dir} to start over") from None
+    check_resume(state, run.settings, run.fingerprints, ckpt_path, args.checkpoint_dir)
+    return ckpt_path, state
+
+
+def resume(dist, engine, run, checkpoint):
+    """Load the weights, optimizer and RNG state of a checked checkpoint; the run continues after its step."""
+    ckpt_path, state = checkpoint
+    if engine.ds is not None:
+        with quiet_stdout():
+            path, _ = engine.ds.load_checkpoint(str(ckpt_path.parent), tag=ckpt_path.name)
+        if path is None:
+            raise UserError(f"could not load DeepSpeed checkpoint {ckpt_path}: delete it to start over")
     else:
-        if distributed:
-            torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-        optimizer = make_optimizer(model, args, device)
-        train_model = torch.compile(model) if compile_model else model
-        if distributed:
-            train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[local_rank] if use_cuda else None)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+        from safetensors.torch import load_file
 
-    def all_reduce_mean(t):
-        if world_size > 1:
-            torch.distributed.all_reduce(t)
-            t = t / world_size
-        return t
+        engine.model.load_state_dict(load_file(str(ckpt_path / "model.safetensors")))
+        extra = torch.load(ckpt_path / "optimizer.pt", map_location=dist.device, weights_only=True)
+        engine.optimizer.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["cpu_rng"])
+        if dist.device.type == "cuda" and "cuda_rng" in extra:
+            torch.cuda.set_rng_state(extra["cuda_rng"])
+    run.step, run.history, run.resumed_from = state["step"], state["history"], ckpt_path
 
-    # --- resume from the newest checkpoint, if any
-    step, history = 0, []
-    tag = latest_checkpoint(args.checkpoint_dir, engine is not None)
-    if tag is not None:
-        ckpt_path = args.checkpoint_dir / tag
-        if engine is not None:
-            _, client_state = engine.load_checkpoint(str(args.checkpoint_dir), tag=tag)
-            if client_state is None:
-                raise UserError(f"could not load DeepSpeed checkpoint {ckpt_path}: delete it to start over")
-            state = client_state["trainer_state"]
-            check_resume_compatible(state, model_config, fingerprint, ckpt_path)
-        else:
-            from safetensors.torch import load_file
 
-            state = json.loads((ckpt_path / "state.json").read_text())
-            check_resume_compatible(state, model_config, fingerprint, ckpt_path)
-            model.load_state_dict(load_file(str(ckpt_path / "model.safetensors")))
-            extra = torch.load(ckpt_path / "optimizer.pt", map_location=device, weights_only=True)
-            optimizer.load_state_dict(extra["optimizer"])
-            torch.set_rng_state(extra["cpu_rng"])
-            if use_cuda and "cuda_rng" in extra:
-                torch.cuda.set_rng_state(extra["cuda_rng"])
-        step, history = state["step"], state["history"]
-        if state["rows_per_step"] != args.batch_size * args.grad_accum * world_size:
-            raise UserError(f"{ckpt_path} was trained with {state['rows_per_step']} rows per step; rerun with the "
-                            "same --batch-size x --grad-accum x ranks, or start over with another --checkpoint-dir")
-
-    def save_checkpoint():
-        state = {"step": step, "rows_per_step": batches.rows_per_step, "data_rows_consumed": step * batches.rows_per_step,
-                 "model_config": model_config, "tokenizer_fingerprint": fingerprint, "history": history,
-                 "args": {k: str(v) for k, v in vars(args).items()}}
-        tag = f"step_{step:06d}"
-        if engine is not None:
-            engine.save_checkpoint(str(args.checkpoint_dir), tag=tag, client_state={"trainer_state": state},
-                                   save_latest=False)
-            if master:  # every rank has written its part (save_checkpoint ends in a barrier): now point at it
-                common.atomic_write_bytes(args.checkpoint_dir / "latest", tag.encode())
-                prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
-            torch.distributed.barrier()
-            return
-        if master:
-            from safetensors.torch import save_file
-
-            final = args.checkpoint_dir / tag
-            with common.atomic_dir(final) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                          str(tmp / "model.safetensors"))
-                extra = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
-                if use_cuda:
-                    extra["cuda_rng"] = torch.cuda.get_rng_state(device)
-                torch.save(extra, tmp / "optimizer.pt")
-                (tmp / "state.json").write_text(json.dumps(state))
+def save_checkpoint(args, dist, engine, run):
+    state = {"step": run.step, "rows_per_step": run.rows_per_step, "data_rows_consumed": run.step * run.rows_per_step,
+             "model_config": run.model_config, "settings": run.settings, "history": run.history,
+             **{f"{k}_fingerprint": v for k, v in run.fingerprints.items()},
+             "args": {k: str(v) for k, v in vars(args).items()}}
+    tag = f"step_{run.step:06d}"
+    if engine.ds is not None:
+        engine.ds.save_checkpoint(str(args.checkpoint_dir), tag=tag, save_latest=False)
+        if dist.master:  # every rank has written its part (save_checkpoint ends in a barrier): now point at it
+            common.atomic_write_json(args.checkpoint_dir / tag / "trainer_state.json", state)
+            common.atomic_write_bytes(args.checkpoint_dir / "latest", tag.encode())
             prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
-        if world_size > 1:
-            torch.distributed.barrier()
+        torch.distributed.barrier()
+        return
+    if dist.master:
+        from safetensors.torch import save_file
 
-    batches = Batches(train_rows, args.batch_size, args.grad_accum, rank, world_size, args.seed)
-    tokens_per_step = batches.rows_per_step * args.context_length
-    val_tokens_per_byte = manifest["splits"]["val"]["tokens"] / max(1, manifest["splits"]["val"]["bytes"])
+        with common.atomic_dir(args.checkpoint_dir / tag) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in engine.model.state_dict().items()},
+                      str(tmp / "model.safetensors"))
+            extra = {"optimizer": engine.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
+            if dist.device.type == "cuda":
+                extra["cuda_rng"] = torch.cuda.get_rng_state(dist.device)
+            torch.save(extra, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(state))
+        prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
 
-    @torch.no_grad()
-    def evaluate():
-        train_model.eval()
-        n = min(len(val_rows), args.eval_batches * args.batch_size)
-        mine = val_rows[:n][rank::world_size]
-        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i in range(0, len(mine), args.batch_size):
-            batch = torch.from_numpy(mine[i:i + args.batch_size].astype(np.int64)).to(device)
-            with autocast:
-                loss = train_model(batch[:, :-1], batch[:, 1:])
-            total += loss.float() * len(batch)
-            count += len(batch)
-        if world_size > 1:
-            torch.distributed.all_reduce(total)
-            torch.distributed.all_reduce(count)
-        train_model.train()
-        val_loss = (total / count.clamp(min=1)).item()
-        return {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                "val_bpb": val_loss * val_tokens_per_byte / math.log(2)}
 
-    # --- logging
-    writer, log_file = None, None
-    if master:
-        from torch.utils.tensorboard import SummaryWriter
+def all_reduce_mean(t, dist):
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(t)
+        t = t / dist.world_size
+    return t
 
-        args.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(args.log_file, "a", encoding="utf-8")
-        writer = SummaryWriter(str(args.tensorboard_dir))
 
-    def log(msg):
+def optimizer_step(args, dist, engine, batches, step):
+    """One optimizer step at the schedule's lr over --grad-accum micro batches per rank, with clipping; the update
+    is skipped when the loss (mean over ranks) is not finite. Returns (loss, lr, grad norm)."""
+    lr = lr_at(step, args)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    if engine.ds is not None:
+        losses = []
+        for micro in range(args.grad_accum):
+            x, y = batches.get(step, micro)
+            loss = engine.ds(x.to(dist.device), y.to(dist.device))
+            if args.debug_nan_step == step:
+                loss = loss * float("nan")
+            engine.ds.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps itself
+            losses.append(loss.detach().float())
+            if micro < args.grad_accum - 1:
+                engine.ds.step()  # counts the micro step; DeepSpeed updates only at the accumulation boundary
+        loss = all_reduce_mean(torch.stack(losses).mean(), dist)
+        if math.isfinite(loss.item()):
+            engine.ds.step()
+        grad_norm = engine.ds.get_global_grad_norm()
+    else:
+        loss, grad_norm = train_step(engine.train_model, engine.optimizer, batches, step, args, dist.device,
+                                     engine.autocast)
+        loss = all_reduce_mean(loss.float(), dist)
+        if math.isfinite(loss.item()):
+            engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=True)
+    return loss.item(), lr, float(grad_norm) if grad_norm is not None else float("nan")
+
+
+@torch.no_grad()
+def evaluate(args, dist, engine, val_rows, step, tokens_per_byte):
+    """Mean loss over the first --eval-batches micro batches of the val split (shared out over the ranks)."""
+    engine.train_model.eval()
+    n = min(len(val_rows), args.eval_batches * args.batch_size)
+    mine = val_rows[:n][dist.rank::dist.world_size]
+    total, count = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)
+    for i in range(0, len(mine), args.batch_size):
+        batch = torch.from_numpy(mine[i:i + args.batch_size].astype(np.int64)).to(dist.device)
+        with engine.autocast:
+            loss = engine.train_model(batch[:, :-1], batch[:, 1:])
+        total += loss.float() * len(batch)
+        count += len(batch)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    engine.train_model.train()
+    val_loss = (total / count.clamp(min=1)).item()
+    return {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+            "val_bpb": val_loss * tokens_per_byte / math.log(2)}
+
+
+class Log:
+    """train.log (appended), TensorBoard and the console; rank 0 only."""
+
+    def __init__(self, args, master):
+        self.file = self.writer = None
         if master:
+            from torch.utils.tensorboard import SummaryWriter
+
+            args.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(args.log_file, "a", encoding="utf-8")
+            self.writer = SummaryWriter(str(args.tensorboard_dir))
+
+    def __call__(self, msg):
+        if self.file:
             from tqdm import tqdm
 
             tqdm.write(msg)
-            log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-            log_file.flush()
+            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+            self.file.flush()
 
-    mode = "deepspeed" if engine is not None else ("ddp" if distributed else "single process")
-    log(f"pretrain: preset {args.preset}, {n_params / 1e6:.2f}M params ({model_config}), {mode} x{world_size} on "
-        f"{device_name}, {args.dtype}, {len(train_rows)} train rows / {len(val_rows)} val rows of "
-        f"{args.context_length + 1} tokens, {tokens_per_step} tokens/step, {args.max_steps} steps"
-        + (f", resuming at step {step} from {args.checkpoint_dir / tag}" if step else ""))
+    def scalars(self, prefix, entry, step):
+        if self.writer:
+            for k, v in entry.items():
+                if k != "step" and v is not None:
+                    self.writer.add_scalar(f"{prefix}/{k.removeprefix('val_')}", v, step)
 
+    def close(self):
+        if self.file:
+            self.writer.close()
+            self.file.close()
+
+
+def train(args, dist, engine, batches, val_rows, run, log, throughput, tokens_per_byte):
+    """The loop: optimizer steps until --max-steps, logging every --log-interval steps, validating every
+    --eval-interval and checkpointing every --checkpoint-interval steps (and at the end)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=args.max_steps, initial=step, desc="pretrain", disable=not master, dynamic_ncols=True)
-    step_times = []
-    while step < args.max_steps:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    fpt, peak = throughput
+    tokens_per_step = run.rows_per_step * args.context_length
+    bar = tqdm(total=args.max_steps, initial=run.step, desc="pretrain", disable=not dist.master, dynamic_ncols=True)
+    while run.step < args.max_steps:
         t0 = time.perf_counter()
-        if engine is not None:
-            losses = []
-            for micro in range(args.grad_accum):
-                x, y = batches.get(step, micro)
-                loss = engine(x.to(device), y.to(device))
-                if args.debug_nan_step == step:
-                    loss = loss * float("nan")
-                engine.backward(loss)
-                losses.append(loss.detach().float())
-                if micro < args.grad_accum - 1:
-                    engine.step()
-            loss = all_reduce_mean(torch.stack(losses).mean())
-            if math.isfinite(loss.item()):
-                engine.step()
-            grad_norm = engine.get_global_grad_norm()
-        else:
-            loss, grad_norm = train_step(train_model, optimizer, batches, step, args, device, autocast)
-            loss = all_reduce_mean(loss.float())
-            if math.isfinite(loss.item()):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            last = latest_checkpoint(args.checkpoint_dir, engine is not None)
-            log(f"step {step}: loss is {loss_value}; stopping before the update. Last good checkpoint: "
+        loss, lr, grad_norm = optimizer_step(args, dist, engine, batches, run.step)
+        if not math.isfinite(loss):
+            last = latest_checkpoint(args.checkpoint_dir, engine.ds is not None)
+            log(f"step {run.step}: loss is {loss}; stopping before the update. Last good checkpoint: "
                 f"{args.checkpoint_dir / last if last else 'none'}. Lower --lr or check the data, then rerun.")
             bar.close()
-            raise UserError(f"loss became {loss_value} at step {step}: training stopped, no output written "
+            raise UserError(f"loss became {loss} at step {run.step}: training stopped, no output written "
                             f"(last good checkpoint: {last or 'none'})")
         dt = time.perf_counter() - t0
-        step += 1
-        step_times.append(dt)
+        run.step += 1
+        step = run.step
+        run.step_times.append(dt)
         bar.update(1)
-        tokens_per_s = tokens_per_step / dt
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if step % args.log_interval == 0 or step == args.max_steps or step == 1:
-            entry = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                     "tokens_per_s": tokens_per_s, "mfu": fpt * tokens_per_s / (peak * world_size) if peak else None,
-                     "peak_mem_mb": peak_mem_mb(device)}
-            history.append(entry)
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                     "mfu": fpt * tokens_per_step / dt / (peak * dist.world_size) if peak else None,
+                     "peak_mem_mb": peak_mem_mb(dist.device)}
+            run.history.append(entry)
             mfu = f"{100 * entry['mfu']:.1f}%" if peak else "n/a"
-            log(f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                f"{tokens_per_s:,.0f} tok/s | MFU {mfu} | peak mem {entry['peak_mem_mb']:,.0f} MB")
-            if writer:
-                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                    if entry[k] is not None:
-                        writer.add_scalar(f"train/{k}", entry[k], step)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+            log(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                f"{entry['tokens_per_s']:,.0f} tok/s | MFU {mfu} | peak mem {entry['peak_mem_mb']:,.0f} MB")
+            log.scalars("train", {k: entry[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")}, step)
+            bar.set_postfix(loss=f"{loss:.3f}")
         if step % args.eval_interval == 0 or step == args.max_steps:
-            val = evaluate()
-            history.append(val)
+            val = evaluate(args, dist, engine, val_rows, step, tokens_per_byte)
+            run.history.append(val)
             log(f"step {step:6d} | val loss {val['val_loss']:.4f} | val ppl {val['val_ppl']:.2f} | "
                 f"val bits/byte {val['val_bpb']:.4f}")
-            if writer:
-                for k in ("val_loss", "val_ppl", "val_bpb"):
-                    writer.add_scalar(f"val/{k[4:]}", val[k], step)
+            log.scalars("val", val, step)
         if step % args.checkpoint_interval == 0 or step == args.max_steps:
-            save_checkpoint()
-            if step == args.debug_kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)
+            save_checkpoint(args, dist, engine, run)
+        if step == args.debug_kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
-    # --- export output/ (rank 0), atomically
-    if engine is not None:
+
+def export(args, dist, engine, run, tokenizer, summary):
+    """Write output/ (rank 0) in one rename: the HF model in fp32, tokenizer, history, summary and lineage."""
+    if engine.ds is not None:
+        if not dist.master:
+            return
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        if master:  # the fp32 master weights, gathered from the final ZeRO checkpoint
-            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(args.checkpoint_dir), tag=f"step_{step:06d}")
-            model_for_export = GPT(**model_config)
-            model_for_export.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state_dict.items()})
+        with quiet_stdout():  # the fp32 master weights, gathered from the final ZeRO checkpoint
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(args.checkpoint_dir), tag=f"step_{run.step:06d}")
+        model = GPT(**run.model_config)
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state_dict.items()})
     else:
-        model_for_export = model
-    if master:
-        if not history or "val_loss" not in history[-1]:  # resumed after the end: still report validation
-            history.append(evaluate())
-        train_entries = [h for h in history if "loss" in h]
-        val = [h for h in history if "val_loss" in h][-1]
-        summary = {"preset": args.preset, "model_config": model_config, "params": n_params, "steps": step,
-                   "tokens_seen": step * tokens_per_step, "world_size": world_size, "mode": mode,
+        model = engine.model
+    if not dist.master:
+        return
+    with common.atomic_dir(args.output_dir) as tmp:
+        save_hf(hf_state_dict(model), run.model_config, tokenizer, args.tokenizer_dir, tmp)
+        (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
+        common.atomic_write_json(tmp / "pretrain_summary.json", summary)
+        common.write_lineage(tmp, "pretrain", run.settings, tokenizer_dir=args.tokenizer_dir, chunks=args.chunks_dir,
+                             tokenizer=args.tokenizer_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    dist = setup_distributed(args)
+    try:
+        manifest, tokenizer, vocab_size, fingerprints = read_inputs(args)
+        settings = run_settings(args, vocab_size, dist.world_size)
+        with nullcontext() if dist.master else contextlib.redirect_stdout(io.StringIO()):  # said once, by rank 0
+            if not args.force and common.already_done(args.output_dir, "pretrain", settings, chunks=args.chunks_dir,
+                                                      tokenizer=args.tokenizer_dir):
+                return
+        check_output_dir(args.output_dir, args.force)
+        if dist.master:
+            common.check_writable_dir(args.output_dir.parent)
+            common.check_writable_dir(args.checkpoint_dir)
+        train_rows, val_rows = load_data(args, manifest, vocab_size, dist)
+
+        torch.manual_seed(args.seed)
+        model = GPT(vocab_size, args.context_length, args.n_layer, args.n_embd, args.n_head,
+                    activation_checkpointing=args.activation_checkpointing).to(dist.device)
+        run = Run(settings, fingerprints, model.config, settings["rows_per_step"])
+        checkpoint = checkpoint_to_resume(args, run)
+        engine = build_engine(args, dist, model)
+        if checkpoint:
+            resume(dist, engine, run, checkpoint)
+
+        n_params = sum(p.numel() for p in model.parameters())
+        fpt = flops_per_token(run.model_config, n_params)
+        peak, device_name = device_peak_flops(args, dist)
+        batches = Batches(train_rows, args.batch_size, args.grad_accum, dist.rank, dist.world_size, args.seed)
+        val_split = manifest["splits"]["val"]
+        tokens_per_byte = val_split["tokens"] / max(1, val_split["bytes"])
+
+        log = Log(args, dist.master)
+        log(f"pretrain: preset {args.preset}, {n_params / 1e6:.2f}M params ({run.model_config}), {engine.mode} "
+            f"x{dist.world_size} on {device_name}, {args.dtype}, {len(train_rows)} train rows / {len(val_rows)} val "
+            f"rows of {args.context_length + 1} tokens, {run.rows_per_step * args.context_length} tokens/step, "
+            f"{args.max_steps} steps")
+        if run.resumed_from:
+            log(f"resumed at step {run.step} from {run.resumed_from}: lines for steps after {run.step} above this one "
+                "are from the interrupted run and superseded by those below")
+
+        train(args, dist, engine, batches, val_rows, run, log, (fpt, peak), tokens_per_byte)
+
+        if not run.history or "val_loss" not in run.history[-1]:  # resumed after the end: still report validation
+            run.history.append(evaluate(args, dist, engine, val_rows, run.step, tokens_per_byte))
+        tokens_per_step = run.rows_per_step * args.context_length
+        median_tps = tokens_per_step / float(np.median(run.step_times)) if run.step_times else None
+        train_entries, val = [h for h in run.history if "loss" in h], run.history[-1]
+        summary = {"preset": args.preset, "model_config": run.model_config, "params": n_params, "steps": run.step,
+                   "tokens_seen": run.step * tokens_per_step, "world_size": dist.world_size, "mode": engine.mode,
                    "final_train_loss": train_entries[-1]["loss"] if train_entries else None,
                    "first_train_loss": train_entries[0]["loss"] if train_entries else None,
                    "final_val_loss": val["val_loss"], "val_ppl": val["val_ppl"], "val_bpb": val["val_bpb"],
-                   "median_tokens_per_s": tokens_per_step / float(np.median(step_times)) if step_times else None,
-                   "wall_seconds": time.time() - t_start, "device": device_name, "dtype": args.dtype}
-        summary["mfu"] = fpt * summary["median_tokens_per_s"] / (peak * world_size) if peak and step_times else None
-        with common.atomic_dir(args.output_dir) as tmp:
-            save_hf(hf_state_dict(model_for_export), model_config, tokenizer, args.tokenizer_dir, tmp)
-            (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-            common.atomic_write_json(tmp / "pretrain_summary.json", summary)
-        log(f"done: {step} steps, final train loss {summary['final_train_loss']}, val loss {val['val_loss']:.4f}, "
+                   "median_tokens_per_s": median_tps, "wall_seconds": time.time() - t_start, "device": device_name,
+                   "dtype": args.dtype,
+                   "mfu": fpt * median_tps / (peak * dist.world_size) if peak and median_tps else None}
+        export(args, dist, engine, run, tokenizer, summary)
+        log(f"done: {run.step} steps, final train loss {summary['final_train_loss']}, val loss {val['val_loss']:.4f}, "
             f"val bits/byte {val['val_bpb']:.4f}, wrote {args.output_dir} in {summary['wall_seconds']:.0f}s")
-        writer.close()
-        log_file.close()
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        log.close()
+        if dist.world_size > 1:
+            torch.distributed.barrier()  # the other ranks wait for rank 0's export
+    except UserError:
+        if not dist.master:  # every check runs alike on every rank: rank 0 says it, the others stop with its code
+            sys.exit(2)
+        raise
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

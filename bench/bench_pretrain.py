@@ -8,8 +8,8 @@ Writes: bench/results/bench_pretrain.json
     .venv/bin/python bench/bench_pretrain.py --rounds 5 --skip-124m
 
 1. Step speed: our training step (the same train_step(), GPT module and fused AdamW that model.py runs, in the dtype
-   model.py picks: bf16 autocast where the CPU has bf16 units, else fp32) vs the reference's plain eager step at the
-   same sizes, dtype and batch, each in a fresh subprocess,
+   model.py picks: --dtype, else $LLM_TRAIN_DTYPE, else bf16 autocast where the CPU has bf16 units and fp32
+   otherwise) vs the reference's plain eager step at the same sizes, dtype and batch, each in a fresh subprocess,
    interleaved A/B/A/B for --rounds rounds; the ratio of medians of tokens/s is reported (goal >= 1.3x).
 2. Data loading: our step fed by model.py's Batches over real chunk rows vs a fixed synthetic tensor, interleaved;
    the real-data step time should be within 5% of the synthetic one.
@@ -139,10 +139,12 @@ def main():
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name, default in [("layers", 4), ("dim", 256), ("heads", 4), ("ctx", 256), ("batch", 16),
                           ("vocab", 8192), ("steps", 6), ("warmup", 2)]:
-        ap.add_argument(f"--{name}", type=int, default=default)
-    ap.add_argument("--dtype", default="bf16")
+        ap.add_argument(f"--{name}", type=common.nonnegative_int if name == "warmup" else common.positive_int,
+                        default=default)
+    ap.add_argument("--dtype", choices=common.DTYPES, default=None,
+                    help=f"compute dtype of both steps (default: ${common.DTYPE_ENV}, else what model.py picks here)")
     ap.add_argument("--rows", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=common.positive_int, default=3)
     ap.add_argument("--skip-124m", action="store_true")
     a = ap.parse_args()
     if a.worker:
@@ -152,15 +154,14 @@ def main():
 
     m = common.load_script("PreTrain/model.py")
     p = m.PRESETS["cpu"]
-    # The dtype model.py trains in here (--dtype auto): bf16 only where the CPU has bf16 matmul units.
-    dtype = "bf16" if torch.cuda.is_available() or m.cpu_has_fast_bf16() else "fp32"
+    dtype = common.dtype_name(a.dtype)  # the dtype model.py trains in here, decided in one place
     cpu_cfg = {"layers": p["n_layer"], "dim": p["n_embd"], "heads": p["n_head"], "ctx": p["context_length"],
                "batch": p["batch_size"], "vocab": 8192, "steps": 4, "warmup": 1, "dtype": dtype}
-    results = {"machine": {"threads": torch.get_num_threads(), "fast_bf16": m.cpu_has_fast_bf16()}, "dtype": dtype}
+    results = {"machine": {"threads": torch.get_num_threads(), "fast_bf16": common.cpu_has_fast_bf16()}, "dtype": dtype}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results[f"{name}_matmul_flops"] = matmul_peak(dt)
         print(f"{name} 1024^3 matmul: {results[f'{name}_matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
-    if dtype == "fp32":
+    if dtype == "fp32" and not common.cpu_has_fast_bf16():
         print("this CPU has no bf16 matmul units (no AMX/AVX512-BF16): bf16 is far slower than fp32 here, so both "
               "steps are compared in fp32, the dtype model.py uses on this machine")
     if REFERENCE.is_file():

@@ -1,21 +1,37 @@
-"""Pretraining stage (PreTrain/model.py, ds_config.json, inference.py): tiny models on tiny chunks, real code paths."""
+"""Pretraining stage (PreTrain/model.py, ds_config.json, inference.py): tiny models on tiny chunks, real code paths.
+
+One plain reference run (8 rows per optimizer step, fp32) is shared: every other way of taking the same 8 rows per
+step (grad accumulation on the plain path, DDP with 2 ranks, DeepSpeed ZeRO-2 with 2 ranks) must reproduce its loss
+curve, a killed and resumed run must reproduce it exactly, and a rerun of it must do nothing."""
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PY, REPO, load_script, run_script, sample_texts
+from conftest import BOTH_DTYPES, PY, REPO, free_port, load_script, run_script, sample_texts
 
 import common
 
 CTX = 32
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context-length", CTX, "--batch-size", "4",
         "--warmup-steps", "2", "--eval-interval", "4", "--eval-batches", "2", "--log-interval", "1"]
+# The shared schedule: 6 steps of 8 rows, checkpoints (and validation) after steps 3 and 6.
+SCHEDULE = ["--max-steps", 6, "--checkpoint-interval", 3, "--eval-interval", 3]
+FP32 = {common.DTYPE_ENV: "fp32"}
+# Same rows per step, fp32: the curves differ only by summation order (micro-batch means vs one batch mean, the
+# all-reduce / reduce-scatter over ranks), ~1e-7 relative per step, which Adam passes on. Measured over the 6 steps
+# (losses ~6.3): plain accum and DDP 9.5e-7, DeepSpeed 4.8e-7, i.e. 1-2 float32 ulps. 1e-4 leaves room for other
+# CPUs' kernels and is still ~100x below the loss change of one step (~1e-2): stepping on every micro batch, a
+# wrong loss scale under clipping or other rows would all move the curve by far more.
+CURVE_ATOL = 1e-4
 
 
 def write_chunks(tokenizer_dir, out_dir, context_length=CTX, texts=None):
@@ -72,69 +88,324 @@ def losses(out_dir):
     return {h["step"]: h["loss"] for h in history(out_dir) if "loss" in h}
 
 
-def test_hf_export_logits_match(model_module, tiny_tokenizer_dir, tmp_path):
+def val_losses(out_dir):
+    return {h["step"]: h["val_loss"] for h in history(out_dir) if "val_loss" in h}
+
+
+def summary(out_dir):
+    return json.loads((Path(out_dir) / "pretrain_summary.json").read_text())
+
+
+def assert_same_curve(out_dir, reference_out):
+    """The train loss and the gradient norm (before clipping) of every step equal the reference run's, to
+    CURVE_ATOL. The norm catches a wrong loss scale that the loss cannot show: Adam is blind to the gradient's scale
+    and clipping rescales it. (Not the val loss: validation reads --eval-batches micro batches of --batch-size rows,
+    so other batch sizes validate on other rows.)"""
+    for key in ("loss", "grad_norm"):
+        ours, ref = ({h["step"]: h[key] for h in history(d) if "loss" in h} for d in (out_dir, reference_out))
+        assert sorted(ours) == sorted(ref) == list(range(1, 7))
+        np.testing.assert_allclose([ours[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=0,
+                                   atol=CURVE_ATOL, err_msg=key)
+
+
+def launch(launcher, nproc, args, env=None, check=True):
+    """model.py under a launcher with a free rendezvous port: torchrun, the legacy torch.distributed.launch, or the
+    deepspeed launcher on the CPU accelerator."""
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = [str(Path(PY).parent / "deepspeed"), f"--num_gpus={nproc}", "--master_port", port]
+        env = {"DS_ACCELERATOR": "cpu", **(env or {})}
+    else:
+        module = ["torch.distributed.run"] if launcher == "torchrun" else ["torch.distributed.launch", "--use_env"]
+        cmd = [PY, "-m", *module, f"--nproc_per_node={nproc}", "--master_port", port]
+    proc = subprocess.run([*cmd, str(REPO / "PreTrain/model.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_tokenizer_dir, chunks_dir, tmp_path_factory):
+    """The plain single-process run of SCHEDULE with 8 rows per step (batch 8, no accumulation), in fp32."""
+    out = tmp_path_factory.mktemp("reference")
+    run_script("PreTrain/model.py", *TINY, *SCHEDULE, "--batch-size", 8, *dirs(out, tiny_tokenizer_dir, chunks_dir),
+               env=FP32)
+    return out
+
+
+def step_lines_read_as_a_reader_would(log_text):
+    """{step: loss} from train.log. A step logged twice must have a "resumed at step N" line with N below it in
+    between (the resume marks the killed run's later lines as superseded); anything else fails."""
+    current = {}
+    for line in log_text.splitlines():
+        mark = re.search(r"resumed at step (\d+) from ", line)
+        if mark:
+            current = {s: v for s, v in current.items() if s <= int(mark.group(1))}
+        m = re.search(r"step +(\d+) \| loss ([\d.]+)", line)
+        if m:
+            step = int(m.group(1))
+            assert step not in current, f"step {step} logged twice without a resume mark in between"
+            current[step] = float(m.group(2))
+    return current
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Units: schedule, batches, export.
+def test_lr_schedule_exact_values(model_module, reference):
+    args = Namespace(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    got = [model_module.lr_at(s, args) for s in (0, 1, 2, 3, 4, 9, 14, 20)]
+    # warmup (s+1)/4; then 0.1 + 0.45 * (1 + cos(pi * (s - 4) / 10)): 1 at s=4, 0.55 halfway, the floor 0.1 at the
+    # end and after it
+    assert got == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.55, 0.1, 0.1], abs=1e-15)
+    assert model_module.lr_at(0, Namespace(lr=3e-3, warmup_steps=0, max_steps=10, min_lr_ratio=0.0)) == 3e-3
+    # the run used exactly this schedule: the lr logged for step s (1-based) is lr_at(s - 1) with its flags
+    run_args = Namespace(**{k: common.read_lineage(reference / "output")["settings"][k]
+                            for k in ("lr", "warmup_steps", "max_steps", "min_lr_ratio")})
+    assert {h["step"]: h["lr"] for h in history(reference / "output") if "lr" in h} == {
+        s: model_module.lr_at(s - 1, run_args) for s in range(1, 7)}
+
+
+def test_batches_disjoint_across_ranks_and_deterministic(model_module):
+    rows = np.arange(100, dtype=np.int32)[:, None].repeat(5, 1)
+    per_rank = [model_module.Batches(rows, 3, 2, r, 2, seed=7) for r in range(2)]
+    seen = [set(b.get(step, m)[0][:, 0].tolist()) for step in range(4) for m in range(2) for b in per_rank]
+    assert sum(map(len, seen)) == len(set().union(*seen)) == 48  # 4 steps x 2 micro x 2 ranks x 3 rows, no repeats
+    again = model_module.Batches(rows, 3, 2, 1, 2, seed=7)
+    assert torch.equal(again.get(3, 1)[0], per_rank[1].get(3, 1)[0])
+
+
+def test_every_split_of_a_step_takes_the_same_rows(model_module):
+    """What the accumulation tests rely on: batch 8 x 1 rank, batch 4 x accum 2, and batch 2 x accum 2 x 2 ranks
+    read the same 8 rows in each step (across an epoch boundary too: 100 rows, 8 per step)."""
+    rows = np.arange(100, dtype=np.int32)[:, None].repeat(5, 1)
+
+    def step_rows(batch, accum, ranks, step):
+        per_rank = [model_module.Batches(rows, batch, accum, rank, ranks, seed=3) for rank in range(ranks)]
+        return sorted(r for b in per_rank for m in range(accum) for r in b.get(step, m)[0][:, 0].tolist())
+
+    for step in (0, 5, 12, 13):
+        assert step_rows(8, 1, 1, step) == step_rows(4, 2, 1, step) == step_rows(2, 2, 2, step)
+        assert len(set(step_rows(8, 1, 1, step))) == 8
+
+
+@BOTH_DTYPES
+def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """output/ holds fp32 weights whatever the training dtype; the exported GPT2LMHeadModel, run as a user runs it
+    (inference.py: fp32 weights under bf16 autocast on the bf16 path), gives our model's logits under the same
+    precision. A Conv1D weight left untransposed must fail the same comparison."""
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setenv(common.DTYPE_ENV, dtype)
     torch.manual_seed(0)
     tok = common.load_tokenizer(tiny_tokenizer_dir)
     model = model_module.GPT(len(tok), 48, 3, 48, 4).eval()
-    with torch.no_grad():  # non-trivial biases and LayerNorm params so a wrong mapping cannot hide
-        for name, p in model.named_parameters():
+    with torch.no_grad():  # non-trivial biases and LayerNorm params so a wrong mapping cannot hide; weights of
+        for name, p in model.named_parameters():  # std 0.2 give logits of std ~1.4 (GPT-2 init: ~0.02)
             if p.dim() == 1:
-                p.normal_(0, 0.1).add_(1.0 if name.endswith("ln_1.weight") else 0.0)
-    model_module.save_hf(model_module.hf_state_dict(model), model.config, tok, tiny_tokenizer_dir, tmp_path)
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    assert type(hf).__name__ == "GPT2LMHeadModel"
+                p.normal_(0, 0.1).add_(1.0 if re.search(r"ln_.\.weight", name) else 0.0)
+            else:
+                p.normal_(0, 0.2)
+    state = model_module.hf_state_dict(model)
+    model_module.save_hf(state, model.config, tok, tiny_tokenizer_dir, tmp_path / "good")
+    broken = {k: v.t().contiguous() if k.endswith("attn.c_proj.weight") else v for k, v in state.items()}  # square
+    model_module.save_hf(broken, model.config, tok, tiny_tokenizer_dir, tmp_path / "broken")
     idx = torch.randint(0, len(tok), (2, 48))
-    with torch.no_grad():
-        ours, theirs = model(idx), hf(idx).logits
-    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=common.dtype_name() == "bf16")
+    with torch.no_grad(), autocast:
+        ours = model(idx)
+        theirs = {d: AutoModelForCausalLM.from_pretrained(str(tmp_path / d)).eval()(idx).logits.float()
+                  for d in ("good", "broken")}
+    # fp32: the same math in another op order, ~2e-6 apart (measured). bf16: both models compute in bf16 (8
+    # significant bits) and round at different places (HF's Conv1D addmm vs F.linear, attention layouts), and the
+    # logits come out in bf16, in steps of 2^-5 = 0.03 for |logit| 4..8: they end 1-2 such steps apart (measured max
+    # 0.047). A layout error moves the logits by ~1.3 on average (max ~8) in both dtypes.
+    atol, rtol = {"fp32": (2e-5, 1e-4), "bf16": (0.1, 0.02)}[dtype]
+    torch.testing.assert_close(theirs["good"], ours, atol=atol, rtol=rtol)
+    assert (theirs["broken"] - ours).abs().mean() > 5 * atol
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "good"))
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied
+    assert all(t.dtype == torch.float32 for t in hf.state_dict().values())
 
 
-def torchrun(launcher, args, port):
-    cmd = [PY, "-m", *launcher, "--nproc_per_node=1", "--master_port", str(port), str(REPO / "PreTrain/model.py"),
-           *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO / "PreTrain")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+# ---------------------------------------------------------------------------------------------------------------
+# Training runs.
+@BOTH_DTYPES
+def test_pretrain_step_under_both_dtypes(dtype, model_module, tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """A 2-step run under LLM_TRAIN_DTYPE: the first loss is our fp32 model's loss on the first batch, exactly in
+    fp32 and to bf16 precision (but not equal: autocast did run) in bf16; output/ holds the trained weights."""
+    from safetensors.torch import load_file
+
+    run_script("PreTrain/model.py", *TINY, "--max-steps", 2, "--checkpoint-interval", 2,
+               *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), env={common.DTYPE_ENV: dtype})
+    out = tmp_path / "output"
+    assert summary(out)["dtype"] == dtype and f", {dtype}, " in (tmp_path / "train.log").read_text()
+    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    manifest = model_module.read_manifest(chunks_dir, tiny_tokenizer_dir)
+    rows = model_module.load_rows(chunks_dir, manifest, "train", CTX, len(tok))
+    torch.manual_seed(1337)  # the run's --seed: the same initial weights
+    model = model_module.GPT(len(tok), CTX, 2, 32, 2)
+    with torch.no_grad():
+        first = model(*model_module.Batches(rows, 4, 1, 0, 1, seed=1337).get(0, 0)).item()
+    if dtype == "fp32":
+        assert losses(out)[1] == pytest.approx(first, abs=1e-5)  # thread-count dependent summation order only
+    else:  # bf16 logits of a ~6.4 loss: relative 2^-9 rounding -> ~1e-2
+        assert losses(out)[1] != first and losses(out)[1] == pytest.approx(first, abs=3e-2)
+    trained = model_module.GPT(len(tok), CTX, 2, 32, 2)
+    trained.load_state_dict(load_file(str(tmp_path / "ckpt" / "step_000002" / "model.safetensors")))
+    exported = load_file(str(out / "model.safetensors"))
+    expected = model_module.hf_state_dict(trained)
+    assert exported.keys() <= expected.keys() and all(torch.equal(exported[k], expected[k]) for k in exported)
 
 
-def test_train_writes_loadable_output_and_resumes_exactly(tiny_tokenizer_dir, chunks_dir, tmp_path):
-    """Uninterrupted run under torchrun (DDP, 1 process): output/ loads in HF. A plain run SIGKILLed right after its
-    step-4 checkpoint and rerun with the same command logs bit-identical losses for steps 5..8."""
-    from transformers import AutoModelForCausalLM
+def test_output_loads_and_killed_run_resumes_exactly(reference, tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """output/ of the reference run loads in HF with the model's context as model_max_length and no generation
+    length; a run SIGKILLed after step 5 (its last checkpoint: step 3) and rerun gives the reference's losses
+    bit for bit, history.jsonl has each step once and train.log marks the resume."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    base = [*TINY, "--max-steps", 8, "--checkpoint-interval", 4]
-    full = tmp_path / "full"
-    torchrun(["torch.distributed.run"], [*base, *dirs(full, tiny_tokenizer_dir, chunks_dir)], 29511)
-    out = full / "output"
+    out = reference / "output"
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "history.jsonl",
-                 "pretrain_summary.json"):
+                 "pretrain_summary.json", "lineage.json"):
         assert (out / name).is_file(), name
-    summary = json.loads((out / "pretrain_summary.json").read_text())
-    assert summary["steps"] == 8 and summary["final_train_loss"] < summary["first_train_loss"]
-    assert summary["val_bpb"] > 0 and summary["median_tokens_per_s"] > 0 and summary["mode"] == "ddp"
-    assert any("val_bpb" in h for h in history(out))
+    s = summary(out)
+    assert s["steps"] == 6 and s["mode"] == "single process" and s["tokens_seen"] == 6 * 8 * CTX
+    assert s["final_val_loss"] == val_losses(out)[6] and s["final_train_loss"] == losses(out)[6]
     hf = AutoModelForCausalLM.from_pretrained(str(out))
     assert hf.config.n_layer == 2 and hf.config.vocab_size == len(common.load_tokenizer(out))
-    assert (full / "train.log").read_text().count("val bits/byte") >= 2
-    assert (full / "ckpt" / "step_000008").is_dir() and (full / "ckpt" / "step_000004").is_dir()
+    assert common.load_tokenizer(out).model_max_length == CTX == hf.config.n_positions
+    gen = GenerationConfig.from_pretrained(str(out))
+    assert gen.max_new_tokens is None and gen.do_sample and gen.temperature == 0.8
+    ids = torch.tensor([[5, 6, 7, 8]])  # a caller's max_length is obeyed, not overridden by a saved max_new_tokens
+    assert hf.generate(ids, max_length=CTX, min_length=CTX, do_sample=False).shape == (1, CTX)
+    lineage = common.read_lineage(out)
+    assert lineage["stage"] == "pretrain" and lineage["settings"]["max_steps"] == 6
+    assert lineage["parents"]["chunks"]["fingerprint"] == common.output_fingerprint(chunks_dir)
 
-    killed = tmp_path / "killed"
-    proc = run_script("PreTrain/model.py", *base, *dirs(killed, tiny_tokenizer_dir, chunks_dir),
-                      "--debug-kill-step", 4, check=False)
-    assert proc.returncode == -9 and not (killed / "output").exists()
-    run_script("PreTrain/model.py", *base, *dirs(killed, tiny_tokenizer_dir, chunks_dir))
-    assert "resuming at step 4" in (killed / "train.log").read_text()
-    assert losses(killed / "output") == losses(out)  # steps 5..8 bit-identical after the resume
+    args = [*TINY, *SCHEDULE, "--batch-size", 8, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)]
+    proc = run_script("PreTrain/model.py", *args, "--debug-kill-step", 5, env=FP32, check=False)
+    assert proc.returncode == -9 and not (tmp_path / "output").exists()
+    assert [d.name for d in (tmp_path / "ckpt").glob("step_*")] == ["step_000003"]
+    run_script("PreTrain/model.py", *args, env=FP32)
+    assert losses(tmp_path / "output") == losses(out) and val_losses(tmp_path / "output") == val_losses(out)
+    steps = [h["step"] for h in history(tmp_path / "output") if "loss" in h]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    log = (tmp_path / "train.log").read_text()
+    assert f"resumed at step 3 from {tmp_path / 'ckpt' / 'step_000003'}" in log
+    assert log.count("step      5 | loss") == 2  # the killed run's line, then the resumed run's
+    assert step_lines_read_as_a_reader_would(log) == {k: round(v, 4) for k, v in losses(out).items()}
+
+
+def copy_run(src, dst):
+    for name in ("output", "ckpt", "train.log"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, dst / name)
+
+
+def test_rerun_is_a_noop_and_other_settings_stop(model_module, reference, tiny_tokenizer_dir, chunks_dir, tmp_path,
+                                                 capsys):
+    """The same command on a finished run does nothing and says so; another --max-steps (or lr) on its checkpoints
+    stops with what the checkpoint was trained for and what to do; nothing is written either way."""
+    copy_run(reference, tmp_path)
+    before = {p: p.read_bytes() for p in [*tmp_path.rglob("*")] if p.is_file()}
+    args = list(map(str, [*TINY, *SCHEDULE, "--batch-size", 8, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir),
+                          "--dtype", "fp32"]))
+    model_module.main(args)
+    assert "already finished with these settings; nothing to do" in capsys.readouterr().out
+    # the same rows per step split another way is the same run
+    model_module.main([*args, "--batch-size", "4", "--grad-accum", "2"])
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match=r"belongs to a run of 6 steps \(--max-steps 6.*rerun with --max-steps "
+                                               r"6 to finish that run, or delete .*ckpt \(or pass another "
+                                               r"--checkpoint-dir"):
+        model_module.main([*args, "--max-steps", "9"])
+    with pytest.raises(common.UserError, match=r"other settings \(lr: 0.002 there, 0.001 now\)"):
+        model_module.main([*args, "--lr", "1e-3"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_replacing_an_output_later_stages_use_needs_force(model_module, reference, tiny_tokenizer_dir, chunks_dir,
+                                                          tmp_path, monkeypatch):
+    out = tmp_path / "output"
+    shutil.copytree(reference / "output", out)
+    sft = tmp_path / "sft"
+    common.write_lineage(sft, "sft", {}, base=out)  # an adapter trained on this base
+    monkeypatch.setattr(common, "SFT_OUTPUT_DIR", sft)
+    args = list(map(str, [*TINY, "--max-steps", 2, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), "--dtype", "fp32"]))
+    weights = (out / "model.safetensors").read_bytes()
+    with pytest.raises(common.UserError, match=r"sft were built from.*Pass --force"):
+        model_module.main(args)
+    assert (out / "model.safetensors").read_bytes() == weights and not (tmp_path / "ckpt").exists()
+    model_module.main([*args, "--force"])
+    assert summary(out)["steps"] == 2
+    with pytest.raises(common.UserError, match="they do not belong together"):  # the adapter is now known stale
+        common.check_lineage(sft, "python SFT/qlora_fine_tune_trl.py", base=out)
+
+
+def test_grad_accum_matches_bigger_batch_plain(reference, tiny_tokenizer_dir, chunks_dir, tmp_path):
+    run_script("PreTrain/model.py", *TINY, *SCHEDULE, "--batch-size", 4, "--grad-accum", 2,
+               *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), env=FP32)
+    assert_same_curve(tmp_path / "output", reference / "output")
+
+
+def test_ddp_two_ranks_with_grad_accum_matches_bigger_batch(reference, tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """torchrun with 2 ranks, 2 rows x 2 micro batches each (the no_sync path): the reference's curve."""
+    launch("torchrun", 2, [*TINY, *SCHEDULE, "--batch-size", 2, "--grad-accum", 2,
+                           *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)], env=FP32)
+    assert "ddp x2" in (tmp_path / "train.log").read_text()
+    assert summary(tmp_path / "output")["world_size"] == 2
+    assert_same_curve(tmp_path / "output", reference / "output")
 
 
 def test_legacy_launcher(tiny_tokenizer_dir, chunks_dir, tmp_path):
     """torch.distributed.launch still exists in torch 2.13 (deprecated): --use_env works."""
-    torchrun(["torch.distributed.launch", "--use_env"], [*TINY, "--max-steps", 2, *dirs(tmp_path, tiny_tokenizer_dir,
-                                                                                      chunks_dir)], 29512)
+    launch("legacy", 1, [*TINY, "--max-steps", 2, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)])
     assert "ddp x1" in (tmp_path / "train.log").read_text()
-    assert json.loads((tmp_path / "output" / "pretrain_summary.json").read_text())["steps"] == 2
+    assert summary(tmp_path / "output")["steps"] == 2
+
+
+def test_deepspeed_grad_accum_and_resume(reference, tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """ZeRO-2 on the CPU accelerator, 2 ranks x 2 rows x 2 micro batches: the reference's curve. Killed after
+    step 4 (checkpoint 3) and rerun, it gives the uninterrupted DeepSpeed run's losses exactly. Another --max-steps
+    stops with one clear error under the launcher and no traceback. The launches print no DeepSpeed noise."""
+    pytest.importorskip("deepspeed")
+    args = [*TINY, *SCHEDULE, "--batch-size", 2, "--grad-accum", 2, "--deepspeed", REPO / "PreTrain/ds_config.json"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = launch("deepspeed", 2, [*args, *dirs(full, tiny_tokenizer_dir, chunks_dir)], env=FP32)
+    for noise in ("FutureWarning", "built successfully", "Setting accelerator to CPU", "Traceback"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    s = summary(full / "output")
+    assert s["world_size"] == 2 and s["mode"] == "deepspeed" and "deepspeed x2" in (full / "train.log").read_text()
+    assert_same_curve(full / "output", reference / "output")
+
+    proc = launch("deepspeed", 2, [*args, *dirs(killed, tiny_tokenizer_dir, chunks_dir), "--debug-kill-step", 4],
+                  env=FP32, check=False)
+    assert proc.returncode != 0 and (killed / "ckpt" / "latest").read_text() == "step_000003"
+    assert not (killed / "output").exists()
+    launch("deepspeed", 2, [*args, *dirs(killed, tiny_tokenizer_dir, chunks_dir)], env=FP32)
+    assert losses(killed / "output") == losses(full / "output")
+    assert val_losses(killed / "output") == val_losses(full / "output")
+    log = (killed / "train.log").read_text()
+    assert "resumed at step 3 from" in log
+    assert step_lines_read_as_a_reader_would(log) == {k: round(v, 4) for k, v in losses(full / "output").items()}
+
+    # the export is the trained fp32 weights: the HF model's val loss is the run's own final val loss
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(full / "output"))
+    m = load_script("PreTrain/model.py")
+    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    val = torch.from_numpy(m.load_rows(chunks_dir, m.read_manifest(chunks_dir, tiny_tokenizer_dir), "val", CTX,
+                                       len(tok))[:2 * 2].astype(np.int64))  # --eval-batches 2 x --batch-size 2
+    with torch.no_grad():
+        logits = hf(val[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[:, 1:].reshape(-1)).item()
+    assert loss == pytest.approx(s["final_val_loss"], abs=1e-5)
+
+    proc = launch("deepspeed", 2, [*args, *dirs(full, tiny_tokenizer_dir, chunks_dir), "--max-steps", 8], env=FP32,
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "belongs to a run of 6 steps" in errors[0], proc.stderr[-3000:]
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tiny_tokenizer_dir, chunks_dir, tmp_path):
@@ -146,13 +417,22 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_tokenizer_dir, chunks_dir, tmp
     assert not (tmp_path / "ckpt" / "step_000006").exists()
 
 
-def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path):
-    """Each bad input is one clear UserError before anything is written (exit code 2 is checked in the NaN test)."""
+def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path, capsys):
+    """Each bad input is one clear error before anything is written: bad numbers are argparse usage errors (exit 2),
+    the rest UserErrors (exit code 2 is checked in the NaN test)."""
+    d = dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)
+    for flag, value in [("--batch-size", 0), ("--batch-size", -1), ("--grad-accum", 0), ("--context-length", 0),
+                        ("--max-steps", 0), ("--lr", 0), ("--lr", "nan"), ("--warmup-steps", -1), ("--beta2", 1),
+                        ("--seed", -1), ("--eval-interval", 0), ("--keep-checkpoints", 0), ("--n-head", "two")]:
+        with pytest.raises(SystemExit) as e:
+            model_module.main(list(map(str, [*TINY, "--max-steps", 2, *d, flag, value])))
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
     def fails(*args, match):
         with pytest.raises(common.UserError, match=match):
             model_module.main(list(map(str, [*TINY, "--max-steps", 2, *args])))
 
-    d = dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)
     fails(*d[:2], "--chunks-dir", tmp_path / "nothing", *d[4:], match="no chunks")
     # chunks made with another tokenizer
     other_tok = tmp_path / "other_tok"
@@ -160,10 +440,11 @@ def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path):
     stage.save(stage.train(sample_texts()[:6], vocab_size=400), other_tok)
     fails("--tokenizer-dir", other_tok, *d[2:], match="another tokenizer")
     fails(*d, "--context-length", 64, match="larger than the chunks' context_length 32")
-    # an output dir holding something else is left alone
+    # an output dir holding something else is left alone, --force or not
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "precious.txt").write_text("keep me")
     fails(*d, match="not a previous pretraining output")
+    fails(*d, "--force", match="not a previous pretraining output")
     assert (tmp_path / "output" / "precious.txt").read_text() == "keep me"
     # a shard whose rows do not have the manifest's row length is named, with the row
     broken = tmp_path / "broken"
@@ -184,43 +465,8 @@ def test_smaller_context_uses_windows(model_module, tiny_tokenizer_dir, chunks_d
     np.testing.assert_array_equal(half[len(full):], full[:, CTX // 2:])
 
 
-def test_batches_disjoint_across_ranks_and_deterministic(model_module):
-    rows = np.arange(100, dtype=np.int32)[:, None].repeat(5, 1)
-    per_rank = [model_module.Batches(rows, 3, 2, r, 2, seed=7) for r in range(2)]
-    seen = [set(b.get(step, m)[0][:, 0].tolist()) for step in range(4) for m in range(2) for b in per_rank]
-    assert sum(map(len, seen)) == len(set().union(*seen)) == 48  # 4 steps x 2 micro x 2 ranks x 3 rows, no repeats
-    again = model_module.Batches(rows, 3, 2, 1, 2, seed=7)
-    assert torch.equal(again.get(3, 1)[0], per_rank[1].get(3, 1)[0])
-
-
-def test_deepspeed_two_ranks_writes_output_and_resumes(tiny_tokenizer_dir, chunks_dir, tmp_path):
-    """ZeRO-2 on the CPU accelerator with 2 ranks; killed after the step-2 checkpoint, the rerun resumes."""
-    pytest.importorskip("deepspeed")
-    base = [*TINY, "--max-steps", 4, "--checkpoint-interval", 2, "--deepspeed", REPO / "PreTrain/ds_config.json",
-            *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-
-    def launch(*extra):
-        cmd = [str(Path(PY).parent / "deepspeed"), "--num_gpus=2", "--master_port", "29561",
-               str(REPO / "PreTrain/model.py"), *map(str, [*base, *extra])]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-
-    proc = launch("--debug-kill-step", 2)
-    assert proc.returncode != 0 and (tmp_path / "ckpt" / "latest").read_text() == "step_000002"
-    assert not (tmp_path / "output").exists()
-    proc = launch()
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = (tmp_path / "train.log").read_text()
-    assert "deepspeed x2" in log and "resuming at step 2" in log
-    summary = json.loads((tmp_path / "output" / "pretrain_summary.json").read_text())
-    assert summary["steps"] == 4 and summary["world_size"] == 2
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "output"))
-    ids = torch.tensor([[1, 2, 3, 4]])
-    assert torch.isfinite(hf(ids).logits).all()
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# inference.py
 def test_inference_runs_on_output(tiny_model_dir):
     proc = run_script("PreTrain/inference.py", "--model-dir", tiny_model_dir, "--max-new-tokens", 5, "--seed", 0)
     assert proc.stdout.count("tokens/s") == 3  # the English, Chinese and code default prompts
@@ -228,5 +474,34 @@ def test_inference_runs_on_output(tiny_model_dir):
     inference = load_script("PreTrain/inference.py")
     with pytest.raises(common.UserError, match="no model in"):
         inference.main(["--model-dir", str(tiny_model_dir.parent / "missing")])
-    inference.main(["--model-dir", str(tiny_model_dir), "--prompt", "The answer is", "--max-new-tokens", "4",
-                    "--temperature", "0"])  # greedy path, in-process
+    for flag, value in [("--max-new-tokens", 0), ("--temperature", -1), ("--top-k", -1), ("--top-p", 0),
+                        ("--top-p", 1.5), ("--seed", -1)]:
+        with pytest.raises(SystemExit) as e:
+            inference.main(["--model-dir", str(tiny_model_dir), flag, str(value)])
+        assert e.value.code == 2
+
+
+def test_generation_past_the_context_slides_the_window(reference, capsys):
+    """The reference model has a 32-token context; 70 greedy tokens from a short prompt need slides. Each token is
+    the model's argmax given the window the docstring describes (the last 16 tokens after each slide)."""
+    from transformers import AutoModelForCausalLM
+
+    inference = load_script("PreTrain/inference.py")
+    out = reference / "output"
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tok = common.load_tokenizer(out)
+    ids = tok("The quick brown fox jumps", return_tensors="pt").input_ids
+    with torch.no_grad():
+        new, slides = inference.generate(model, ids, 70, tok.eos_token_id, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+        window, expected, cuts = ids[0].tolist(), [], 0
+        while len(expected) < 70 and (not expected or expected[-1] != tok.eos_token_id):
+            if len(window) == CTX:
+                window, cuts = window[-(CTX // 2):], cuts + 1
+            expected.append(int(model(torch.tensor([window])).logits[0, -1].argmax()))
+            window.append(expected[-1])
+    assert new[0].tolist() == expected and slides == cuts
+    assert len(expected) < 70 or cuts == math.ceil((70 - (CTX - ids.shape[1])) / (CTX // 2))
+    inference.main(["--model-dir", str(out), "--prompt", "The answer is", "--max-new-tokens", "70",
+                    "--temperature", "0"])
+    assert re.search(r"--- \d+ new tokens in .*tokens/s", capsys.readouterr().out)
