@@ -52,6 +52,15 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
+SFT_CHAT_FILE = REPO / "SFT" / "data" / "chatterbot_sft.jsonl.gz"  # embedded conversations (SFT, midtraining)
+
+
+def render_messages(messages, add_generation_prompt=False):
+    """CHAT_TEMPLATE's text for a list of {role, content} messages, without loading a tokenizer (the tests check
+    that it equals tokenizer.apply_chat_template)."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
 
 def tokenizer_fingerprint(tokenizer_dir):
     """sha256 of what decides token ids (vocab, merges, pre-tokenizer, added tokens) of tokenizer_dir/tokenizer.json.
@@ -275,9 +284,9 @@ def check_lineage(child_dir, rerun, **parents):
         if parent is None or recorded is None:
             continue
         if recorded["fingerprint"] != output_fingerprint(parent):
-            raise UserError(f"{child_dir} was built from a different {role} than the one now in {parent} (it was "
-                            f"replaced after {child_dir} was made): they do not belong together. Rebuild it with "
-                            f"`{rerun}`, or point to the matching {role} directory")
+            raise UserError(f"{child_dir} was built from a different {role} than the one in {parent} (replaced "
+                            f"since, or another directory): they do not belong together. Rebuild it with `{rerun}`, "
+                            f"or point to the matching {role} directory")
 
 
 def stale_if_replaced(path):
@@ -447,7 +456,9 @@ def read_jsonl_gz(path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Verifiable tasks: arithmetic word problems in English and Chinese with one exact integer answer.
+# Verifiable tasks: 2-digit addition and subtraction word problems (carries and borrows) in English and Chinese with
+# one exact integer answer. Reference answers work the columns out before the final sentence: a 3M-parameter model
+# learns that, and learns next to nothing from the bare number (57% vs 1.5% held-out exact match, measured).
 # SFT trains on them, RLHF rewards exact answers on them. A problem's split is decided by a hash of its text,
 # so the held-out split can never overlap training, whatever seed or count generated it.
 EN_ITEMS = ["apples", "books", "pencils", "coins", "stamps", "marbles", "cookies", "flowers"]
@@ -457,13 +468,11 @@ ZH_NAMES = ["小明", "小红", "李华", "王芳", "张伟", "小刚", "刘洋"
 
 
 def _arith_problem(rng, lang):
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
-    op = rng.choice(["add", "sub", "mul"])
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    op = rng.choice(["add", "sub"])
     if op == "sub" and b > a:
         a, b = b, a
-    if op == "mul":
-        b = rng.randint(2, 12)
-    answer = {"add": a + b, "sub": a - b, "mul": a * b}[op]
+    answer = a + b if op == "add" else a - b
     i = rng.randrange(len(EN_ITEMS))
     name = rng.choice(EN_NAMES if lang == "en" else ZH_NAMES)
     if lang == "en":
@@ -471,16 +480,41 @@ def _arith_problem(rng, lang):
         text = {
             "add": f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
             "sub": f"{name} has {a} {item} and gives away {b}. How many {item} are left?",
-            "mul": f"{name} buys {b} boxes with {a} {item} in each box. How many {item} is that in total?",
         }[op]
     else:
         item = ZH_ITEMS[i]
         text = {
             "add": f"{name}有{a}{item}，又得到了{b}{item}。{name}现在一共有多少{item}？",
             "sub": f"{name}有{a}{item}，送给别人{b}{item}。还剩多少{item}？",
-            "mul": f"{name}买了{b}盒，每盒有{a}{item}。一共有多少{item}？",
         }[op]
-    return text, answer
+    return text, answer, op, a, b
+
+
+def worked_answer(a, b, op, lang):
+    """Column arithmetic written out, units then tens, ending in the final-answer sentence:
+    '47 + 38: 7 + 8 = 15, write 5 carry 1; 4 + 3 + 1 = 8. The answer is 85.'"""
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    en = lang == "en"
+    if op == "add":
+        units, carry = a0 + b0, (a0 + b0) // 10
+        first = f"{a0} + {b0} = {units}, " + (f"write {units % 10} carry 1" if carry else f"write {units}") if en else \
+            f"{a0} + {b0} = {units}，" + (f"写{units % 10}进1" if carry else f"写{units}")
+        tens = f"{a1} + {b1} + 1 = {a1 + b1 + 1}" if carry else f"{a1} + {b1} = {a1 + b1}"
+        result = a + b
+    else:
+        borrow = a0 < b0
+        if en:
+            first = (f"{a0} - {b0} needs a borrow: {a0 + 10} - {b0} = {a0 + 10 - b0}, write {a0 + 10 - b0}" if borrow
+                     else f"{a0} - {b0} = {a0 - b0}, write {a0 - b0}")
+        else:
+            first = (f"{a0} - {b0} 不够减，借1：{a0 + 10} - {b0} = {a0 + 10 - b0}，写{a0 + 10 - b0}" if borrow
+                     else f"{a0} - {b0} = {a0 - b0}，写{a0 - b0}")
+        tens = f"{a1} - 1 - {b1} = {a1 - 1 - b1}" if borrow else f"{a1} - {b1} = {a1 - b1}"
+        result = a - b
+    sign = "+" if op == "add" else "-"
+    if en:
+        return f"{a} {sign} {b}: {first}; {tens}. The answer is {result}."
+    return f"{a} {sign} {b}：{first}；{tens}。答案是{result}。"
 
 
 def arithmetic_split(prompt):
@@ -488,19 +522,25 @@ def arithmetic_split(prompt):
     return "heldout" if hashlib.sha1(prompt.encode()).digest()[0] < 26 else "train"
 
 
-def arithmetic_tasks(n, split, seed=0):
-    """n distinct problems of one split: dicts with prompt, answer (int), lang and the reference response."""
+def arithmetic_task_stream(split, seed=0):
+    """Distinct problems of one split, endlessly (until the ~1M distinct problems run out): dicts with prompt,
+    answer (int), lang, op ('add'/'sub') and the worked reference response."""
     rng = random.Random(seed)
-    seen, tasks = set(), []
-    while len(tasks) < n:
+    seen = set()
+    while True:
         lang = rng.choice(["en", "zh"])
-        prompt, answer = _arith_problem(rng, lang)
+        prompt, answer, op, a, b = _arith_problem(rng, lang)
         if prompt in seen or arithmetic_split(prompt) != split:
             continue
         seen.add(prompt)
-        response = f"The answer is {answer}." if lang == "en" else f"答案是{answer}。"
-        tasks.append({"prompt": prompt, "answer": answer, "lang": lang, "response": response})
-    return tasks
+        yield {"prompt": prompt, "answer": answer, "lang": lang, "op": op, "response": worked_answer(a, b, op, lang)}
+
+
+def arithmetic_tasks(n, split, seed=0):
+    """The first n problems of arithmetic_task_stream(split, seed)."""
+    import itertools
+
+    return list(itertools.islice(arithmetic_task_stream(split, seed), n))
 
 
 _ANSWER_RE = re.compile(r"(?:answer is|答案是)\s*(-?\d+)")
@@ -510,144 +550,3 @@ def extract_answer(text):
     """The integer after 'The answer is' / '答案是' in a model's response, or None."""
     m = _ANSWER_RE.search(text)
     return int(m.group(1)) if m else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Chat models: loading the SFT policy, rendering chats, generating, scoring (RLHF's reward model, GRPO and its
-# plain-PyTorch twin). torch and transformers are imported inside, so importing common stays cheap.
-def find_policy(sft_dir, base_dir):
-    """Where the SFT policy is: ('full', dir) for a full model dir (SFT's merged/ or any HF causal LM),
-    ('adapter', sft_dir) for a LoRA adapter on base_dir, or a UserError saying what to run first."""
-    sft_dir, base_dir = Path(sft_dir), Path(base_dir)
-    if (sft_dir / "merged" / "config.json").is_file():
-        return "full", sft_dir / "merged"
-    if (sft_dir / "adapter_config.json").is_file():
-        if not (base_dir / "config.json").is_file():
-            raise UserError(f"{sft_dir} holds a LoRA adapter but its base model {base_dir} is missing: "
-                                   "pretrain first or pass --base-dir")
-        return "adapter", sft_dir
-    if (sft_dir / "config.json").is_file():
-        return "full", sft_dir
-    raise UserError(f"no SFT model in {sft_dir}: run `python SFT/qlora_fine_tune_trl.py` first "
-                           "(or pass --sft-dir DIR with a Hugging Face causal LM)")
-
-
-def load_policy(sft_dir, base_dir, dtype=None):
-    """(model, tokenizer) of the SFT policy: merged dir if present, else base + adapter merged in memory."""
-    import torch
-
-    dtype = dtype or torch.float32
-    from transformers import AutoModelForCausalLM
-
-    kind, path = find_policy(sft_dir, base_dir)
-    if kind == "full":
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    else:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-    tok = load_chat_tokenizer(path if (Path(path) / "tokenizer.json").is_file() else base_dir)
-    # Generation stops at the end of the assistant turn (and, as a fallback, at the end of a document).
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)]
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
-
-
-def render_chat(tokenizer, prompt, completion=None):
-    """Chat-template text of prompt messages (+ the assistant's completion, or the generation prompt if None)."""
-    messages = list(prompt) + ([] if completion is None else [{"role": "assistant", "content": completion}])
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=completion is None)
-
-
-def reward_model_scores(reward_model, tokenizer, prompts, completions, batch_size=32):
-    """Reward-model score of each (prompt messages, completion text): rendered with the chat template exactly as
-    RewardTrainer and GRPOTrainer render it (no extra special tokens), right-padded (the score is read at the last
-    real token), and cut from the left if longer than the model's context."""
-    import torch
-
-    max_len = reward_model.config.max_position_embeddings
-    device = next(reward_model.parameters()).device
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [render_chat(tokenizer, p, c) for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-        ids = [x[-max_len:] for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-        with torch.no_grad():
-            scores += reward_model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
-    return scores
-
-
-def exact_answer_reward(completions, answers):
-    """1.0 where a completion states the task's exact answer ("The answer is N." / "答案是N。"), else 0.0;
-    None for prompts without a verifiable answer (TRL then leaves this reward out for them)."""
-    return [None if a is None else float(extract_answer(c) == a) for c, a in zip(completions, answers)]
-
-
-PREFERENCE_FILES = {"train": REPO / "RLHF" / "data" / "preference_train.jsonl.gz",
-                    "heldout": REPO / "RLHF" / "data" / "preference_heldout.jsonl.gz"}
-
-
-def rlhf_prompts(split, n_arithmetic, n_conversation, seed=0):
-    """Prompts for GRPO and its evaluation: arithmetic problems (with their exact answer) and chatterbot
-    conversation prompts from the embedded preference data (answer None), of one split ('train'/'heldout')."""
-    prompts = [{"prompt": [{"role": "user", "content": t["prompt"]}], "answer": t["answer"]}
-               for t in arithmetic_tasks(n_arithmetic, split, seed=seed)]
-    seen = set()
-    for row in read_jsonl_gz(PREFERENCE_FILES[split]):
-        key = json.dumps(row["prompt"], ensure_ascii=False)
-        if row["source"] == "chatterbot" and key not in seen and len(seen) < n_conversation:
-            seen.add(key)
-            prompts.append({"prompt": row["prompt"], "answer": None})
-    return prompts
-
-
-def prompt_token_ids(tokenizer, prompts):
-    """Token ids of each prompt exactly as GRPOTrainer makes them: chat template + generation prompt, no BOS."""
-    return tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-
-
-def generate_completions(model, tokenizer, prompts, max_new_tokens, do_sample, temperature=1.0, batch_size=32):
-    """(completion token ids, completion texts) for each prompt (list of messages). Stops at <|im_end|>;
-    the ids include the stop token, the text leaves special tokens out. (generate() runs without autograd.)"""
-    import torch
-
-    device = next(model.parameters()).device
-    all_ids, texts = [], []
-    for i in range(0, len(prompts), batch_size):
-        room = max(model.config.n_positions - max_new_tokens, 1)  # keep the end of a prompt that is too long
-        ids = [x[-room:] for x in prompt_token_ids(tokenizer, prompts[i:i + batch_size])]
-        width = max(map(len, ids))  # left-pad so every prompt ends where generation starts
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=do_sample, temperature=temperature if do_sample else None, top_k=0 if do_sample else None,
-                             top_p=1.0 if do_sample else None, eos_token_id=model.generation_config.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)[:, width:].tolist()
-        for seq in out:
-            stops = [j for j, t in enumerate(seq) if t in model.generation_config.eos_token_id]
-            seq = seq[:stops[0] + 1] if stops else seq
-            all_ids.append(seq)
-            texts.append(tokenizer.decode(seq, skip_special_tokens=True))
-    return all_ids, texts
-
-
-def completion_logps(model, prompt_ids, completion_ids, temperature=1.0):
-    """Per-token log-probabilities of each completion given its prompt, as a (B, T) tensor padded with 0, and
-    the (B, T) completion mask. Logits are divided by the sampling temperature, as TRL does."""
-    import torch
-
-    device = next(model.parameters()).device
-    width_p, width_c = max(map(len, prompt_ids)), max(map(len, completion_ids))
-    rows, masks, cmask = [], [], []
-    for p, c in zip(prompt_ids, completion_ids):
-        rows.append([0] * (width_p - len(p)) + p + c + [0] * (width_c - len(c)))
-        masks.append([0] * (width_p - len(p)) + [1] * (len(p) + len(c)) + [0] * (width_c - len(c)))
-        cmask.append([1] * len(c) + [0] * (width_c - len(c)))
-    input_ids, attention_mask = torch.tensor(rows, device=device), torch.tensor(masks, device=device)
-    cmask = torch.tensor(cmask, device=device, dtype=torch.float32)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, width_p - 1:-1].float() / temperature
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, width_p:, None]).squeeze(-1)
-    return logps * cmask, cmask

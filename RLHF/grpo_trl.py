@@ -5,7 +5,8 @@ Reads:  the SFT policy (SFT/sft_output/merged/, else output/ + the LoRA adapter 
         the reward model RLHF/reward_model/ (python RLHF/reward_model.py), prompts: arithmetic problems from
         common.arithmetic_tasks and conversation prompts of RLHF/data/preference_train.jsonl.gz.
 Writes: RLHF/grpo_output/           merged full model + tokenizer (AutoModelForCausalLM.from_pretrained works on it),
-                                    adapter/ (the LoRA adapter alone), history.jsonl (one line per logged step)
+                                    adapter/ (the LoRA adapter alone), history.jsonl (one line per logged step),
+                                    lineage.json (settings; the policy and reward model it was built from)
         RLHF/eval.json              held-out prompts: reward-model score and exact-answer accuracy of the SFT policy
                                     vs the GRPO policy, and the GRPO policy's per-token KL to the SFT policy
         RLHF/checkpoints/grpo/      resumable checkpoints: rerunning the same command resumes from the latest
@@ -14,7 +15,16 @@ Writes: RLHF/grpo_output/           merged full model + tokenizer (AutoModelForC
 The objective (TRL 1.16 settings, chosen explicitly): loss_type="dapo" (token-level mean over the whole batch),
 advantages = reward - mean reward of the prompt's group (scale_rewards="none": no division by the std),
 clipped ratio (epsilon 0.2), KL to the frozen SFT policy with beta=0.05 (k3 estimator). grpo_training.py is the
-same algorithm written out in plain PyTorch.
+same algorithm written out in plain PyTorch. Two fixes to TRL 1.16 (GRPOTrainerFixed): completions are scored at
+the positions they were sampled at (TRL passes no position_ids, so the learned positions of a left-padded prompt
+were shifted by its padding), and each epoch's prompt order is seeded by the epoch (a resumed run sees the same order).
+
+Reruns: the same command on a finished run does nothing and says so. A killed run, rerun, resumes from its last
+checkpoint and logs what the uninterrupted run would have (prompt order, sampling RNG and optimizer restored); a
+larger --epochs continues a run exactly (the learning rate is constant). Checkpoints of a run with other settings,
+or of another policy or reward model, are an error naming the difference: rerun with that run's flags, or pass
+--force to start over. Training checks that the reward model was built on this SFT policy; --mode eval/inference
+check that grpo_output still belongs to them.
 
     python RLHF/grpo_trl.py                                   # CPU default (~3 min)
     python RLHF/grpo_trl.py --num-prompts 16 --epochs 1       # smoke
@@ -30,31 +40,72 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import common  # noqa: E402
+import rlhf_common  # noqa: E402
 
 import torch  # noqa: E402
 
 RLHF_DIR = common.GRPO_OUTPUT_DIR.parent
+STAGE = "grpo"
+DEFAULT_CHAT_PROMPTS = ["Anna has 12 apples and gets 7 more. How many apples does Anna have now?",
+                        "小明有25本书，送给别人8本书。还剩多少本书？", "Hello, how are you?", "你好"]
 
 
+def grpo_trainer_class():
+    """GRPOTrainer of TRL 1.16 with two fixes (a function, so that trl is imported only when training):
+
+    - The log-probabilities of the loss (policy, old and reference) are computed at the positions generate()
+      sampled the completions at. TRL passes no position_ids, so the model numbered a left-padded row 0, 1, ...
+      from its first pad token, while generate() numbers it from its first real token: GPT-2's learned positions
+      differed between sampling and training by the padding of each prompt.
+    - Each epoch's prompt order is drawn from a generator seeded by (seed + epoch). TRL's RepeatSampler draws every
+      epoch from one generator, so a run resumed in a later epoch got the first epoch's order again.
+    """
+    from trl import GRPOTrainer
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochSeededSampler(RepeatSampler):
+        def set_epoch(self, epoch):  # the Trainer calls it before each epoch; first_epoch covers the resumes under
+            self.epoch = epoch       # several processes, where the call does not reach the sampler
+
+        def __iter__(self):
+            if self.shuffle:
+                self.generator.manual_seed(self.seed + self.epoch)
+            self.epoch += 1
+            return super().__iter__()
+
+    class GRPOTrainerFixed(GRPOTrainer):
+        first_epoch = 0  # the epoch a resumed run starts in (rlhf_common.checkpoint_epoch)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, *args, **kwargs):
+            def at_sampling_positions(**inputs):
+                return model(**inputs, position_ids=rlhf_common.position_ids(inputs["attention_mask"]))
+
+            return super()._get_per_token_logps_and_entropies(at_sampling_positions, input_ids, attention_mask,
+                                                              *args, **kwargs)
+
+        def _get_train_sampler(self, dataset=None):
+            sampler = super()._get_train_sampler(dataset)
+            sampler.__class__, sampler.epoch = EpochSeededSampler, self.first_epoch
+            return sampler
+
+    return GRPOTrainerFixed
 
 
-def latest_checkpoint(ckpt_dir):
-    """Newest checkpoint-N whose trainer_state.json exists: Trainer writes that file last, so a checkpoint cut
-    short by a kill is skipped."""
-    ckpts = [p for p in Path(ckpt_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
+def grpo_config(args, output_dir, reward_weights, dtype):
+    """The GRPOConfig of a run (tests build TRL's side of the loss comparison from it too)."""
+    from trl import GRPOConfig
 
-
-def load_reward_model(path):
-    from transformers import AutoModelForSequenceClassification
-
-    if not (Path(path) / "config.json").is_file():
-        raise common.UserError(f"no reward model in {path}: run `python RLHF/reward_model.py` first "
-                               "(or pass --rm-weight 0 to train on exact answers alone)")
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model, common.load_chat_tokenizer(path)
+    return GRPOConfig(
+        output_dir=str(output_dir), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        beta=0.05, loss_type="dapo", scale_rewards="none", epsilon=0.2, temperature=args.temperature,
+        reward_weights=reward_weights, logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
+        save_total_limit=2, report_to="none", seed=args.seed, gradient_checkpointing=False,
+        bf16=dtype == "bf16", fp16=dtype == "fp16",  # mixed precision: autocast over fp32 weights
+        use_cpu=not torch.cuda.is_available(), disable_dropout=True, dataloader_num_workers=0)
 
 
 def reward_functions(args, device):
@@ -62,49 +113,70 @@ def reward_functions(args, device):
     with their weights. TRL sums the weighted rewards; advantages are taken from that sum."""
     funcs, weights = [], []
     if args.rm_weight:
-        rm, rm_tok = load_reward_model(args.reward_model)
-        rm.to(device)
+        rm, rm_tok = rlhf_common.load_reward_model(args.reward_model, device)
 
         def reward_model_score(prompts, completions, **kwargs):
-            return common.reward_model_scores(rm, rm_tok, prompts, [c[-1]["content"] for c in completions])
+            return rlhf_common.reward_model_scores(rm, rm_tok, prompts, [c[-1]["content"] for c in completions])
 
         funcs.append(reward_model_score)
         weights.append(args.rm_weight)
     if args.exact_weight:
         def exact_answer(prompts, completions, answer, **kwargs):
-            return common.exact_answer_reward([c[-1]["content"] for c in completions], answer)
+            return rlhf_common.exact_answer_reward([c[-1]["content"] for c in completions], answer)
 
         funcs.append(exact_answer)
         weights.append(args.exact_weight)
-    if not funcs:
-        raise common.UserError("--rm-weight and --exact-weight are both 0: there is nothing to reward")
     return funcs, weights
+
+
+def parents_of(args):
+    """What grpo_output is built from: the SFT policy (and the base under an adapter) and the reward model."""
+    has_rm = args.rm_weight and (Path(args.reward_model) / "config.json").is_file()
+    return {**rlhf_common.policy_parents(args.sft_dir, args.base_dir),
+            "reward_model": args.reward_model if has_rm else None}
+
+
+def rerun_command(args):
+    return rlhf_common.rerun_command("RLHF/grpo_trl.py", sft_dir=(args.sft_dir, common.SFT_OUTPUT_DIR),
+                                     base_dir=(args.base_dir, common.OUTPUT_DIR), out_dir=(args.out_dir, RLHF_DIR))
 
 
 def evaluate(args, grpo_model, tok):
     """Held-out prompts: mean reward-model score and exact-answer accuracy (greedy answers) of the SFT policy and
     the GRPO policy, and the mean per-token KL(GRPO || SFT) on completions sampled from the GRPO policy."""
-    prompts = common.rlhf_prompts("heldout", args.eval_arithmetic, args.eval_conversation, seed=args.seed)
+    device = rlhf_common.device()
+    prompts = rlhf_common.rlhf_prompts("heldout", args.eval_arithmetic, args.eval_conversation, seed=args.seed)
     messages, answers = [p["prompt"] for p in prompts], [p["answer"] for p in prompts]
-    sft_model, _ = common.load_policy(args.sft_dir, args.base_dir)
-    rm = load_reward_model(args.reward_model) if (Path(args.reward_model) / "config.json").is_file() else None
+    sft_model = rlhf_common.load_policy(args.sft_dir, args.base_dir)[0].to(device)
+    grpo_model = grpo_model.to(device)
+    has_rm = (Path(args.reward_model) / "config.json").is_file()
+    rm = rlhf_common.load_reward_model(args.reward_model, device) if has_rm else None
     result = {"prompts": len(prompts), "arithmetic_prompts": sum(a is not None for a in answers),
               "max_new_tokens": args.max_completion_length}
+    im_end = tok.convert_tokens_to_ids(common.IM_END)
     for name, model in (("sft", sft_model), ("grpo", grpo_model)):
         model.eval()
-        _, texts = common.generate_completions(model, tok, messages, args.max_completion_length, do_sample=False)
-        exact = [r for r in common.exact_answer_reward(texts, answers) if r is not None]
+        ids, texts = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length, do_sample=False)
+        rewards = rlhf_common.exact_answer_reward(texts, answers)
+        exact = [r for r in rewards if r is not None]
+        by_kind = {}
+        for r, p in zip(rewards, prompts):  # per operation and language, e.g. "add_en"
+            if r is not None:
+                by_kind.setdefault(p["kind"], []).append(r)
         result[name] = {"exact_answer_accuracy": sum(exact) / max(1, len(exact)),
+                        "exact_answer_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+                        "ends_with_im_end": sum(bool(x) and x[-1] == im_end for x in ids) / max(1, len(ids)),
                         "examples": [{"prompt": m[-1]["content"], "completion": t} for m, t in zip(messages[::9], texts[::9])]}
         if rm is not None:
-            scores = common.reward_model_scores(rm[0], rm[1], messages, texts)
+            scores = rlhf_common.reward_model_scores(rm[0], rm[1], messages, texts)
             result[name]["reward_model_score"] = sum(scores) / len(scores)
     # KL to the reference on the GRPO policy's own samples: k1 = log p/q is unbiased, k3 is what TRL logs.
-    ids, _ = common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True)
-    prompt_ids = common.prompt_token_ids(tok, messages)
+    torch.manual_seed(args.seed)  # the same samples on every evaluation of the same model
+    ids, _ = rlhf_common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True)
+    prompt_ids = rlhf_common.prompt_token_ids(tok, messages, rlhf_common.prompt_room(grpo_model, args.max_completion_length))
     with torch.no_grad():
-        logp, mask = common.completion_logps(grpo_model, prompt_ids, ids)
-        ref_logp, _ = common.completion_logps(sft_model, prompt_ids, ids)
+        logp, mask = rlhf_common.completion_logps(grpo_model, prompt_ids, ids)
+        ref_logp, _ = rlhf_common.completion_logps(sft_model, prompt_ids, ids)
     n = mask.sum().clamp(min=1)
     result["kl_k1_per_token"] = ((logp - ref_logp) * mask).sum().item() / n.item()
     result["kl_k3_per_token"] = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum().item() / n.item()
@@ -119,63 +191,86 @@ def evaluate(args, grpo_model, tok):
     return result
 
 
-def load_grpo_model(grpo_dir):
+def load_grpo_model(args, parents):
+    """The trained GRPO model and tokenizer, on the GPU when there is one, after checking that it still belongs to
+    its parents (dirs by role, see parents_of)."""
     from transformers import AutoModelForCausalLM
 
-    if not (Path(grpo_dir) / "config.json").is_file():
+    grpo_dir = args.out_dir / "grpo_output"
+    if not (grpo_dir / "config.json").is_file():
         raise common.UserError(f"no GRPO model in {grpo_dir}: train it first with `python RLHF/grpo_trl.py`")
+    common.check_lineage(grpo_dir, rerun_command(args), **parents)
     model = AutoModelForCausalLM.from_pretrained(str(grpo_dir), dtype=torch.float32).eval()
     tok = common.load_chat_tokenizer(grpo_dir)
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(common.IM_END), tok.convert_tokens_to_ids(common.EOT)]
-    return model, tok
+    return model.to(rlhf_common.device()), tok
 
 
-DEFAULT_CHAT_PROMPTS = ["Anna has 12 apples and gets 7 more. How many apples does Anna have now?",
-                        "小明有25本书，送给别人8本书。还剩多少本书？", "Hello, how are you?", "你好"]
+def recorded_parents(grpo_dir):
+    """The parent dirs grpo_output's lineage names that still exist: inference uses none of them, but one that was
+    replaced since (e.g. the SFT policy retrained) makes grpo_output stale."""
+    lineage = common.read_lineage(grpo_dir) or {}
+    return {role: r["path"] for role, r in lineage.get("parents", {}).items() if Path(r["path"]).exists()}
 
 
 def inference(args):
-    model, tok = load_grpo_model(args.out_dir / "grpo_output")
+    model, tok = load_grpo_model(args, recorded_parents(args.out_dir / "grpo_output"))
     prompts = [[{"role": "user", "content": p}] for p in (args.prompt or DEFAULT_CHAT_PROMPTS)]
-    _, texts = common.generate_completions(model, tok, prompts, args.max_new_tokens, do_sample=args.temperature > 0,
-                                    temperature=max(args.temperature, 1e-5))
+    _, texts = rlhf_common.generate_completions(model, tok, prompts, args.max_new_tokens,
+                                                do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5))
     for p, t in zip(prompts, texts):
         print(f"user: {p[-1]['content']}\nassistant: {t}\n")
 
 
 def train(args):
+    ckpt_dir, grpo_dir = args.out_dir / "checkpoints" / "grpo", args.out_dir / "grpo_output"
+    log_file, history_file = args.out_dir / "train.log", ckpt_dir / "history.jsonl"
+    rank = int(os.environ.get("RANK", "0"))
+    device = rlhf_common.device()
+    parents = parents_of(args)
+    if args.rm_weight:  # the reward model must exist and have been trained on this policy
+        if parents["reward_model"] is None:
+            rlhf_common.load_reward_model(args.reward_model)  # raises the error that says what to run
+        rebuild = rlhf_common.rerun_command("RLHF/reward_model.py", sft_dir=(args.sft_dir, common.SFT_OUTPUT_DIR),
+                                            base_dir=(args.base_dir, common.OUTPUT_DIR),
+                                            out_dir=(Path(args.reward_model).parent, RLHF_DIR))
+        common.check_lineage(args.reward_model, rebuild, policy=parents["policy"], base=parents["base"])
+    dtype = common.dtype_name(allow_fp16=True)
+    settings = {**common.settings_of(args, "rm_weight", "exact_weight", "num_prompts", "epochs", "num_generations",
+                                     "batch_size", "max_completion_length", "temperature", "lr", "lora_r", "qlora",
+                                     "seed"), "dtype": dtype, "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+    if not args.force and (args.out_dir / "eval.json").is_file() and common.already_done(
+            grpo_dir, STAGE, settings, **parents):
+        return
+    common.check_writable_dir(args.out_dir)
+    resume, finished = rlhf_common.checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, may_grow=("epochs",),
+                                                        **parents)
+    funcs, weights = reward_functions(args, device)
+
     from datasets import Dataset
     from peft import LoraConfig
     from torch.utils.tensorboard import SummaryWriter
     from transformers import BitsAndBytesConfig, TrainerCallback
     from transformers.integrations import TensorBoardCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    common.check_writable_dir(args.out_dir)
-    ckpt_dir, grpo_dir = args.out_dir / "checkpoints" / "grpo", args.out_dir / "grpo_output"
-    log_file, history_file = args.out_dir / "train.log", ckpt_dir / "history.jsonl"
-    rank = int(os.environ.get("RANK", "0"))
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
-    funcs, weights = reward_functions(args, device)  # fails early if the reward model is missing
 
     with tempfile.TemporaryDirectory() as tmp:
-        policy, tok = common.load_policy(args.sft_dir, args.base_dir)
-        if args.qlora:  # reload the (merged) SFT weights as 4-bit NF4; LoRA adapters train on top in bf16
+        policy, tok = rlhf_common.load_policy(args.sft_dir, args.base_dir)
+        if args.qlora:  # reload the (merged) SFT weights as 4-bit NF4; LoRA adapters train on top
             from transformers import AutoModelForCausalLM
 
             policy.save_pretrained(tmp)
             generation_config = policy.generation_config
             policy = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=common.compute_dtype(
+                    allow_fp16=True)))
             policy.generation_config = generation_config
-    prompts = common.rlhf_prompts("train", args.num_prompts - args.num_prompts // 4, args.num_prompts // 4, seed=args.seed)
+    prompts = rlhf_common.rlhf_prompts("train", args.num_prompts - args.num_prompts // 4, args.num_prompts // 4,
+                                       seed=args.seed)
     dataset = Dataset.from_list(prompts)
     if rank == 0:
         print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params; {len(dataset)} prompts; "
               f"rewards {[f.__name__ for f in funcs]} weights {weights}")
 
-    resume = latest_checkpoint(ckpt_dir)
     if rank == 0 and history_file.exists():  # drop history logged after the checkpoint we resume from
         done = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
         kept = [line for line in history_file.read_text().splitlines() if json.loads(line).get("step", 0) <= done]
@@ -185,31 +280,25 @@ def train(args):
         def on_log(self, a, state, control, logs=None, **kw):
             if state.is_world_process_zero and logs:
                 record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-                for path, rec in ((log_file, {"stage": "grpo", **record}), (history_file, record)):
+                for path, rec in ((log_file, {"stage": STAGE, **record}), (history_file, record)):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     with open(path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
-    config = GRPOConfig(
-        output_dir=str(ckpt_dir), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        beta=0.05, loss_type="dapo", scale_rewards="none", epsilon=0.2, temperature=args.temperature,
-        reward_weights=weights, logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
-        save_total_limit=2, report_to="none", seed=args.seed, gradient_checkpointing=False,
-        bf16=use_cuda,  # on CPU, bf16 autocast measured slower than fp32 for these small models
-        use_cpu=not use_cuda, disable_dropout=True, dataloader_num_workers=0)
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)  # GPT-2 uses Conv1D
     callbacks = [Logs()]
     if rank == 0:
-        callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / "grpo"))))
-    trainer = GRPOTrainer(model=policy, reward_funcs=funcs, args=config, train_dataset=dataset,
-                          processing_class=tok, peft_config=lora, callbacks=callbacks)
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / STAGE))))
+    trainer = grpo_trainer_class()(model=policy, reward_funcs=funcs, args=grpo_config(args, ckpt_dir, weights, dtype),
+                                   train_dataset=dataset, processing_class=tok, peft_config=lora, callbacks=callbacks)
+    trainer.first_epoch = rlhf_common.checkpoint_epoch(resume)
     if rank == 0 and resume:
-        print(f"resuming from {resume}")
+        print(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
+        with open(log_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()}) + "\n")
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    rlhf_common.train_or_finish(trainer, resume, finished)
     if not trainer.accelerator.is_main_process:
         return
     print(f"trained {trainer.state.global_step} steps in {time.time() - t0:.0f} s")
@@ -219,18 +308,18 @@ def train(args):
 
     with common.atomic_dir(grpo_dir) as tmp:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp / "adapter"))
-        base, _ = common.load_policy(args.sft_dir, args.base_dir)
+        base, _ = rlhf_common.load_policy(args.sft_dir, args.base_dir)
         merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
         merged.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         if history_file.exists():
             (tmp / "history.jsonl").write_bytes(history_file.read_bytes())
+        common.write_lineage(tmp, STAGE, settings, **parents)
     print(f"saved the GRPO model to {grpo_dir} (adapter in {grpo_dir / 'adapter'})")
-    model, tok = load_grpo_model(grpo_dir)
-    evaluate(args, model, tok)
+    evaluate(args, *load_grpo_model(args, parents))
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["train", "inference", "eval"], default="train")
     parser.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
@@ -238,29 +327,62 @@ def main():
     parser.add_argument("--reward-model", type=Path, help="default: OUT_DIR/reward_model (= RLHF/reward_model)")
     parser.add_argument("--out-dir", type=Path, default=RLHF_DIR,
                         help="writes grpo_output/, eval.json, checkpoints/grpo/, runs/grpo/, train.log here")
-    parser.add_argument("--rm-weight", type=float, default=1.0, help="weight of the reward-model score")
-    parser.add_argument("--exact-weight", type=float, default=1.0, help="weight of the exact-answer reward (0/1)")
-    parser.add_argument("--num-prompts", type=int, default=64, help="training prompts: 3/4 arithmetic, 1/4 chat")
-    parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--num-generations", type=int, default=4, help="group size: completions per prompt")
-    parser.add_argument("--batch-size", type=int, default=16, help="completions per device per step")
-    parser.add_argument("--max-completion-length", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (inference: 0 = greedy)")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--rm-weight", type=common.nonnegative_float, default=1.0,
+                        help="weight of the reward-model score")
+    parser.add_argument("--exact-weight", type=common.nonnegative_float, default=1.0,
+                        help="weight of the exact-answer reward (0/1)")
+    parser.add_argument("--num-prompts", type=common.positive_int, default=64,
+                        help="training prompts: 3/4 arithmetic, 1/4 chat")
+    parser.add_argument("--epochs", type=common.positive_float, default=3)
+    parser.add_argument("--num-generations", type=common.positive_int, default=4,
+                        help="group size: completions per prompt (at least 2)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=16, help="completions per device per step")
+    parser.add_argument("--max-completion-length", type=common.positive_int, default=64,
+                        help="longest completion (a worked arithmetic answer is ~40-50 tokens)")
+    parser.add_argument("--temperature", type=common.nonnegative_float, default=1.0,
+                        help="sampling temperature (inference: 0 = greedy)")
+    parser.add_argument("--lr", type=common.positive_float, default=2e-4)
+    parser.add_argument("--lora-r", type=common.positive_int, default=16)
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 policy weights (bitsandbytes) under LoRA")
-    parser.add_argument("--save-steps", type=int, default=10)
-    parser.add_argument("--eval-arithmetic", type=int, default=64, help="held-out arithmetic prompts in eval.json")
-    parser.add_argument("--eval-conversation", type=int, default=32, help="held-out chat prompts in eval.json")
+    parser.add_argument("--save-steps", type=common.positive_int, default=10)
+    parser.add_argument("--eval-arithmetic", type=common.nonnegative_int, default=64,
+                        help="held-out arithmetic prompts in eval.json")
+    parser.add_argument("--eval-conversation", type=common.nonnegative_int, default=32,
+                        help="held-out chat prompts in eval.json")
     parser.add_argument("--prompt", action="append", help="inference: a user message (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="inference: longest answer")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--max-new-tokens", type=common.positive_int, default=64, help="inference: longest answer")
+    parser.add_argument("--seed", type=common.nonnegative_int, default=0)
+    parser.add_argument("--force", action="store_true",
+                        help="redo a finished run, and discard checkpoints of a run with other settings")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.reward_model = args.reward_model or args.out_dir / "reward_model"
+    if args.mode == "train":  # what TRL would reject later with a traceback
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if not args.rm_weight and not args.exact_weight:
+            parser.error("--rm-weight and --exact-weight are both 0: there is nothing to reward")
+        if args.temperature == 0:
+            parser.error("--temperature must be above 0 for training (0 = greedy is for --mode inference)")
+        if args.num_generations < 2:
+            parser.error("--num-generations must be at least 2: advantages compare completions of the same prompt")
+        if args.batch_size * processes % args.num_generations:
+            parser.error(f"--batch-size {args.batch_size} x {processes} process(es) must be a multiple of "
+                         f"--num-generations {args.num_generations}: a step holds whole groups")
+    if args.mode != "inference" and not args.eval_arithmetic + args.eval_conversation:
+        parser.error("--eval-arithmetic and --eval-conversation are both 0: there is nothing to evaluate")
+    return args
+
+
+def main():
+    args = parse_args()
     if args.mode == "inference":
         inference(args)
     elif args.mode == "eval":
-        evaluate(args, *load_grpo_model(args.out_dir / "grpo_output"))
+        evaluate(args, *load_grpo_model(args, parents_of(args)))  # the SFT policy it is compared to is its parent
     else:
         train(args)
 

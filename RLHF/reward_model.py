@@ -5,9 +5,16 @@ Reads:  the SFT policy as the starting point (SFT/sft_output/merged/, else outpu
         preference pairs: by default the embedded RLHF/data/preference_{train,heldout}.jsonl.gz, or your own.
 Writes: RLHF/reward_model/      GPT2ForSequenceClassification (num_labels=1) + tokenizer; load it with
                                 AutoModelForSequenceClassification.from_pretrained("RLHF/reward_model")
+                                and lineage.json (settings; the SFT policy and base it was built from)
         RLHF/reward_eval.json   held-out pairwise accuracy (chosen scored above rejected), overall and per kind
         RLHF/checkpoints/reward_model/  resumable checkpoints (a killed run resumes when rerun with the same command)
         RLHF/train.log, RLHF/runs/reward_model/ (TensorBoard)
+
+Reruns: the same command on a finished run does nothing and says so. A killed run, rerun, resumes from its last
+checkpoint and logs what the uninterrupted run would have (data order, RNG and lr schedule restored). Checkpoints
+of a run with other settings (another --max-steps or --epochs changes the cosine schedule of every step) or of
+another SFT policy are an error that names the difference: rerun with that run's flags to finish it, or pass
+--force to start over (--force also redoes a finished run and replaces a reward model GRPO was built from).
 
 Your own pairs (--data FILE..., --hf-dataset NAME): jsonl(.gz) or parquet rows in one of these layouts
   conversational   {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  (prompt optional: the
@@ -31,14 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import common  # noqa: E402
+import rlhf_common  # noqa: E402
 
 import torch  # noqa: E402
 
 RLHF_DIR = common.REWARD_MODEL_DIR.parent
-
-
+STAGE = "reward_model"
 
 
 def log_line(log_file, record):
@@ -147,44 +154,42 @@ def heldout_by_hash(pairs, fraction=0.05):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def latest_checkpoint(ckpt_dir):
-    """Newest checkpoint-N whose trainer_state.json exists: Trainer writes that file last, so a checkpoint cut
-    short by a kill is skipped."""
-    ckpts = [p for p in Path(ckpt_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
-
-
-def init_reward_model(sft_dir, base_dir, tmp):
-    """GPT2ForSequenceClassification (num_labels=1) from the SFT policy, else from the pretrained model."""
-    from transformers import AutoModelForSequenceClassification
-
+def policy_parents(sft_dir, base_dir):
+    """The lineage parents of the reward model: the SFT policy it starts from (and the base under an SFT adapter),
+    or the pretrained base itself when there is no SFT output yet; and where it starts from, in words."""
     try:
-        kind, path = common.find_policy(sft_dir, base_dir)
-        source = f"SFT policy {path}"
-        if kind == "adapter":  # merge the adapter, then reload the merged weights with a score head
-            model, tok = common.load_policy(sft_dir, base_dir)
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            path = tmp
+        parents = rlhf_common.policy_parents(sft_dir, base_dir)
+        return parents, f"SFT policy {parents['policy']}"
     except common.UserError:
-        path = Path(base_dir)
-        if not (path / "config.json").is_file():
+        if not (Path(base_dir) / "config.json").is_file():
             raise common.UserError(f"no SFT model in {sft_dir} and no pretrained model in {base_dir}: "
                                    "run pretraining and SFT first") from None
-        source = f"pretrained model {path} (no SFT output found in {sft_dir})"
+        return {"policy": Path(base_dir), "base": None}, f"pretrained model {base_dir} (no SFT output in {sft_dir})"
+
+
+def init_reward_model(sft_dir, base_dir, parents, tmp):
+    """GPT2ForSequenceClassification (num_labels=1) from the policy in parents (see policy_parents)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = parents["policy"]
+    if parents["base"] is not None:  # an adapter: merge it, then reload the merged weights with a score head
+        model, tok = rlhf_common.load_policy(sft_dir, base_dir)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        path = tmp
     tok = common.load_chat_tokenizer(path if (Path(path) / "tokenizer.json").is_file() else base_dir)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
-    return model, tok, source
+    return model, tok
 
 
 def evaluate(model, tok, pairs):
     """Held-out pairwise accuracy (chosen scored above rejected), overall and per kind, and the mean margin."""
     model.eval()
     prompts = [p["prompt"] + p["chosen"][:-1] for p in pairs]
-    chosen = common.reward_model_scores(model, tok, prompts, [p["chosen"][-1]["content"] for p in pairs])
+    chosen = rlhf_common.reward_model_scores(model, tok, prompts, [p["chosen"][-1]["content"] for p in pairs])
     prompts = [p["prompt"] + p["rejected"][:-1] for p in pairs]
-    rejected = common.reward_model_scores(model, tok, prompts, [p["rejected"][-1]["content"] for p in pairs])
+    rejected = rlhf_common.reward_model_scores(model, tok, prompts, [p["rejected"][-1]["content"] for p in pairs])
     wins = [c > r for c, r in zip(chosen, rejected)]
     by_kind = {}
     for p, w in zip(pairs, wins):
@@ -195,7 +200,12 @@ def evaluate(model, tok, pairs):
             "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
 
 
-def main():
+def steps(text):
+    """--max-steps: a positive number of steps, or -1 for whole --epochs."""
+    return -1 if text.strip() == "-1" else common.positive_int(text)
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
     parser.add_argument("--base-dir", type=Path, default=common.OUTPUT_DIR, help="pretrained base of the SFT adapter")
@@ -206,15 +216,23 @@ def main():
     parser.add_argument("--hf-eval-split", default="test")
     parser.add_argument("--out-dir", type=Path, default=RLHF_DIR,
                         help="writes reward_model/, reward_eval.json, checkpoints/, runs/, train.log here")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=30,
+    parser.add_argument("--epochs", type=common.positive_float, default=1.0)
+    parser.add_argument("--max-steps", type=steps, default=30,
                         help="stop after this many steps (CPU default; -1 = full --epochs, e.g. on a GPU)")
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs per device per step")
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--max-length", type=int, default=128, help="drop pairs longer than this many tokens")
-    parser.add_argument("--save-steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--batch-size", type=common.positive_int, default=16, help="pairs per device per step")
+    parser.add_argument("--lr", type=common.positive_float, default=3e-4)
+    parser.add_argument("--max-length", type=common.positive_int, default=128,
+                        help="drop pairs longer than this many tokens")
+    parser.add_argument("--save-steps", type=common.positive_int, default=50)
+    parser.add_argument("--seed", type=common.nonnegative_int, default=0)
+    parser.add_argument("--force", action="store_true",
+                        help="redo a finished run, discard checkpoints of a run with other settings, and replace a "
+                             "reward model that RLHF/grpo_output was built from")
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
 
     # Data first: a bad file fails in a second, before any model is loaded or anything is written.
     if args.hf_dataset:
@@ -228,11 +246,28 @@ def main():
             if not eval_pairs:
                 raise common.UserError("too few pairs to hold any out: pass --eval-data")
     else:
-        train_pairs = load_pairs([common.PREFERENCE_FILES["train"]])
-        eval_pairs = load_pairs([common.PREFERENCE_FILES["heldout"]])
-    common.check_writable_dir(args.out_dir)
+        train_pairs = load_pairs([rlhf_common.PREFERENCE_FILES["train"]])
+        eval_pairs = load_pairs([rlhf_common.PREFERENCE_FILES["heldout"]])
     out_model, ckpt_dir = args.out_dir / "reward_model", args.out_dir / "checkpoints" / "reward_model"
     log_file = args.out_dir / "train.log"
+
+    # A rerun of a finished run is a no-op; checkpoints are resumed only by the run that wrote them.
+    parents, source = policy_parents(args.sft_dir, args.base_dir)
+    dtype = common.dtype_name(allow_fp16=True)
+    settings = {**common.settings_of(args, "hf_dataset", "hf_split", "hf_eval_split", "epochs", "max_steps",
+                                     "batch_size", "lr", "max_length", "seed"),
+                "data": [str(p.resolve()) for p in args.data or []],
+                "eval_data": [str(p.resolve()) for p in args.eval_data or []],
+                "pairs_sha256": hashlib.sha256(json.dumps([train_pairs, eval_pairs], ensure_ascii=False).encode())
+                .hexdigest(),  # edited data files make a new run
+                "dtype": dtype, "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+    if not args.force and (args.out_dir / "reward_eval.json").is_file() and common.already_done(
+            out_model, STAGE, settings, **parents):
+        return
+    if (out_model / "config.json").is_file():
+        common.refuse_to_replace(out_model, args.force, "reward model")
+    common.check_writable_dir(args.out_dir)
+    resume, finished = rlhf_common.checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, **parents)
 
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
@@ -242,7 +277,7 @@ def main():
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok, source = init_reward_model(args.sft_dir, args.base_dir, tmp)
+        model, tok = init_reward_model(args.sft_dir, args.base_dir, parents, tmp)
     print(f"reward model initialised from {source}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
           f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
     cols = ("prompt", "chosen", "rejected")
@@ -251,25 +286,25 @@ def main():
     class LogFile(TrainerCallback):
         def on_log(self, a, state, control, logs=None, **kw):
             if state.is_world_process_zero and logs:
-                log_line(log_file, {"stage": "reward_model", "step": state.global_step, "time": time.time(), **logs})
+                log_line(log_file, {"stage": STAGE, "step": state.global_step, "time": time.time(), **logs})
 
     config = RewardConfig(
         output_dir=str(ckpt_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=0.05, weight_decay=0.0, max_length=args.max_length, gradient_checkpointing=False,
-        bf16=torch.cuda.is_available(),  # on CPU, bf16 autocast measured slower than fp32 for these small models
+        bf16=dtype == "bf16", fp16=dtype == "fp16",  # mixed precision: autocast over fp32 weights
         logging_steps=5, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=2, report_to="none", seed=args.seed, dataloader_num_workers=0,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available())
     callbacks = [LogFile()]
     if int(os.environ.get("RANK", "0")) == 0:
-        callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / "reward_model"))))
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / STAGE))))
     trainer = RewardTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)
-    resume = latest_checkpoint(ckpt_dir)
-    if resume:
-        print(f"resuming from {resume}")
+    if resume and trainer.accelerator.is_main_process:  # train.log marks where the killed run's lines end
+        print(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
+        log_line(log_file, {"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()})
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    rlhf_common.train_or_finish(trainer, resume, finished)
     train_seconds = time.time() - t0
 
     if trainer.accelerator.is_main_process:
@@ -277,11 +312,13 @@ def main():
         with common.atomic_dir(out_model) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            common.write_lineage(tmp, STAGE, settings, **parents)
         metrics = evaluate(model, tok, eval_pairs)
         report = {"initialised_from": source, "train_pairs": len(train_pairs), "steps": trainer.state.global_step,
-                  "train_loss": result.training_loss, "train_seconds": round(train_seconds, 1), "heldout": metrics}
+                  "train_loss": rlhf_common.mean_logged(trainer.state, "loss"),  # the whole run, also after a resume
+                  "train_seconds": round(train_seconds, 1), "heldout": metrics}
         common.atomic_write_json(args.out_dir / "reward_eval.json", report)
-        log_line(log_file, {"stage": "reward_model", "event": "eval", **metrics})
+        log_line(log_file, {"stage": STAGE, "event": "eval", **metrics})
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in metrics["accuracy_by_kind"].items())
         print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} ({kinds}); saved {out_model} "
               f"and {args.out_dir / 'reward_eval.json'}")

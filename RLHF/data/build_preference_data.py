@@ -9,9 +9,11 @@ Writes: RLHF/data/preference_train.jsonl.gz and RLHF/data/preference_heldout.jso
          "answer": the exact integer answer (arithmetic only, else null)}
 
 The chosen answer is always correct, on-format and in the asker's language. The rejected one is one of KINDS:
-  wrong           wrong number (arithmetic) / a reply to a different question (conversation)
+  wrong_number    (arithmetic) worked columns with a dropped carry/borrow, a wrong column sum, or a final sentence
+                  that contradicts the columns
+  wrong           (conversation) a fluent reply in the right language to a different question
   rambling        repetitive filler instead of a short answer
-  off_format      right number but not "The answer is N." / "答案是N。"; or a reply that does not stop and
+  off_format      right number but no worked columns and not "The answer is N." / "答案是N。"; or a reply that does not stop and
                   invents the next turns of the dialogue
   truncated       the answer cut off before it is complete
   wrong_language  the answer in English to a Chinese question, or in Chinese to an English one
@@ -112,23 +114,56 @@ def truncate(rng, text, lang):
     return text[:cut].rstrip("。！？，.!?,")
 
 
+def wrong_worked_answer(rng, task):
+    """The worked answer with the kind of slip a small model makes, so the final number is wrong: a dropped carry or
+    borrow, a wrong column sum, or a final sentence that does not match the worked columns."""
+    import re
+
+    right, a = task["response"], task["answer"]
+    final = right.rfind("The answer is") if task["lang"] == "en" else right.rfind("答案是")
+    steps, tail = right[:final], right[final:]
+    slip = rng.choice(["carry", "column", "final"])
+    m = re.search(r"(\d+) \+ (\d+) \+ 1 = (\d+)|(\d+) - 1 - (\d+) = (-?\d+)", steps)
+    if slip == "carry" and m:  # forget the carry / borrow in the tens column
+        if m.group(1):
+            x, y = int(m.group(1)), int(m.group(2))
+            fixed, wrong_tens = f"{x} + {y} = {x + y}", x + y
+        else:
+            x, y = int(m.group(4)), int(m.group(5))
+            fixed, wrong_tens = f"{x} - {y} = {x - y}", x - y
+        units = a % 10
+        wrong = wrong_tens * 10 + units
+        if wrong != a and wrong >= 0:
+            return steps[:m.start()] + fixed + steps[m.end():] + tail.replace(str(a), str(wrong))
+    if slip in ("carry", "column"):  # a wrong result in the units column, carried through to the answer
+        m = re.search(r"= (\d+)", steps)
+        delta = rng.choice([-2, -1, 1, 2])
+        value = int(m.group(1)) + delta
+        if value >= 0 and a + delta >= 0:
+            return steps[:m.start(1)] + str(value) + steps[m.end(1):].replace(f"{int(m.group(1)) % 10}",
+                                                                              f"{value % 10}", 1) \
+                + tail.replace(str(a), str(a + delta))
+    wrong = a
+    while wrong == a or wrong < 0:  # the columns are right, the final sentence is not
+        wrong = a + rng.choice([-1, 1]) * rng.choice([1, 2, 10, 9, 11])
+    return steps + tail.replace(str(a), str(wrong))
+
+
 def arithmetic_rejected(rng, task, kind):
     a, lang = task["answer"], task["lang"]
     if kind == "wrong":
-        wrong = a
-        while wrong == a or wrong < 0:
-            wrong = a + rng.choice([-1, 1]) * rng.randint(1, 12)
-        return f"The answer is {wrong}." if lang == "en" else f"答案是{wrong}。"
+        return wrong_worked_answer(rng, task)
     if kind == "rambling":
         return rambling(rng, lang, task["response"])
     if kind == "off_format":  # the right number, but nothing extract_answer can read
         forms = [f"{a}", f"It is {a}.", f"Answer: {a}", f"= {a}", f"{a}!!!"] if lang == "en" else \
             [f"{a}", f"一共{a}。", f"结果：{a}", f"= {a}"]
         return rng.choice(forms)
-    if kind == "truncated":
-        return rng.choice(["The answer is", "The answer", "The"]) if lang == "en" else rng.choice(["答案是", "答案", "答"])
+    if kind == "truncated":  # the worked columns cut off before the final sentence
+        return truncate(rng, task["response"], lang)
     if kind == "wrong_language":
-        return f"答案是{a}。" if lang == "en" else f"The answer is {a}."
+        other = dict(task, lang="zh" if lang == "en" else "en")
+        return common.worked_answer(*operands(task), task["op"], other["lang"])
     raise ValueError(kind)
 
 
@@ -156,6 +191,14 @@ def conversation_rejected(rng, example, kind, pools):
     raise ValueError(kind)
 
 
+def operands(task):
+    """(a, b) of a task, read back from its worked response ('47 + 38: ...')."""
+    import re
+
+    m = re.match(r"(\d+) [+-] (\d+)", task["response"])
+    return int(m.group(1)), int(m.group(2))
+
+
 def row(prompt, chosen, rejected, kind, source, lang, answer=None):
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}], "kind": kind, "source": source, "lang": lang,
@@ -169,7 +212,8 @@ def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
         for i, task in enumerate(common.arithmetic_tasks(n, split, seed=seed + 7)):
             kind = KINDS[i % len(KINDS)]
             prompt = [{"role": "user", "content": task["prompt"]}]
-            out[split].append(row(prompt, task["response"], arithmetic_rejected(rng, task, kind), kind, "arithmetic",
+            label = "wrong_number" if kind == "wrong" else kind  # reported on its own: the reward model's hard case
+            out[split].append(row(prompt, task["response"], arithmetic_rejected(rng, task, kind), label, "arithmetic",
                                   task["lang"], task["answer"]))
     examples = conversation_examples(conversations)
     pools = {lang: {"replies": sorted({e["reply"] for e in examples if e["lang"] == lang}),
@@ -204,7 +248,7 @@ def main():
     for split, rows in out.items():
         path = args.out_dir / f"preference_{split}.jsonl.gz"
         write_jsonl_gz(path, rows)
-        by_kind = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
+        by_kind = {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})}
         print(f"{path}: {len(rows)} pairs, by kind {by_kind}")
 
 
