@@ -12,7 +12,7 @@ SCALE ?= $(if $(filter 0,$(NGPU)),cpu,gpu)
 
 ifeq ($(SCALE),smoke)
 TOKENIZER_FLAGS := --vocab-size 1024 --max-chars 1e6
-CHUNK_FLAGS := --context-length 128 --max-tokens 3e5
+CHUNK_FLAGS := --context-length 128 --sources default:3 midtrain:1 --max-tokens 3e5
 PRETRAIN_FLAGS := --preset smoke --context-length 128
 SFT_FLAGS := --max-steps 6 --arith-tasks 300 --eval-tasks 8 --eval-chats 4 --max-new-tokens 12
 RM_FLAGS := --max-steps 6
@@ -28,11 +28,13 @@ GRPO_FLAGS :=
 REPORT_FLAGS :=
 else
 TOKENIZER_FLAGS := --vocab-size 8192
-CHUNK_FLAGS := --context-length 256
+# A quarter of the pretraining tokens are chats in the template (arithmetic with worked answers, chatterbot):
+# mid-training, so the base knows <|im_start|>/<|im_end|> and the answer format before SFT.
+CHUNK_FLAGS := --context-length 256 --sources default:3 midtrain:1 --max-tokens 6.4e6
 PRETRAIN_FLAGS := --preset cpu
 SFT_FLAGS :=
 RM_FLAGS :=
-GRPO_FLAGS := --num-prompts 32 --lr 1e-3
+GRPO_FLAGS := --num-prompts 32 --lr 1e-3 --max-completion-length 64
 REPORT_FLAGS :=
 endif
 # With several GPUs pretraining runs under DeepSpeed ZeRO-2, one rank per GPU.
@@ -88,11 +90,11 @@ SFT/eval.json: SFT/qlora_fine_tune_trl.py output/pretrain_summary.json
 	@find SFT/checkpoints -maxdepth 0 ! -newer output/pretrain_summary.json -exec rm -rf {} + 2>/dev/null || true
 	$(call timed,sft,$(PY) SFT/qlora_fine_tune_trl.py --force --merge $(SFT_FLAGS))
 
-RLHF/reward_eval.json: RLHF/reward_model.py SFT/eval.json
+RLHF/reward_eval.json: RLHF/reward_model.py RLHF/rlhf_common.py SFT/eval.json
 	@find RLHF/checkpoints/reward_model -maxdepth 0 ! -newer SFT/eval.json -exec rm -rf {} + 2>/dev/null || true
 	$(call timed,reward_model,$(PY) RLHF/reward_model.py --force $(RM_FLAGS))
 
-RLHF/eval.json: RLHF/grpo_trl.py RLHF/reward_eval.json
+RLHF/eval.json: RLHF/grpo_trl.py RLHF/rlhf_common.py RLHF/reward_eval.json
 	@find RLHF/checkpoints/grpo -maxdepth 0 ! -newer RLHF/reward_eval.json -exec rm -rf {} + 2>/dev/null || true
 	$(call timed,grpo,$(PY) RLHF/grpo_trl.py --force $(GRPO_FLAGS))
 

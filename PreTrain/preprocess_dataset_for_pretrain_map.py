@@ -29,6 +29,11 @@ Sources (--sources NAME[:WEIGHT] ...):
     stackexchange  HuggingFaceH4/stack-exchange-preferences, split train: {qid, question, date, metadata,
                    answers: [{answer_id, author, author_id, author_profile, pm_score, selected, text}]}
                                                                -> question + answers, highest pm_score first
+  midtrain         generated chat-format documents (mid-training, as nanochat does between base and SFT): the
+                   arithmetic word problems of common.py with worked answers (training split only, another seed than
+                   SFT's) and the embedded chatterbot training conversations, rendered with the chat template, their
+                   <|im_start|>/<|im_end|> as the real special tokens; endless, so it needs --max-tokens. The base
+                   model then knows the chat format and the digits before SFT.
   To add a dataset, add an entry to NAMED_SOURCES. --data-files NAME=GLOB reads a named source from local .json[l]
   [.gz] / .parquet files of the same schema instead of the hub (offline use, and how the tests run these paths).
 
@@ -40,7 +45,8 @@ Rows: each document's tokens are followed by <|endoftext|>, the stream is cut in
 tokens (inputs = row[:-1], targets = row[1:]); the tail of a split that does not fill a row is dropped (logged).
 Split: a document goes to val when a hash of its text falls under --val-fraction (the same text always lands in the
 same split); a source with more than one document always gets at least one val document (its second one if the
-hash picked none before). Text that spells a special token ("<|endoftext|>") is tokenized as plain text.
+hash picked none before). Text that spells a special token ("<|endoftext|>") is tokenized as plain text, except in
+the generated midtrain documents.
 
 Work is done in batches of documents, one batch per shard: about --rows-per-shard rows' worth of text (at least
 64 KB), tokenized by datasets.map with --num-proc processes. After each batch its complete rows are written as one
@@ -175,6 +181,9 @@ def parse_sources(specs, data_files):
                 sources.append(dict(name=f"default/{f.name.split('.')[0]}", weight=weight * size / sum(sizes),
                                     origin=str(f.relative_to(common.REPO)), hub=False,
                                     open=lambda f=f: (d["text"] for d in common.read_jsonl_gz(f) if d["text"])))
+        elif name == "midtrain":
+            sources.append(dict(name=name, weight=weight, origin="generated chats (arithmetic + chatterbot)",
+                                hub=False, endless=True, chat=True, open=midtrain_texts))
         elif name in NAMED_SOURCES:
             files = overrides.get(name)
             origin = f"files {' '.join(files)}" if files else f"hub {NAMED_SOURCES[name]['hub']}"
@@ -190,6 +199,19 @@ def parse_sources(specs, data_files):
     if unused:
         raise UserError(f"--data-files given for {', '.join(sorted(unused))}, which is not in --sources")
     return sources
+
+
+MIDTRAIN_SEED = 4242  # SFT draws its problems with other seeds; the train/held-out split is by hash either way
+
+
+def midtrain_texts():
+    """Endless chat-format documents: three arithmetic conversations for every chatterbot conversation."""
+    chats = [r["messages"] for r in common.read_jsonl_gz(common.SFT_CHAT_FILE) if r["split"] == "train"]
+    render = common.render_messages
+    for n, task in enumerate(common.arithmetic_task_stream("train", seed=MIDTRAIN_SEED)):
+        yield render([{"role": "user", "content": task["prompt"]}, {"role": "assistant", "content": task["response"]}])
+        if n % 3 == 2:
+            yield render(chats[(n // 3) % len(chats)])
 
 
 def interleave(sources, progress, budgets, bytes_per_token):
@@ -223,33 +245,43 @@ def interleave(sources, progress, budgets, bytes_per_token):
 _TOKENIZERS = {}  # path -> tokenizers.Tokenizer; loaded once in the parent, inherited by forked map workers
 
 
-def raw_tokenizer(path):
-    if path not in _TOKENIZERS:
+def raw_tokenizer(path, specials=False):
+    """The fast tokenizer; specials=False makes "<|endoftext|>" inside a document plain text, never the real token
+    (only our own generated chat documents get the real special tokens)."""
+    if (path, specials) not in _TOKENIZERS:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(path)
-        tok.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, never the real token
-        _TOKENIZERS[path] = tok
-    return _TOKENIZERS[path]
+        tok.encode_special_tokens = not specials
+        _TOKENIZERS[path, specials] = tok
+    return _TOKENIZERS[path, specials]
 
 
 def tokenize_batch(batch, tokenizer_path):
     # encode_batch_fast: the same ids as encode_batch, without the character offsets (~40% less CPU)
-    encodings = raw_tokenizer(tokenizer_path).encode_batch_fast(batch["text"], add_special_tokens=False)
-    return {"input_ids": [e.ids for e in encodings]}
+    ids = [None] * len(batch["text"])
+    for specials in (False, True):
+        rows = [i for i, chat in enumerate(batch["chat"]) if chat == specials]
+        if rows:
+            encodings = raw_tokenizer(tokenizer_path, specials).encode_batch_fast([batch["text"][i] for i in rows],
+                                                                                 add_special_tokens=False)
+            for i, e in zip(rows, encodings):
+                ids[i] = e.ids
+    return {"input_ids": ids}
 
 
-def tokenize(texts, tokenizer_path, num_proc):
-    """list of texts -> (all their token ids as one int32 array, start and end of text i's ids in it)."""
+def tokenize(texts, chat, tokenizer_path, num_proc):
+    """list of texts (chat[i]: text i is a generated chat document) -> (all their token ids as one int32 array,
+    start and end of text i's ids in it)."""
     from datasets import Dataset, Features, List, Value
 
     num_proc = min(num_proc, len(texts))
     # map gives process r a contiguous 1/num_proc of the rows; dealing the documents round-robin first gives each
     # process the same mix of long and short documents (a batch may be ordered by source); undone below
     order = np.concatenate([np.arange(r, len(texts), num_proc) for r in range(num_proc)])
-    ds = Dataset.from_dict({"text": [texts[i] for i in order]})
+    ds = Dataset.from_dict({"text": [texts[i] for i in order], "chat": [chat[i] for i in order]})
     out = ds.map(tokenize_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                 remove_columns=["text"], fn_kwargs={"tokenizer_path": tokenizer_path}, keep_in_memory=True,
+                 remove_columns=["text", "chat"], fn_kwargs={"tokenizer_path": tokenizer_path}, keep_in_memory=True,
                  features=Features({"input_ids": List(Value("int32"))}), new_fingerprint=os.urandom(8).hex())
     ids = out.data.table.column("input_ids").combine_chunks()
     values = ids.flatten().to_numpy(zero_copy_only=False)
@@ -335,8 +367,8 @@ def main():
         raise UserError(f"{tokenizer_path} has no {common.EOT} token: retrain it with the stage-1 script")
     sources = parse_sources(args.sources, args.data_files)
     max_tokens = int(args.max_tokens) if args.max_tokens else None
-    if max_tokens is None and any(s["hub"] for s in sources):
-        raise UserError("hub datasets are streamed without end: give --max-tokens (e.g. --max-tokens 2e9)")
+    if max_tokens is None and any(s["hub"] or s.get("endless") for s in sources):
+        raise UserError("hub datasets and midtrain are streams without end: give --max-tokens (e.g. --max-tokens 2e9)")
     out_dir = Path(args.output_dir)
     check_output_dir(out_dir)
     settings = {**common.settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
@@ -452,7 +484,9 @@ def main():
                 break
         if not batch:
             break
-        values, starts, ends = tokenize([text for _, _, text, _ in batch], tokenizer_path, args.num_proc)
+        values, starts, ends = tokenize([text for _, _, text, _ in batch],
+                                        [sources[i].get("chat", False) for i, _, _, _ in batch], tokenizer_path,
+                                        args.num_proc)
         lengths = ends - starts + 1  # + the end-of-text token
         is_val = []
         for (i, index, text, n_bytes), n_tokens in zip(batch, lengths.tolist()):

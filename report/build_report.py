@@ -23,7 +23,7 @@ import common  # noqa: E402
 REPORT_DIR = common.REPO / "report"
 STAGES = ["tokenizer", "chunks", "pretrain", "sft", "reward_model", "grpo", "report"]  # in pipeline order
 PROMPTS = ["The history of the United States", "子曰：学而时习之",
-           "Tom has 12 apples and gets 7 more. How many apples does Tom have now?", "def fibonacci(n):"]
+           "Tom has 47 apples and gets 38 more. How many apples does Tom have now?", "def fibonacci(n):"]
 
 
 def read_json(path):
@@ -85,8 +85,9 @@ def column(rows, key):
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 
-def generate_samples(max_new_tokens):
-    """Greedy continuations of the same prompts by the base, SFT and GRPO models (those that exist)."""
+def generate_samples(max_new_tokens, seed=0):
+    """Continuations of the same prompts by the base, SFT and GRPO models (those that exist): greedy, and sampled at
+    temperature 0.8 (top-k 50, fixed seed), since greedy decoding of a small model loops."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,18 +101,41 @@ def generate_samples(max_new_tokens):
         model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
         samples[name] = {}
         for prompt in PROMPTS:
-            if name == "pretrained":
-                text = prompt
-            else:
-                text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
+            text = prompt if name == "pretrained" else common.render_messages([{"role": "user", "content": prompt}], True)
             ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id,
-                                     eos_token_id=[tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id])
-            samples[name][prompt] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            stops = [tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id]
+            samples[name][prompt] = {}
+            for mode, sampling in (("greedy", dict(do_sample=False)),
+                                   ("sampled", dict(do_sample=True, temperature=0.8, top_k=50, top_p=1.0))):
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=stops, **sampling)
+                samples[name][prompt][mode] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return samples
+
+
+def stage_lessons(m):
+    """What each stage taught, on held-out problems: rows (metric, base, sft, grpo) read from the eval files."""
+    sft, grpo = m.get("sft") or {}, m.get("grpo") or {}
+    rows = []
+
+    def get(d, *keys):
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    kinds = sorted(set(get(sft, "sft", "exact_match_by_kind") or {}) | set(get(grpo, "grpo", "exact_answer_by_kind") or {}))
+    rows.append(("exact match, all arithmetic", get(sft, "base", "exact_match"), get(sft, "sft", "exact_match"),
+                 get(grpo, "grpo", "exact_answer_accuracy")))
+    for kind in kinds:
+        rows.append((f"exact match, {kind}", get(sft, "base", "exact_match_by_kind", kind),
+                     get(sft, "sft", "exact_match_by_kind", kind), get(grpo, "grpo", "exact_answer_by_kind", kind)))
+    rows.append((f"replies ending with {common.IM_END}", get(sft, "base", "ends_with_im_end"),
+                 get(sft, "sft", "ends_with_im_end"), get(grpo, "grpo", "ends_with_im_end")))
+    rows.append(("reward-model score", None, get(grpo, "sft", "reward_model_score"), get(grpo, "grpo", "reward_model_score")))
+    rows.append(("KL to the SFT policy (per token)", None, None, get(grpo, "kl_k1_per_token")))
+    return [r for r in rows if any(v is not None for v in r[1:])]
 
 
 def fmt(x, digits=3):
@@ -124,7 +148,7 @@ def fmt(x, digits=3):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="length of each sample generation")
+    ap.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="length of each sample generation")
     ap.add_argument("--no-samples", action="store_true", help="skip loading models for sample generations")
     args = ap.parse_args()
     REPORT_DIR.mkdir(exist_ok=True)
@@ -174,6 +198,12 @@ def render(m):
         lines += [f"| total | {fmt(sum(v.get('seconds', 0) for v in m['timings'].values() if v), 1)} |", ""]
 
     tok = m["tokenizer"]
+    lessons = stage_lessons(m)
+    if lessons:
+        lines += ["## What each stage taught (held-out problems)", "", "| metric | base | SFT | GRPO |", "|---|---|---|---|"]
+        lines += [f"| {name} | {fmt(b)} | {fmt(s)} | {fmt(g)} |" for name, b, s, g in lessons]
+        lines += [""]
+
     lines += ["## Tokenizer", ""]
     if tok:
         bpt = tok.get("bytes_per_token_heldout", {})
@@ -220,12 +250,12 @@ def render(m):
         lines += [f"![GRPO reward and KL]({m['plots']['grpo']})", ""]
 
     if m["samples"]:
-        lines += ["## Samples (greedy, same prompts)", ""]
+        lines += ["## Samples (same prompts; greedy, and sampled at temperature 0.8 with a fixed seed)", ""]
         for prompt in PROMPTS:
             lines += [f"**{prompt}**", ""]
             for stage, outs in m["samples"].items():
-                out = outs.get(prompt, "").replace("\n", " ⏎ ")
-                lines += [f"- {stage}: {out}"]
+                for mode, out in outs.get(prompt, {}).items():
+                    lines += [f"- {stage}, {mode}: {out.replace(chr(10), ' ⏎ ')}"]
             lines += [""]
     return "\n".join(lines) + "\n"
 

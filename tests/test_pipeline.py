@@ -62,3 +62,28 @@ def test_second_run_skips_every_stage(smoke_repo):
     root, _ = smoke_repo
     proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "== stage" not in proc.stdout, proc.stdout
+
+
+def test_replacing_an_upstream_output_is_refused_or_detected(smoke_repo, tmp_path):
+    """After `make all`: the README's tokenizer command would replace tokenizer/ under everything built on it, so it
+    stops and names what would go stale; a base model replaced with --force makes the SFT adapter's loaders stop."""
+    root, _ = smoke_repo
+    py = str(root / ".venv" / "bin" / "python")
+    before = (root / "tokenizer" / "tokenizer.json").read_bytes()
+    proc = subprocess.run([py, "train_byte_level_bpe_tokenizer.py"], cwd=root / "PreTrain", capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "--force" in proc.stderr, proc.stderr
+    assert "pretrain_data_chunks" in proc.stderr and "output" in proc.stderr
+    assert (root / "tokenizer" / "tokenizer.json").read_bytes() == before
+
+    # a new base over the one SFT was trained on: needs --force, and then the adapter no longer loads on it
+    pretrain = [py, "PreTrain/model.py", "--preset", "smoke", "--context-length", "128", "--max-steps", "3",
+                "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-file", str(tmp_path / "log")]
+    proc = subprocess.run(pretrain, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "SFT/sft_output" in proc.stderr and "--force" in proc.stderr, proc.stderr
+    proc = subprocess.run(pretrain + ["--force"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([py, "SFT/inference.py", "--prompt", "hi", "--max-new-tokens", "4"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "sft_output" in proc.stderr and "output" in proc.stderr and "qlora_fine_tune_trl.py" in proc.stderr

@@ -260,3 +260,27 @@ def test_bad_numbers_are_usage_errors(tiny_tokenizer_dir, tmp_path, flag):
                       check=False)
     assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_midtrain_source_has_real_chat_tokens_and_no_heldout_problems(corpus, tiny_tokenizer_dir, tmp_path):
+    """The generated mid-training chats use the real <|im_start|>/<|im_end|> ids (a plain-text source never does),
+    and every arithmetic problem in them comes from the training split."""
+    out = tmp_path / "chunks"
+    run(tiny_tokenizer_dir, out, "--sources", "midtrain:1", corpus[0] / "docs.jsonl.gz:1", "--max-tokens", 20000,
+        "--num-proc", "2")
+    manifest = json.loads((out / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    im_start, im_end, eot = (tok.token_to_id(t) for t in (common.IM_START, common.IM_END, common.EOT))
+    rows = read_split(out, manifest, "train") + read_split(out, manifest, "val")
+    stream = [t for row in rows for t in row]
+    assert stream.count(im_start) > 50 and abs(stream.count(im_end) - stream.count(im_start)) <= 2  # rows cut the ends
+    docs = [tok.decode(d, skip_special_tokens=False) for d in
+            (list(g) for k, g in __import__("itertools").groupby(stream, lambda t: t == eot) if not k)]
+    chats = [d for d in docs if d.startswith(common.IM_START)]
+    problems = [d.split("\n", 1)[1].split(common.IM_END)[0] for d in chats if "answer is" in d or "答案是" in d]
+    assert len(problems) > 20 and all(common.arithmetic_split(p) == "train" for p in problems[1:-1])
+    by_source = {s["name"]: s["tokens"]["train"] + s["tokens"]["val"] for s in manifest["sources"]}
+    assert 0.3 < by_source["midtrain"] / sum(by_source.values()) < 0.7  # weights 1:1
+    # without a budget the endless source is refused before any work
+    err = bad_run(tiny_tokenizer_dir, tmp_path / "c2", "--sources", "midtrain")
+    assert "--max-tokens" in err
