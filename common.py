@@ -345,54 +345,36 @@ def latest_trainer_checkpoint(checkpoint_dir):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command-line number checks, for argparse `type=`: a bad value is one clear usage error at parse time.
-def positive_int(text):
+def _number(text, convert, ok, need):
     import argparse
 
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if convert is int else 'a number'}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
     return value
+
+
+def positive_int(text):
+    return _number(text, int, lambda v: v >= 1, "at least 1")
 
 
 def nonnegative_int(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "0 or more")
 
 
 def positive_float(text):
-    import argparse
     import math
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _number(text, float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 def nonnegative_float(text):
-    import argparse
     import math
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
-    return value
+    return _number(text, float, lambda v: v >= 0 and math.isfinite(v), "0 or a positive number")
 
 
 # ---------------------------------------------------------------------------------------------------------------

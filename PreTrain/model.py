@@ -243,8 +243,11 @@ def read_manifest(chunks_dir, tokenizer_dir):
         raise UserError(f"{path}: unknown manifest format {manifest.get('format')!r}; this script reads format 1")
     fingerprint = common.tokenizer_fingerprint(tokenizer_dir)
     if manifest.get("tokenizer_fingerprint") != fingerprint:
-        raise UserError(f"{path} was made with another tokenizer than {tokenizer_dir} (fingerprint mismatch): "
-                        "re-run `python PreTrain/preprocess_dataset_for_pretrain_map.py` with this tokenizer")
+        made_with = (common.read_lineage(chunks_dir) or {}).get("parents", {}).get("tokenizer", {}).get("path")
+        use = f"pass --tokenizer-dir {made_with} (the tokenizer they were made with), or " if made_with else ""
+        raise UserError(f"{path} was made with another tokenizer than {tokenizer_dir} (fingerprint mismatch): {use}"
+                        f"re-run `python PreTrain/preprocess_dataset_for_pretrain_map.py --tokenizer-dir "
+                        f"{tokenizer_dir}` to chunk the data with this one")
     return manifest
 
 

@@ -1,0 +1,52 @@
+"""common.py: atomic directories, lineage fingerprints and the dtype switch."""
+import json
+
+import pytest
+
+import common
+
+
+def test_atomic_dir_replaces_whole_and_clears_a_killed_saves_leftovers(tmp_path):
+    out = tmp_path / "output"
+    left = tmp_path / ".output.tmpdeadbeef"  # what a save killed before its rename leaves behind
+    left.mkdir()
+    (left / "model.safetensors").write_text("half")
+    with common.atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (out / "a.txt").read_text() == "1" and not left.exists()
+    with pytest.raises(RuntimeError), common.atomic_dir(out) as tmp:
+        (tmp / "b.txt").write_text("2")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # the old output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output"]  # and no temporary directory is left
+
+
+def test_lineage_detects_a_replaced_parent(tmp_path):
+    parent, child = tmp_path / "base", tmp_path / "adapter"
+    parent.mkdir()
+    child.mkdir()
+    (parent / "model.safetensors").write_bytes(b"weights v1")
+    common.write_lineage(child, "sft", {"lr": 1}, base=parent)
+    common.check_lineage(child, "python SFT/qlora_fine_tune_trl.py", base=parent)  # belongs together: no error
+    assert common.already_done(child, "sft", {"lr": 1}, base=parent)
+    assert not common.already_done(child, "sft", {"lr": 2}, base=parent)
+    (parent / "model.safetensors").write_bytes(b"weights v2")
+    with pytest.raises(common.UserError, match=rf"{child} was built from a different base than the one in {parent}"):
+        common.check_lineage(child, "python SFT/qlora_fine_tune_trl.py", base=parent)
+    assert not common.already_done(child, "sft", {"lr": 1}, base=parent)
+    assert json.loads((child / "lineage.json").read_text())["settings"] == {"lr": 1}
+
+
+def test_dtype_switch(monkeypatch):
+    monkeypatch.setenv(common.DTYPE_ENV, "bf16")
+    assert common.dtype_name() == "bf16" and common.dtype_name("auto") == "bf16"
+    assert common.dtype_name("fp32") == "fp32"  # an explicit --dtype wins over the environment
+    monkeypatch.setenv(common.DTYPE_ENV, "fp32")
+    assert str(common.compute_dtype()) == "torch.float32"
+    monkeypatch.setenv(common.DTYPE_ENV, "fp16x")
+    with pytest.raises(common.UserError, match="LLM_TRAIN_DTYPE"):
+        common.dtype_name()
+    monkeypatch.delenv(common.DTYPE_ENV)
+    import torch
+
+    assert common.dtype_name() == ("bf16" if torch.cuda.is_available() or common.cpu_has_fast_bf16() else "fp32")
