@@ -66,7 +66,8 @@ def train_run(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def trained(train_run):
+def trained(train_run, monkeypatch):
+    monkeypatch.setenv(common.DTYPE_ENV, "fp32")  # a rerun of this run must use its dtype, whatever the suite forces
     return train_run("fp32")
 
 
