@@ -2,6 +2,7 @@
 same Hugging Face layout as output/ (the stand-in "pretrained" model for SFT and RLHF tests)."""
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,20 @@ def free_port():
 # The precision-sensitive tests run under both compute dtypes on any CPU (bf16 is slow but correct without bf16
 # units): parametrize with this and set common.DTYPE_ENV in the test (monkeypatch.setenv / a subprocess env).
 BOTH_DTYPES = pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory):
+    """A copy of the repo's tracked and untracked-but-not-ignored files, sharing .venv/, after `make all SCALE=smoke`.
+    Shared by every test that needs real stage outputs (pipeline, web UI, eval); a test that changes it uses a copy."""
+    root = tmp_path_factory.mktemp("pipeline") / "llm_train"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)  # keeps mtimes: .venv/.installed stays newer than requirements.txt
+    os.symlink(REPO / ".venv", root / ".venv")
+    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, proc.stdout

@@ -1,29 +1,10 @@
 """`make all SCALE=smoke` runs every stage end to end in a copy of the repo, the report card's numbers are the ones
 the stages wrote, and a second `make all` skips every stage."""
 import json
-import os
 import shutil
 import subprocess
 
-import pytest
 
-from conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory):
-    """A copy of the repo's tracked and untracked-but-not-ignored files, sharing .venv/, after `make all SCALE=smoke`."""
-    root = tmp_path_factory.mktemp("pipeline") / "llm_train"
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)  # keeps mtimes: .venv/.installed stays newer than requirements.txt
-    os.symlink(REPO / ".venv", root / ".venv")
-    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return root, proc.stdout
 
 
 def read(path):
@@ -67,7 +48,9 @@ def test_second_run_skips_every_stage(smoke_repo):
 def test_replacing_an_upstream_output_is_refused_or_detected(smoke_repo, tmp_path):
     """After `make all`: the README's tokenizer command would replace tokenizer/ under everything built on it, so it
     stops and names what would go stale; a base model replaced with --force makes the SFT adapter's loaders stop."""
-    root, _ = smoke_repo
+    # on a copy: other tests (web UI, eval) share the session's smoke run
+    root = tmp_path / "llm_train"
+    shutil.copytree(smoke_repo[0], root, symlinks=True)
     py = str(root / ".venv" / "bin" / "python")
     before = (root / "tokenizer" / "tokenizer.json").read_bytes()
     proc = subprocess.run([py, "train_byte_level_bpe_tokenizer.py"], cwd=root / "PreTrain", capture_output=True,
