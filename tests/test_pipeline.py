@@ -5,8 +5,6 @@ import shutil
 import subprocess
 
 
-
-
 def read(path):
     return json.loads(path.read_text(encoding="utf-8"))
 
