@@ -1,13 +1,16 @@
 """Code that more than one stage needs, kept in one place: repo paths, special tokens and the chat template,
-the tokenizer fingerprint, user-facing errors, atomic writes, the embedded corpus reader and the verifiable
-arithmetic task family that SFT and RLHF share.
+the tokenizer fingerprint, user-facing errors, atomic writes, the embedded corpus reader, the named Hugging Face text
+sources with their cleaners (tokenizer and chunks stages) and the verifiable arithmetic task family that SFT and
+RLHF share.
 
 Stage scripts import it after putting the repo root on sys.path, so they run from any directory:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import common
 """
+import codecs
 import contextlib
+import glob
 import gzip
 import hashlib
 import json
@@ -17,6 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 # OpenMP threads sleep instead of spinning while they wait: spinning made training steps ~3x slower whenever another
@@ -390,17 +394,19 @@ TXT_DOC_CHARS = 65536  # .txt files are cut at the first blank line after this m
 
 
 def read_text_file(path):
-    """Yield the documents of one local file; a binary or non-UTF-8 file is a UserError naming the file."""
+    """Yield the documents of one local file; a binary or non-UTF-8 file is a UserError naming the file.
+    Streams: memory stays bounded by one document (or one parquet batch), whatever the file's size."""
     path = Path(path)
     name = path.name
     try:
         if name.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise UserError(f"{path}: parquet file has no 'text' column (columns: {table.column_names})")
-            yield from (t for t in table.column("text").to_pylist() if t)
+            parquet = pq.ParquetFile(path)
+            if "text" not in parquet.schema_arrow.names:
+                raise UserError(f"{path}: parquet file has no 'text' column (columns: {parquet.schema_arrow.names})")
+            for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
+                yield from (t for t in batch.column(0).to_pylist() if t)
         elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
             opener = gzip.open if name.endswith(".gz") else open
             with opener(path, "rt", encoding="utf-8") as f:
@@ -414,17 +420,33 @@ def read_text_file(path):
                     if text:
                         yield text
         else:
-            data = path.read_bytes()
-            if b"\x00" in data[:8192]:
-                raise UserError(f"{path} looks binary (NUL bytes): give text, .jsonl or .parquet files")
-            text = data.decode("utf-8")
-            start = 0
-            while start < len(text):  # one document per ~64 KB, so a single big file still gets a val share
-                cut = text.find("\n\n", start + TXT_DOC_CHARS)
-                end = len(text) if cut < 0 else cut + 2
-                if text[start:end].strip():
-                    yield text[start:end]
-                start = end
+            with open(path, "rb") as f:
+                if b"\x00" in f.read(8192):
+                    raise UserError(f"{path} looks binary (NUL bytes): give text, .jsonl or .parquet files")
+                f.seek(0)
+                # one document per ~64 KB (cut at a blank line), so a single big file still gets a val share
+                decoder, text, offset = codecs.getincrementaldecoder("utf-8")(), "", 0
+                while True:
+                    block, pending = f.read(1 << 20), len(decoder.getstate()[0])
+                    try:
+                        text += decoder.decode(block, final=not block)
+                    except UnicodeDecodeError as e:
+                        e.start += offset - pending  # the file's byte, not the block's
+                        raise
+                    offset += len(block)
+                    start = 0
+                    while True:
+                        cut = text.find("\n\n", start + TXT_DOC_CHARS)
+                        if cut < 0:
+                            break
+                        if text[start:cut + 2].strip():
+                            yield text[start:cut + 2]
+                        start = cut + 2
+                    text = text[start:]
+                    if not block:
+                        break
+                if text.strip():
+                    yield text
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
         what = f"not valid UTF-8 (byte {e.start})" if isinstance(e, UnicodeDecodeError) else f"unreadable ({e})"
         raise UserError(f"{path} is {what}: convert it to UTF-8 text / fix the file, or remove it") from None
@@ -435,6 +457,147 @@ def read_jsonl_gz(path):
         for line in f:
             if line.strip():
                 yield json.loads(line)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named datasets on the Hugging Face hub, for the tokenizer (stage 1) and the chunks (stage 2): where they live
+# (ids, configs, splits and fields as on their dataset cards) and how a row becomes one clean document.
+class _HTMLText(HTMLParser):
+    """Text of an HTML fragment: entities unescaped, tags dropped, <pre>/<code> contents kept as they are,
+    paragraphs and list items on lines of their own."""
+    PARAGRAPH = {"p", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "table", "hr", "div"}
+    LINE = {"li", "tr", "br", "dd", "dt"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.in_pre, self.newlines = [], 0, 2
+
+    def _add(self, text):
+        if text:
+            self.parts.append(text)
+            body = text.rstrip("\n")
+            self.newlines = len(text) - len(body) + (0 if body else self.newlines)
+
+    def _break(self, n):
+        self._add("\n" * max(0, n - self.newlines))
+
+    def handle_starttag(self, tag, attrs):
+        self._break(2 if tag in self.PARAGRAPH else 1 if tag in self.LINE else 0)
+        if tag == "li":
+            self._add("- ")
+        self.in_pre += tag == "pre"
+
+    def handle_endtag(self, tag):
+        self.in_pre -= tag == "pre" and self.in_pre > 0
+        self._break(2 if tag in self.PARAGRAPH else 1 if tag in self.LINE - {"br"} else 0)
+
+    def handle_data(self, data):
+        if not self.in_pre:  # outside <pre> a run of whitespace (newlines too) is one space, as browsers show it
+            data = re.sub(r"\s+", " ", data)
+            if self.newlines:
+                data = data.lstrip(" ")
+        self._add(data)
+
+
+def html_to_text(html):
+    parser = _HTMLText()
+    parser.feed(html)
+    parser.close()
+    return re.sub(r" +\n", "\n", "".join(parser.parts)).strip()
+
+
+_GUTENBERG_START = re.compile(r"\*\*\*\s*START OF (?:THE|THIS) PROJECT GUTENBERG[^*]*\*\*\*[^\n]*\n?", re.I)
+_GUTENBERG_END = re.compile(r"^[ \t]*(?:\*\*\*\s*END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the |this )?Project "
+                            r"Gutenberg)", re.I | re.M)
+
+
+def gutenberg_text(text):
+    """A Project Gutenberg book without the licence: the text between the '*** START OF ... ***' line and the
+    '*** END OF ...' line (or the 'End of the Project Gutenberg EBook' line before it); unmarked text is kept."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    return (text[:end.start()] if end else text).strip()
+
+
+def stackexchange_text(row):
+    """The question, then its answers, best first (pm_score = round(log2(1 + upvotes)) + 1 if accepted, -1 when
+    downvoted: downvoted answers are left out), all as plain text."""
+    answers = sorted((a for a in row.get("answers") or [] if a.get("text") and (a.get("pm_score") or 0) >= 0),
+                     key=lambda a: (-(a.get("pm_score") or 0), not a.get("selected")))
+    return "\n\n".join(t for t in map(html_to_text, [row["question"], *(a["text"] for a in answers)]) if t)
+
+
+# row_kb: a typical row's size, which turns the shuffle buffer's megabytes into rows.
+NAMED_SOURCES = {
+    "c4": dict(hub="allenai/c4", config="en", split="train", row_kb=2, text=lambda r: r["text"]),
+    "wikipedia": dict(hub="wikimedia/wikipedia", config="20231101.en", split="train", row_kb=4,
+                      text=lambda r: r["title"] + "\n\n" + r["text"]),
+    "wikipedia-zh": dict(hub="wikimedia/wikipedia", config="20231101.zh", split="train", row_kb=3,
+                         text=lambda r: r["title"] + "\n\n" + r["text"]),
+    "tiny-codes": dict(hub="nampdn-ai/tiny-codes", config=None, split="train", row_kb=3,
+                       text=lambda r: r["prompt"] + "\n\n" + r["response"]),
+    "gutenberg": dict(hub="manu/project_gutenberg", config=None, split="en", row_kb=400,
+                      text=lambda r: gutenberg_text(r["text"])),
+    "gutenberg-zh": dict(hub="manu/project_gutenberg", config=None, split="zh", row_kb=400,
+                         text=lambda r: gutenberg_text(r["text"])),
+    "stackexchange": dict(hub="HuggingFaceH4/stack-exchange-preferences", config=None, split="train", row_kb=4,
+                          text=stackexchange_text),
+}
+SHUFFLE_BUFFER_MB = 64  # text held in a named stream's shuffle buffer
+
+
+def parse_data_files(items):
+    """--data-files NAME=GLOB ... -> {name: [glob, ...]}."""
+    overrides = {}
+    for item in items or []:
+        name, eq, pattern = item.partition("=")
+        if not eq or name not in NAMED_SOURCES:
+            raise UserError(f"--data-files {item}: expected NAME=GLOB with NAME one of {', '.join(NAMED_SOURCES)}")
+        overrides.setdefault(name, []).append(pattern)
+    return overrides
+
+
+def named_source(name, data_files=None, shuffle_mb=SHUFFLE_BUFFER_MB, seed=0):
+    """(rows, where): a named dataset as a streaming datasets.IterableDataset, from the hub or from local
+    .json[l][.gz] / .parquet files of the same schema (data_files: globs), and a description for messages.
+    shuffle_mb > 0 reads up to 10 of its files at a time in a seeded random file order through a shuffle buffer of
+    about that much text, so a token budget draws from the whole dataset and not from its first files; rows.state_dict()
+    is where the stream is, for resuming (rows that sat in the buffer are then skipped or repeated)."""
+    from datasets import load_dataset
+
+    spec = NAMED_SOURCES[name]
+    if data_files:
+        files = sorted(f for pattern in data_files for f in glob.glob(os.path.expanduser(pattern)))
+        if not files:
+            raise UserError(f"--data-files {name}={' '.join(data_files)} matches no file")
+        builder = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
+        rows = load_dataset(builder, data_files=files, split="train", streaming=True)
+        where = f"{name} files {files[0]}{' ...' if len(files) > 1 else ''}"
+    else:
+        where = f"{spec['hub']} ({spec['config'] or 'default'}, {spec['split']})"
+        try:
+            rows = load_dataset(spec["hub"], spec["config"], split=spec["split"], streaming=True)
+        except Exception as e:  # offline, no network, renamed dataset: one clear line instead of a traceback
+            raise UserError(f"cannot stream {where} from the Hugging Face hub ({type(e).__name__}: "
+                            f"{str(e)[:200]}): check the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE must be "
+                            f"unset), or download its files and use --data-files {name}=GLOB") from None
+    if shuffle_mb > 0:
+        rows = rows.shuffle(seed=seed, buffer_size=max(1, round(shuffle_mb * 1000 / spec["row_kb"])))
+    return rows, where
+
+
+def named_texts(rows, name, where):
+    """The clean, non-empty documents of a named source's rows."""
+    for i, row in enumerate(rows):
+        try:
+            text = NAMED_SOURCES[name]["text"](row)
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{where}, row {i + 1}: missing field {e} for source '{name}' (columns: {sorted(row)}); "
+                            "see NAMED_SOURCES in common.py") from None
+        if text:
+            yield text
 
 
 # ---------------------------------------------------------------------------------------------------------------

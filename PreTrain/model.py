@@ -1,7 +1,8 @@
 """Stage 3: pretrain GPT-2 from scratch on the tokenized chunks, plain PyTorch, DDP or DeepSpeed ZeRO-2.
 
-Reads:  pretrain_data_chunks/ (manifest.json + parquet shards of fixed-length token rows, from
+Reads:  pretrain_data_chunks/ (manifest.json + flat token files of fixed-length rows, from
         PreTrain/preprocess_dataset_for_pretrain_map.py) and tokenizer/ (its fingerprint must match the manifest's).
+        Rows are read from disk as batches need them (Rows): a rank's memory does not grow with the chunk set.
 Writes: output/ a Hugging Face GPT-2 checkpoint (config.json, model.safetensors, generation_config.json, tokenizer
         files with model_max_length = the context, history.jsonl, pretrain_summary.json, lineage.json) that
         AutoModelForCausalLM.from_pretrained("./output") loads; checkpoints/pretrain/step_NNNNNN/ (every
@@ -239,8 +240,10 @@ def read_manifest(chunks_dir, tokenizer_dir):
         _ = manifest["splits"]["train"]["shards"], manifest["context_length"], manifest["row_length"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is not a chunks manifest: re-run the preprocessing stage") from None
-    if manifest.get("format") != 1:
-        raise UserError(f"{path}: unknown manifest format {manifest.get('format')!r}; this script reads format 1")
+    if manifest.get("format") != 2:
+        raise UserError(f"{path}: chunks in format {manifest.get('format')!r}, this script reads format 2 (flat token "
+                        "files): re-run `python PreTrain/preprocess_dataset_for_pretrain_map.py --force` with your "
+                        "settings")
     fingerprint = common.tokenizer_fingerprint(tokenizer_dir)
     if manifest.get("tokenizer_fingerprint") != fingerprint:
         made_with = (common.read_lineage(chunks_dir) or {}).get("parents", {}).get("tokenizer", {}).get("path")
@@ -251,36 +254,68 @@ def read_manifest(chunks_dir, tokenizer_dir):
     return manifest
 
 
-def load_rows(chunks_dir, manifest, split, context_length, vocab_size):
-    """All rows of a split as one int32 array (rows, context_length + 1), rows cut into windows if needed."""
-    import pyarrow.parquet as pq
+class Rows:
+    """The rows of one split, read from its shard files only when indexed: rows[index array] -> (n, context + 1)
+    array. Nothing is loaded up front and no file is mapped, so a rank holds only the rows of its current batch
+    whatever the chunk set's size (np.memmap would read the same bytes, but every page it touched would count in the
+    rank's resident memory until the kernel reclaims it, growing over an epoch to the whole split). If the context
+    is smaller than the chunks' rows, each row is cut into windows of context + 1 tokens sharing one boundary token:
+    index i is window i // n_rows of row i % n_rows."""
 
-    row_length = manifest["row_length"]
-    parts = []
+    def __init__(self, paths, shard_rows, row_length, dtype, context_length, vocab_size):
+        self.paths, self.row_length, self.dtype = paths, row_length, np.dtype(dtype)
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.starts = np.cumsum([0, *shard_rows])  # first row of each shard
+        self.n_rows = int(self.starts[-1])
+        self.windows = (row_length - 1) // context_length
+        self.files = {}  # shard -> its file, opened on first use (closed when the reader is garbage collected)
+
+    def __len__(self):
+        return self.n_rows * self.windows
+
+    def __getitem__(self, index):
+        index = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index, np.int64)
+        if index.ndim != 1 or (len(index) and not 0 <= index.min() <= index.max() < len(self)):
+            raise IndexError(f"row index out of range 0..{len(self) - 1} (or not a 1-d index)")
+        window, row = np.divmod(index, self.n_rows)
+        shard = np.searchsorted(self.starts, row, side="right") - 1
+        width = self.context_length + 1
+        out = np.empty((len(index), width), self.dtype)
+        for k, (s, r, w) in enumerate(zip(shard.tolist(), row.tolist(), window.tolist())):
+            if s not in self.files:
+                self.files[s] = open(self.paths[s], "rb", buffering=0)
+            offset = ((r - int(self.starts[s])) * self.row_length + w * self.context_length) * self.dtype.itemsize
+            out[k] = np.frombuffer(os.pread(self.files[s].fileno(), width * self.dtype.itemsize, offset), self.dtype)
+        bad = np.flatnonzero((out >= self.vocab_size).any(1))
+        if len(bad):  # a corrupt or foreign shard: say which, before an embedding lookup fails somewhere
+            s, r = int(shard[bad[0]]), int(row[bad[0]] - self.starts[shard[bad[0]]])
+            raise UserError(f"{self.paths[s]}, row {r}: token id outside the vocabulary (size {self.vocab_size}): "
+                            "the chunks do not belong to this tokenizer/model")
+        return out
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(rows): every row, in memory (small sets and tests only)
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def load_rows(chunks_dir, manifest, split, context_length, vocab_size):
+    """The rows of a split as a Rows reader: the shard files are checked (present, whole rows, the manifest's row
+    count) but not read."""
+    row_length, dtype = manifest["row_length"], np.dtype(manifest["dtype"])
+    paths, shard_rows = [], []
     for rel in manifest["splits"][split]["shards"]:
         path = Path(chunks_dir) / rel
         if not path.is_file():
             raise UserError(f"{path} (listed in {Path(chunks_dir) / 'manifest.json'}) is missing: re-run preprocessing")
-        try:
-            column = pq.read_table(path, columns=["input_ids"]).column("input_ids").combine_chunks()
-        except Exception as e:  # a truncated or foreign file: name it
-            raise UserError(f"{path} is not a readable chunk shard ({type(e).__name__}: {e}): re-run preprocessing")
-        lengths = np.diff(column.offsets.to_numpy())
-        bad = np.flatnonzero(lengths != row_length)
-        if len(bad):
-            raise UserError(f"{path}, row {bad[0]}: {lengths[bad[0]]} tokens, expected row_length {row_length}: "
-                            "re-run preprocessing")
-        ids = column.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False).reshape(-1, row_length)
-        if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
-            row = int(np.flatnonzero((ids >= vocab_size).any(1) | (ids < 0).any(1))[0])
-            raise UserError(f"{path}, row {row}: token id outside the vocabulary (size {vocab_size}): "
-                            "the chunks do not belong to this tokenizer/model")
-        parts.append(ids)
-    rows = np.concatenate(parts) if parts else np.zeros((0, row_length), np.int32)
-    if context_length + 1 < row_length:
-        windows = (row_length - 1) // context_length
-        rows = np.concatenate([rows[:, i * context_length: (i + 1) * context_length + 1] for i in range(windows)])
-    return np.ascontiguousarray(rows)
+        size = path.stat().st_size
+        if size % (row_length * dtype.itemsize):
+            raise UserError(f"{path}: {size} bytes is not a whole number of rows of {row_length} {dtype.name} token "
+                            "ids (truncated, or not this manifest's shard): re-run preprocessing")
+        paths.append(path)
+        shard_rows.append(size // (row_length * dtype.itemsize))
+    if sum(shard_rows) != manifest["splits"][split]["rows"]:
+        raise UserError(f"{chunks_dir}: the {split} shards hold {sum(shard_rows)} rows, the manifest says "
+                        f"{manifest['splits'][split]['rows']}: re-run preprocessing")
+    return Rows(paths, shard_rows, row_length, dtype, context_length, vocab_size)
 
 
 class Batches:
@@ -612,7 +647,7 @@ def read_inputs(args):
 
 
 def load_data(args, manifest, vocab_size, dist):
-    """(train rows, val rows): int32 arrays of context_length + 1 tokens per row."""
+    """(train rows, val rows): Rows readers of context_length + 1 tokens per row."""
     train_rows = load_rows(args.chunks_dir, manifest, "train", args.context_length, vocab_size)
     val_rows = load_rows(args.chunks_dir, manifest, "val", args.context_length, vocab_size)
     if len(val_rows) == 0:
@@ -791,7 +826,7 @@ def evaluate(args, dist, engine, val_rows, step, tokens_per_byte):
     """Mean loss over the first --eval-batches micro batches of the val split (shared out over the ranks)."""
     engine.train_model.eval()
     n = min(len(val_rows), args.eval_batches * args.batch_size)
-    mine = val_rows[:n][dist.rank::dist.world_size]
+    mine = val_rows[np.arange(dist.rank, n, dist.world_size)]  # only this rank's rows are read
     total, count = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)
     for i in range(0, len(mine), args.batch_size):
         batch = torch.from_numpy(mine[i:i + args.batch_size].astype(np.int64)).to(dist.device)

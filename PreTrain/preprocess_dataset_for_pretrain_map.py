@@ -1,11 +1,14 @@
-"""Stage 2: tokenize text into fixed-length rows of token ids for pretraining, stored as parquet shards.
+"""Stage 2: tokenize text into fixed-length rows of token ids for pretraining, stored as flat token files.
 
 Reads:  tokenizer/tokenizer.json (--tokenizer-dir) and the text sources given by --sources (default: the embedded
         corpus data/default_corpus/*.jsonl.gz, training files only; the held-out files stay for the tokenizer report).
 Writes: pretrain_data_chunks/ (--output-dir):
-          manifest.json                 written last: its existence means the output is complete
-          train/shard_00000.parquet ... one column "input_ids" = list<int32>, every row exactly context_length + 1 ids
-          val/shard_00000.parquet ...   the same for the validation documents
+          manifest.json             written last: its existence means the output is complete
+          train/shard_00000.bin ... the rows back to back, each exactly context_length + 1 token ids, as raw
+                                    little-endian uint16 (vocabulary <= 65536; else uint32: manifest "dtype")
+          val/shard_00000.bin ...   the same for the validation documents
+        Flat files so training can read any row straight from disk (no decoding, no loading of the whole split):
+        np.fromfile(path, manifest["dtype"]).reshape(-1, manifest["row_length"]) reads one shard.
 
     python PreTrain/preprocess_dataset_for_pretrain_map.py --context-length 256      # CPU default run (15-35 s)
     python PreTrain/preprocess_dataset_for_pretrain_map.py                           # embedded corpus, context 1024
@@ -18,24 +21,31 @@ Sources (--sources NAME[:WEIGHT] ...):
   default          the embedded corpus; each of its files is a source of its own (weight split by file size)
   a path           a file or directory: .txt (split at blank lines into ~64 KB documents), .jsonl / .jsonl.gz /
                    .json.gz (one JSON object with a "text" field per line), .parquet (a "text" column)
-  a named dataset  streamed from the Hugging Face hub (needs --max-tokens); schemas as published on the hub:
+  a named dataset  streamed from the Hugging Face hub (needs --max-tokens); schemas as on the dataset cards:
     c4             allenai/c4, config en, split train: {text, timestamp, url}                  -> text
     wikipedia      wikimedia/wikipedia, config 20231101.en, split train: {id, url, title, text} -> title + text
     wikipedia-zh   the same with config 20231101.zh
     tiny-codes     nampdn-ai/tiny-codes, split train: {prompt, main_topic, subtopic, adjective, action_verb,
                    scenario, target_audience, programming_language, common_sense_topic, idx, response}
                                                                                             -> prompt + response
-    gutenberg      manu/project_gutenberg, split en (its splits are languages): {id, text}  -> text
+    gutenberg      manu/project_gutenberg, split en (its splits are languages, no train): {id, text}
+                   -> text between the "*** START OF ... ***" and "*** END OF ..." licence lines
+    gutenberg-zh   the same with split zh
     stackexchange  HuggingFaceH4/stack-exchange-preferences, split train: {qid, question, date, metadata,
                    answers: [{answer_id, author, author_id, author_profile, pm_score, selected, text}]}
-                                                               -> question + answers, highest pm_score first
+                   -> question + answers (highest pm_score first, downvoted ones left out), HTML made plain text
+                   (entities unescaped, tags dropped, <pre>/<code> contents kept)
+                   Named sources (ids, cleaners) live in common.py: the tokenizer stage takes the same names.
   midtrain         generated chat-format documents (mid-training, as nanochat does between base and SFT): the
                    arithmetic word problems of common.py with worked answers (training split only, another seed than
                    SFT's) and the embedded chatterbot training conversations, rendered with the chat template, their
                    <|im_start|>/<|im_end|> as the real special tokens; endless, so it needs --max-tokens. The base
                    model then knows the chat format and the digits before SFT.
-  To add a dataset, add an entry to NAMED_SOURCES. --data-files NAME=GLOB reads a named source from local .json[l]
-  [.gz] / .parquet files of the same schema instead of the hub (offline use, and how the tests run these paths).
+  To add a dataset, add an entry to common.NAMED_SOURCES. --data-files NAME=GLOB reads a named source from local
+  .json[l][.gz] / .parquet files of the same schema instead of the hub (offline use, and how the tests run these
+  paths). A named source is read shuffled: up to 10 of its files at a time, in a seeded random order, through a
+  buffer of --shuffle-buffer-mb of text, so a --max-tokens budget samples the whole dataset, not its first files
+  (a stream reads a dataset's files in order, and stack-exchange's files hold one site after another).
 
 Weights: with --max-tokens T, source i contributes about T * w_i / sum(w) tokens (train + val); a source that runs
 out first contributes what it has. Documents of all sources are interleaved in that proportion, so every shard has
@@ -51,8 +61,11 @@ the generated midtrain documents.
 Work is done in batches of documents, one batch per shard: about --rows-per-shard rows' worth of text (at least
 64 KB), tokenized by datasets.map with --num-proc processes. After each batch its complete rows are written as one
 train and one val shard (atomically), the less-than-a-row rest is carried over, and the progress is saved in
-pretrain_data_chunks/.partial/; a killed run rerun with the same command skips its finished shards (it re-reads but
-does not re-tokenize the documents before them; hub sources are streamed again up to that point). A finished run
+pretrain_data_chunks/.partial/; a killed run rerun with the same command skips its finished shards: local files
+are re-read (not re-tokenized) up to where it stopped, a named source's stream continues where it stopped (its
+datasets state_dict is saved with each shard; the rows that sat in its shuffle buffer are then skipped or repeated,
+at most about --shuffle-buffer-mb of text; with --shuffle-buffer-mb 0 the resumed run equals an uninterrupted one).
+Local sources are not read ahead of time: the progress bar's total is estimated from the file sizes. A finished run
 moves its output into place in one rename; a failed run leaves an existing complete output untouched. Rerunning a
 finished run with the same settings (and tokenizer) does nothing and says so; replacing chunks that a pretrained
 model in output/ was built from needs --force.
@@ -70,65 +83,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from common import UserError  # noqa: E402
 
-FORMAT = 1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Named Hugging Face datasets: where they live and how a row becomes one document's text.
-def stackexchange_text(row):
-    answers = sorted(row.get("answers") or [], key=lambda a: -(a.get("pm_score") or 0))
-    return "\n\n".join([row["question"]] + [a["text"] for a in answers if a.get("text")])
-
-
-NAMED_SOURCES = {
-    "c4": dict(hub="allenai/c4", config="en", split="train", text=lambda r: r["text"]),
-    "wikipedia": dict(hub="wikimedia/wikipedia", config="20231101.en", split="train",
-                      text=lambda r: r["title"] + "\n\n" + r["text"]),
-    "wikipedia-zh": dict(hub="wikimedia/wikipedia", config="20231101.zh", split="train",
-                         text=lambda r: r["title"] + "\n\n" + r["text"]),
-    "tiny-codes": dict(hub="nampdn-ai/tiny-codes", config=None, split="train",
-                       text=lambda r: r["prompt"] + "\n\n" + r["response"]),
-    "gutenberg": dict(hub="manu/project_gutenberg", config=None, split="en", text=lambda r: r["text"]),
-    "stackexchange": dict(hub="HuggingFaceH4/stack-exchange-preferences", config=None, split="train",
-                          text=stackexchange_text),
-}
-
-
-def hub_texts(name, data_files=None):
-    """Documents of a named dataset, streamed from the hub or read from local files of the same schema."""
-    from datasets import load_dataset
-
-    spec = NAMED_SOURCES[name]
-    if data_files:
-        files = sorted(f for pattern in data_files for f in glob.glob(os.path.expanduser(pattern)))
-        if not files:
-            raise UserError(f"--data-files {name}={' '.join(data_files)} matches no file")
-        builder = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
-        ds = load_dataset(builder, data_files=files, split="train", streaming=True)
-        where = f"{name} files {files[0]}{' ...' if len(files) > 1 else ''}"
-    else:
-        where = f"{spec['hub']} ({spec['config'] or 'default'}, {spec['split']})"
-        try:
-            ds = load_dataset(spec["hub"], spec["config"], split=spec["split"], streaming=True)
-        except Exception as e:  # offline, no network, renamed dataset: one clear line instead of a traceback
-            raise UserError(f"cannot stream {where} from the Hugging Face hub ({type(e).__name__}: "
-                            f"{str(e)[:200]}): check the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE must be "
-                            f"unset), or download its files and use --data-files {name}=GLOB") from None
-    for i, row in enumerate(ds):
-        try:
-            text = spec["text"](row)
-        except (KeyError, TypeError) as e:
-            raise UserError(f"{where}, row {i + 1}: missing field {e} for source '{name}' "
-                            f"(columns: {sorted(row)}); see NAMED_SOURCES in {Path(__file__).name}") from None
-        if text:
-            yield text
+FORMAT = 2  # 1: parquet shards (list<int32> rows); 2: flat uint16/uint32 token files
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,6 +100,11 @@ def gzip_text_size(path):
         return int.from_bytes(f.read(4), "little")
 
 
+def text_size(path):
+    """About how many bytes of text a local file holds, without reading it (for the progress bar)."""
+    return gzip_text_size(path) if str(path).endswith(".gz") else Path(path).stat().st_size
+
+
 def local_files(path):
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
@@ -148,19 +113,32 @@ def local_files(path):
         return files
     if path.is_file():
         return [path]
-    raise UserError(f"input {path} does not exist (and is not a named source: {', '.join(['default', *NAMED_SOURCES])})")
+    raise UserError(f"input {path} does not exist (and is not a named source: "
+                    f"{', '.join(['default', 'midtrain', *common.NAMED_SOURCES])})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sources: each is {name, weight, origin, hub, open} where open() returns a fresh iterator over its documents.
-def parse_sources(specs, data_files):
+# Sources: each is {name, weight, origin, hub, size, open}: open(progress) returns an iterator over its documents
+# that starts after the progress["docs"] documents a killed run already took (open() from the start); size is its
+# text in bytes if known without reading it.
+def skip_docs(texts, progress):
+    return itertools.islice(texts, progress["docs"] if progress else 0, None)
+
+
+def open_named(source, shuffle_mb, progress=None):
+    """A named source's documents; with the progress of a killed run, its stream resumes where that run stopped
+    (datasets' state_dict, saved in progress["state"]), instead of being read again up to there."""
+    rows, where = common.named_source(source["name"], source["files"], shuffle_mb if progress is not None else 0)
+    if progress and progress.get("state"):
+        rows.load_state_dict(progress["state"])
+    if progress is not None:
+        source["rows"] = rows  # its state_dict is saved with every shard
+    return common.named_texts(rows, source["name"], where)
+
+
+def parse_sources(specs, data_files, shuffle_mb):
     """--sources NAME[:WEIGHT] ... -> list of sources; 'default' expands into one source per embedded corpus file."""
-    overrides = {}
-    for item in data_files or []:
-        name, eq, pattern = item.partition("=")
-        if not eq or name not in NAMED_SOURCES:
-            raise UserError(f"--data-files {item}: expected NAME=GLOB with NAME one of {', '.join(NAMED_SOURCES)}")
-        overrides.setdefault(name, []).append(pattern)
+    overrides = common.parse_data_files(data_files)
     sources = []
     for spec in specs:
         name, weight = spec, 1.0
@@ -179,20 +157,25 @@ def parse_sources(specs, data_files):
             sizes = [gzip_text_size(f) for f in files]
             for f, size in zip(files, sizes):
                 sources.append(dict(name=f"default/{f.name.split('.')[0]}", weight=weight * size / sum(sizes),
-                                    origin=str(f.relative_to(common.REPO)), hub=False,
-                                    open=lambda f=f: (d["text"] for d in common.read_jsonl_gz(f) if d["text"])))
+                                    origin=str(f.relative_to(common.REPO)), hub=False, size=size,
+                                    open=lambda p=None, f=f: skip_docs((d["text"] for d in common.read_jsonl_gz(f)
+                                                                        if d["text"]), p)))
         elif name == "midtrain":
             sources.append(dict(name=name, weight=weight, origin="generated chats (arithmetic + chatterbot)",
-                                hub=False, endless=True, chat=True, open=midtrain_texts))
-        elif name in NAMED_SOURCES:
+                                hub=False, endless=True, chat=True, size=None,
+                                open=lambda p=None: skip_docs(midtrain_texts(), p)))
+        elif name in common.NAMED_SOURCES:
             files = overrides.get(name)
-            origin = f"files {' '.join(files)}" if files else f"hub {NAMED_SOURCES[name]['hub']}"
-            sources.append(dict(name=name, weight=weight, origin=origin, hub=not files,
-                                open=lambda name=name, files=files: hub_texts(name, files)))
+            origin = f"files {' '.join(files)}" if files else f"hub {common.NAMED_SOURCES[name]['hub']}"
+            size = sum(text_size(f) for pattern in files or [] for f in glob.glob(os.path.expanduser(pattern))) or None
+            source = dict(name=name, weight=weight, origin=origin, hub=not files, files=files, size=size)
+            source["open"] = lambda p=None, source=source: open_named(source, shuffle_mb, p)
+            sources.append(source)
         else:
             files = local_files(Path(name).expanduser())
-            sources.append(dict(name=name, weight=weight, origin=name, hub=False,
-                                open=lambda files=files: (t for f in files for t in common.read_text_file(f))))
+            sources.append(dict(name=name, weight=weight, origin=name, hub=False, size=sum(map(text_size, files)),
+                                open=lambda p=None, files=files: skip_docs(
+                                    (t for f in files for t in common.read_text_file(f)), p)))
     if len({s["name"] for s in sources}) != len(sources):
         raise UserError(f"--sources {' '.join(specs)}: a source is given twice")
     unused = set(overrides) - {s["name"] for s in sources}
@@ -219,7 +202,7 @@ def interleave(sources, progress, budgets, bytes_per_token):
 
     Next comes the source furthest below its share (estimated tokens so far / weight), so the mix is the same all
     through the stream. Resumes after progress[i]['docs'] documents of each source."""
-    iters = [itertools.islice(s["open"](), p["docs"], None) for s, p in zip(sources, progress)]
+    iters = [s["open"](p) if not p["done"] else iter(()) for s, p in zip(sources, progress)]
 
     def est_tokens(i):
         return progress[i]["bytes"] / bytes_per_token[i]
@@ -305,21 +288,20 @@ def doc_hash_fraction(text):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shards and progress.
-def write_shard(path, tokens, row_length):
-    """Write tokens (a multiple of row_length) as a parquet shard, atomically (temp file, then rename)."""
-    n_rows = len(tokens) // row_length
-    offsets = pa.array(np.arange(0, (n_rows + 1) * row_length, row_length, dtype=np.int32))
-    column = pa.ListArray.from_arrays(offsets, pa.array(tokens, type=pa.int32()))
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table({"input_ids": column}), sink, row_group_size=4096)
-    common.atomic_write_bytes(path, sink.getvalue().to_pybytes())
+def token_dtype(vocab_size):
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_shard(path, tokens, dtype):
+    """Write tokens (whole rows) as a flat token file, atomically (temp file, then rename)."""
+    common.atomic_write_bytes(path, np.asarray(tokens).astype(dtype).tobytes())
 
 
 def new_progress(sources):
     return {
         "splits": {s: {"shards": [], "rows": 0, "documents": 0, "text_bytes": 0, "doc_tokens": 0, "carry": []}
                    for s in ("train", "val")},
-        "sources": [{"docs": 0, "bytes": 0, "done": False, "documents": {"train": 0, "val": 0},
+        "sources": [{"docs": 0, "bytes": 0, "done": False, "state": None, "documents": {"train": 0, "val": 0},
                      "tokens": {"train": 0, "val": 0}} for _ in sources],
     }
 
@@ -339,12 +321,15 @@ def check_output_dir(out_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", nargs="+", default=["default"], metavar="NAME[:WEIGHT]",
-                    help="default | a file or directory | " + " | ".join(NAMED_SOURCES) + " (default: default)")
+                    help="default | midtrain | a file or directory | " + " | ".join(common.NAMED_SOURCES) +
+                    " (default: default)")
     ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a named source from local files")
+    ap.add_argument("--shuffle-buffer-mb", type=common.nonnegative_float, default=common.SHUFFLE_BUFFER_MB,
+                    help="text in each named source's shuffle buffer (default %(default)s; 0 reads in file order)")
     ap.add_argument("--max-tokens", type=common.positive_float, help="total tokens to take, shared by the sources' weights")
     ap.add_argument("--context-length", type=common.positive_int, default=1024, help="model context; rows hold one more token")
     ap.add_argument("--rows-per-shard", type=common.positive_int, default=16384,
-                    help="about this many rows per shard (16384 rows x 1025 ids x 4 B = 67 MB); one batch of text each")
+                    help="about this many rows per shard (16384 rows x 1025 ids x 2 B = 34 MB); one batch of text each")
     ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
     ap.add_argument("--num-proc", type=common.positive_int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                     else os.cpu_count(), help="tokenizer processes (default: the cores this process may use)")
@@ -365,14 +350,15 @@ def main():
     eot_id = tok.token_to_id(common.EOT)
     if eot_id is None:
         raise UserError(f"{tokenizer_path} has no {common.EOT} token: retrain it with the stage-1 script")
-    sources = parse_sources(args.sources, args.data_files)
+    sources = parse_sources(args.sources, args.data_files, args.shuffle_buffer_mb)
     max_tokens = int(args.max_tokens) if args.max_tokens else None
     if max_tokens is None and any(s["hub"] or s.get("endless") for s in sources):
         raise UserError("hub datasets and midtrain are streams without end: give --max-tokens (e.g. --max-tokens 2e9)")
     out_dir = Path(args.output_dir)
     check_output_dir(out_dir)
     settings = {**common.settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
-                                     "val_fraction"), "tokenizer_fingerprint": fingerprint}
+                                     "val_fraction", "shuffle_buffer_mb"), "tokenizer_fingerprint": fingerprint,
+                "format": FORMAT}
     if (out_dir / "manifest.json").is_file():
         if not args.force and common.already_done(out_dir, "chunks", settings):
             return
@@ -380,10 +366,9 @@ def main():
     common.check_writable_dir(out_dir.parent)
     common.check_writable_dir(out_dir)
     row_length = args.context_length + 1
-    if args.rows_per_shard * row_length > 2**29:  # a shard's list offsets are int32; batches may overshoot a bit
-        raise UserError(f"--rows-per-shard {args.rows_per_shard} x {row_length} tokens is too large for one shard")
+    dtype = token_dtype(tok.get_vocab_size())
 
-    # Bytes per token of each source, from its first documents: turns token budgets into a text stream.
+    # Bytes per token of each source, from its first documents (in file order): turns token budgets into text.
     total_weight = sum(s["weight"] for s in sources)
     budgets = [max_tokens * s["weight"] / total_weight if max_tokens else float("inf") for s in sources]
     bytes_per_token = []
@@ -398,21 +383,14 @@ def main():
         n_tokens = sum(len(e.ids) for e in tok.encode_batch_fast(sample, add_special_tokens=False))
         bytes_per_token.append(sum(len(t.encode("utf-8")) for t in sample) / max(n_tokens, 1))
 
-    # Text to read, for the progress bar (and a first pass over local files finds a bad file before any work).
-    expected_bytes = 0
-    for s, budget, bpt in zip(sources, budgets, bytes_per_token):
-        if s["hub"]:
-            expected_bytes += budget * bpt
-        else:
-            read = 0
-            for text in s["open"]():
-                read += len(text.encode("utf-8"))
-                if read >= budget * bpt:
-                    break
-            expected_bytes += read
+    # Text to read, for the progress bar: the budget, or less for a local source that holds less (by file size; a
+    # .jsonl's size counts its JSON syntax too: an estimate). Nothing is read ahead for it.
+    expected_bytes = sum(min(budget * bpt, s["size"] if s["size"] is not None else float("inf"))
+                         for s, budget, bpt in zip(sources, budgets, bytes_per_token))
 
     config = dict(format=FORMAT, tokenizer_fingerprint=fingerprint, context_length=args.context_length,
                   rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction, max_tokens=max_tokens,
+                  shuffle_buffer_mb=args.shuffle_buffer_mb,
                   sources=[(s["name"], s["weight"], s["origin"]) for s in sources])
     staging = out_dir / ".partial"
     progress_path = staging / "progress.json"
@@ -425,6 +403,9 @@ def main():
             done = {s: len(progress["splits"][s]["shards"]) for s in ("train", "val")}
             print(f"resuming: skipping {done['train']} finished train and {done['val']} val shards "
                   f"({sum(p['docs'] for p in progress['sources']):,} documents already tokenized)")
+            for s, p in zip(sources, progress["sources"]):
+                if p.get("state"):
+                    print(f"  {s['name']}: its stream continues where it stopped, after {p['docs']:,} documents")
         else:
             print(f"discarding {staging}: it was made with other settings (or lost shards)")
     if progress is None:
@@ -451,8 +432,8 @@ def main():
     pending = {s: [np.asarray(splits[s]["carry"], dtype=np.int32)] for s in splits}
     stream = interleave(sources, progress["sources"], budgets, bytes_per_token)
     bytes_done_before = sum(p["bytes"] for p in progress["sources"])
-    bar = tqdm(total=round(expected_bytes), initial=bytes_done_before, unit="B", unit_scale=True, unit_divisor=1000,
-               desc="tokenize")
+    bar = tqdm(total=round(expected_bytes) if expected_bytes < float("inf") else None, initial=bytes_done_before,
+               unit="B", unit_scale=True, unit_divisor=1000, desc="tokenize")
     t_work, n_bytes_read, n_tokens_made, shards_this_run = time.perf_counter(), 0, 0, 0
 
     def flush():
@@ -461,14 +442,17 @@ def main():
             stream_ = np.concatenate(pending[split])
             n_rows = len(stream_) // row_length
             if n_rows:
-                rel = f"{split}/shard_{len(info['shards']):05d}.parquet"
-                write_shard(staging / rel, stream_[: n_rows * row_length], row_length)
+                rel = f"{split}/shard_{len(info['shards']):05d}.bin"
+                write_shard(staging / rel, stream_[: n_rows * row_length], dtype)
                 info["shards"].append(rel)
                 info["rows"] += n_rows
                 stream_ = stream_[n_rows * row_length:]
                 tqdm.write(f"wrote {rel} ({n_rows:,} rows)")
             pending[split] = [stream_]
             info["carry"] = stream_.tolist()  # less than one row: the only state a resumed run needs besides counts
+        for s, p in zip(sources, progress["sources"]):
+            if "rows" in s:  # a named source: where its stream is
+                p["state"] = s["rows"].state_dict()
         progress["splits"] = splits
         common.atomic_write_json(progress_path, {"config": config, "progress": progress})
         shards_this_run += 1
@@ -528,7 +512,7 @@ def main():
         }
     manifest = {
         "format": FORMAT, "tokenizer_fingerprint": fingerprint, "vocab_size": tok.get_vocab_size(),
-        "eot_id": eot_id, "context_length": args.context_length, "row_length": row_length,
+        "eot_id": eot_id, "context_length": args.context_length, "row_length": row_length, "dtype": dtype.str,
         "splits": manifest_splits,
         "sources": [{"name": s["name"], "weight": s["weight"], "origin": s["origin"], "documents": p["documents"],
                      "tokens": p["tokens"]} for s, p in zip(sources, progress["sources"])],

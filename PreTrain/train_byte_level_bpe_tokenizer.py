@@ -1,7 +1,9 @@
 """Stage 1: train a byte-level BPE tokenizer (Chinese + English + code) and write it to tokenizer/.
 
 Reads:  the embedded corpus data/default_corpus/*.jsonl.gz (default), or local files/dirs (--input: .txt, .jsonl,
-        .jsonl.gz, .parquet with a "text" column), or Hugging Face datasets by name (--hf-dataset, streamed).
+        .jsonl.gz, .parquet with a "text" column), or named Hugging Face datasets (--hf-dataset: the same names and
+        cleaning as the preprocessing stage's --sources: c4, wikipedia, wikipedia-zh, tiny-codes, gutenberg,
+        gutenberg-zh, stackexchange; streamed and shuffled; --data-files NAME=GLOB reads one from local files).
 Writes: tokenizer/ so that AutoTokenizer.from_pretrained("./tokenizer") works (tokenizer.json,
         tokenizer_config.json with the chat template), the raw tokenizers file
         tokenizer/byte_level_bpe_tokenizer_v1.json, and tokenizer/report.json (bytes per token on held-out
@@ -10,7 +12,12 @@ Writes: tokenizer/ so that AutoTokenizer.from_pretrained("./tokenizer") works (t
     cd PreTrain && python train_byte_level_bpe_tokenizer.py                 # embedded corpus, 50k vocab
     python PreTrain/train_byte_level_bpe_tokenizer.py --vocab-size 8192     # what the CPU default run uses
     python PreTrain/train_byte_level_bpe_tokenizer.py --input my_texts/ --vocab-size 50000
-    python PreTrain/train_byte_level_bpe_tokenizer.py --hf-dataset allenai/c4:en --max-chars 2e9
+    python PreTrain/train_byte_level_bpe_tokenizer.py --hf-dataset c4 wikipedia-zh tiny-codes --max-chars 2e9
+
+Sources are sampled evenly: each embedded corpus file, each --input path and each --hf-dataset is a source, and
+the next document always comes from the source that has given the fewest characters so far, until --max-chars in
+all (a source that runs out leaves its share to the others). Documents stream into the BPE trainer as it counts
+them: memory is the trainer's word counts (bounded by the vocabulary of the text, not its length), never the text.
 
 Rerunning the same command on a finished tokenizer/ does nothing (and says so). Replacing a tokenizer with another
 one (other settings or data) needs --force or a new --output-dir: every later stage output built on it (chunks,
@@ -51,40 +58,51 @@ def local_files(inputs):
     return files
 
 
-def hf_texts(spec, max_chars):
-    """Stream the 'text' field of a Hugging Face dataset given as name[:config]."""
-    from datasets import load_dataset
-
-    name, _, config = spec.partition(":")
-    ds = load_dataset(name, config or None, split="train", streaming=True)
-    seen = 0
-    for row in ds:
-        text = row.get("text") or row.get("content") or ""
-        if text:
-            yield text
-            seen += len(text)
-            if seen >= max_chars:
-                return
-
-
-def iter_corpus(args):
-    """All training documents, stopping after --max-chars characters."""
+def open_sources(args):
+    """[(name, iterator over its documents)], opened (and checked) before any training."""
+    if args.data_files and not args.hf_dataset:
+        raise UserError("--data-files reads a --hf-dataset source from local files: give --hf-dataset NAME too")
     if args.hf_dataset:
-        sources = [hf_texts(spec, args.max_chars) for spec in args.hf_dataset]
-    elif args.input:
-        sources = [common.read_text_file(f) for f in local_files(args.input)]
-    else:
-        files = common.default_corpus_files("train")
-        if not files:
-            raise UserError(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
-        sources = [(doc["text"] for doc in common.read_jsonl_gz(f)) for f in files]
-    chars = 0
-    for source in sources:
-        for text in source:
-            yield text
-            chars += len(text)
-            if chars >= args.max_chars:
-                return
+        unknown = [name for name in args.hf_dataset if name not in common.NAMED_SOURCES]
+        if unknown:
+            raise UserError(f"--hf-dataset {unknown[0]}: unknown name; use {', '.join(common.NAMED_SOURCES)} (see "
+                            "common.NAMED_SOURCES), or download the files and pass them with --input")
+        files = common.parse_data_files(args.data_files)
+        if set(files) - set(args.hf_dataset):
+            raise UserError(f"--data-files given for {', '.join(sorted(set(files) - set(args.hf_dataset)))}, which "
+                            "is not in --hf-dataset")
+        sources = []
+        for name in dict.fromkeys(args.hf_dataset):
+            rows, where = common.named_source(name, files.get(name))
+            sources.append((name, common.named_texts(rows, name, where)))
+        return sources
+    if args.input:
+        return [(p, (t for f in files for t in common.read_text_file(f)))
+                for p, files in [(p, local_files([p])) for p in args.input]]
+    files = common.default_corpus_files("train")
+    if not files:
+        raise UserError(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
+    return [(f.name.split(".")[0], (doc["text"] for doc in common.read_jsonl_gz(f))) for f in files]
+
+
+def iter_corpus(sources, max_chars, stats):
+    """The training documents, evenly from the sources (next from the one that has given the fewest characters),
+    until max_chars characters in all; counts what it gave in stats[name] = {documents, chars, bytes}."""
+    for name, _ in sources:
+        stats[name] = {"documents": 0, "chars": 0, "bytes": 0}
+    active, total = list(sources), 0
+    while active and total < max_chars:
+        source = min(active, key=lambda s: stats[s[0]]["chars"])
+        text = next(source[1], None)
+        if text is None:
+            active.remove(source)
+            continue
+        st = stats[source[0]]
+        st["documents"] += 1
+        st["chars"] += len(text)
+        st["bytes"] += len(text.encode("utf-8"))
+        total += len(text)
+        yield text
 
 
 def build_tokenizer():
@@ -151,7 +169,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab-size", type=common.positive_int, default=50_000, help="target vocabulary size (default 50000)")
     ap.add_argument("--input", nargs="+", help="local files or directories (.txt, .jsonl[.gz], .parquet)")
-    ap.add_argument("--hf-dataset", nargs="+", help="Hugging Face dataset names, name[:config], streamed")
+    ap.add_argument("--hf-dataset", nargs="+", metavar="NAME",
+                    help="named Hugging Face datasets, streamed: " + " | ".join(common.NAMED_SOURCES))
+    ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a --hf-dataset from local files")
     ap.add_argument("--max-chars", type=common.positive_float, default=1e9, help="stop reading after this many characters")
     ap.add_argument("--min-frequency", type=common.positive_int, default=2, help="minimum pair count for a merge")
     ap.add_argument("--output-dir", default=str(common.TOKENIZER_DIR), help="where to write (default tokenizer/)")
@@ -162,6 +182,8 @@ def main():
         raise UserError(f"--vocab-size {args.vocab_size} is too small: it must exceed the 256 byte symbols + specials")
     out_dir = Path(args.output_dir)
     settings = common.settings_of(args, "vocab_size", "input", "hf_dataset", "max_chars", "min_frequency")
+    if args.data_files:  # only when given: tokenizers made before the flag existed stay finished
+        settings["data_files"] = args.data_files
     if (out_dir / "tokenizer.json").is_file():
         if not args.force and common.already_done(out_dir, "tokenizer", settings):
             return
@@ -173,23 +195,23 @@ def main():
                             "was changed")
     common.check_writable_dir(out_dir.parent)
 
+    sources = open_sources(args)
     t0 = time.perf_counter()
-    texts = list(iter_corpus(args))
-    n_chars = sum(len(t) for t in texts)
-    if n_chars == 0:
+    stats = {}
+    tok = train(iter_corpus(sources, args.max_chars, stats), args.vocab_size, args.min_frequency)
+    train_seconds = time.perf_counter() - t0  # reading included: the documents stream into the trainer
+    n_bytes = sum(st["bytes"] for st in stats.values())
+    if n_bytes == 0:
         raise UserError(f"the input is empty ({', '.join(args.input or args.hf_dataset or ['default corpus'])}): "
                         "give files that contain text")
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    print(f"read {len(texts):,} documents, {n_bytes / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
-
-    t0 = time.perf_counter()
-    tok = train(texts, args.vocab_size, args.min_frequency)
-    train_seconds = time.perf_counter() - t0
+    print(f"read {sum(st['documents'] for st in stats.values()):,} documents, {n_bytes / 1e6:.1f} MB (" +
+          ", ".join(f"{name} {st['chars'] / 1e6:.2f}M chars" for name, st in stats.items()) + ")")
     save(tok, out_dir, settings)
 
     report = {
         "vocab_size": tok.get_vocab_size(),
         "train_bytes": n_bytes,
+        "train_sources": stats,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_mb": round(train_seconds / max(n_bytes / 1e6, 1e-9), 3),
         "bytes_per_token_heldout": heldout_report(tok),

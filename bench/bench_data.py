@@ -7,15 +7,24 @@
    `encode_batch_fast` (same ids, no offsets), so the bare rate of that is reported too, for a same-method ratio.
    The stage's rate is its steady state (the tokenize-pack-write loop it reports); its end-to-end wall time
    (interpreter start, imports, the first pass over the input) is reported too.
+3. Resident memory of a training rank vs the size of the chunk set: stage 2 chunks the whole embedded corpus
+   (context 256, ~5M tokens), a second chunk set of >= --rss-tokens (default 2e8) tokens repeats its train shards
+   (copies, in a temporary dir), and PreTrain/model.py trains a tiny model for --rss-steps steps on each, as a user
+   runs it; its peak RSS (ru_maxrss, logged in history.jsonl) must be within 10% on both: the reader reads only
+   the rows of each batch, nothing grows with the data. (Reading all rows into memory, as the trainer once did,
+   adds 4 bytes per token per rank: 800 MB at 2e8 tokens, twice that while concatenating.)
 
-    python bench/bench_data.py                 # ~3 min on 2 idle cores
+    python bench/bench_data.py                 # ~5 min on 2 idle cores
     python bench/bench_data.py --slice-mb 4 --reps 3
+    python bench/bench_data.py --parts rss     # only the RSS measurement (and the tokenizer it needs)
 """
 import argparse
 import gzip
 import json
+import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +37,7 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 
 STAGE2 = REPO / "PreTrain" / "preprocess_dataset_for_pretrain_map.py"
+STAGE3 = REPO / "PreTrain" / "model.py"
 
 
 def corpus_slice(mb):
@@ -45,29 +55,8 @@ def corpus_slice(mb):
     return docs
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slice-mb", type=float, default=8.0, help="text for the throughput comparison")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--num-proc", type=int, default=2)
-    args = ap.parse_args()
-    if not common.default_corpus_files("train"):
-        sys.exit(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
-    load_start = os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
-
-    # 1. tokenizer training
-    stage1 = common.load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
-    texts = [d["text"] for f in common.default_corpus_files("train") for d in common.read_jsonl_gz(f)]
-    train_mb = sum(len(t.encode()) for t in texts) / 1e6
-    t0 = time.perf_counter()
-    tok = stage1.train(texts, vocab_size=8192)
-    train_seconds = time.perf_counter() - t0
-    stage1.save(tok, work / "tokenizer")
-    print(f"tokenizer training: {train_mb:.1f} MB in {train_seconds:.1f}s = {train_seconds / train_mb:.2f} s/MB")
-    del texts
-
-    # 2. stage 2 vs bare encode_batch, interleaved
+def throughput(work, args, env):
+    """2. stage 2 vs bare encode_batch, interleaved."""
     from tokenizers import Tokenizer
 
     docs = corpus_slice(args.slice_mb)
@@ -77,7 +66,6 @@ def main():
                                    compresslevel=1))
     bare_tok = Tokenizer.from_file(str(work / "tokenizer" / "tokenizer.json"))
     bare_tok.encode_special_tokens = True  # as the stage does
-    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
     bare, bare_fast, stage, stage_wall = [], [], [], []
     for rep in range(args.reps):
         for runs, encode in ((bare, bare_tok.encode_batch), (bare_fast, bare_tok.encode_batch_fast)):
@@ -108,34 +96,121 @@ def main():
     ratio_wall = median(stage_wall, "mb_per_s") / median(bare, "mb_per_s")
     ratio_fast = median(stage, "mb_per_s") / median(bare_fast, "mb_per_s")
     result = {
-        "cpu_count": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "tokenizer_training": {"vocab_size": 8192, "mb": round(train_mb, 2), "seconds": round(train_seconds, 2),
-                               "seconds_per_mb": round(train_seconds / train_mb, 3)},
-        "throughput": {
-            "slice_mb": round(mb, 2), "context_length": 1024, "num_proc": args.num_proc, "reps": args.reps,
-            "bare_encode_batch": {"mb_per_s": round(median(bare, "mb_per_s"), 3),
-                                  "tokens_per_s": round(median(bare, "tokens_per_s")), "runs": bare},
-            "bare_encode_batch_fast": {"mb_per_s": round(median(bare_fast, "mb_per_s"), 3),
-                                       "tokens_per_s": round(median(bare_fast, "tokens_per_s")), "runs": bare_fast},
-            "stage": {"mb_per_s": round(median(stage, "mb_per_s"), 3),
-                      "tokens_per_s": round(median(stage, "tokens_per_s")), "runs": stage},
-            "stage_end_to_end": {"mb_per_s": round(median(stage_wall, "mb_per_s"), 3), "runs": stage_wall},
-            "ratio_stage_vs_bare": round(ratio, 3), "ratio_end_to_end_vs_bare": round(ratio_wall, 3),
-            "ratio_stage_vs_bare_fast": round(ratio_fast, 3),
-            "goal": 0.8, "goal_met": ratio >= 0.8,
-        },
+        "slice_mb": round(mb, 2), "context_length": 1024, "num_proc": args.num_proc, "reps": args.reps,
+        "bare_encode_batch": {"mb_per_s": round(median(bare, "mb_per_s"), 3),
+                              "tokens_per_s": round(median(bare, "tokens_per_s")), "runs": bare},
+        "bare_encode_batch_fast": {"mb_per_s": round(median(bare_fast, "mb_per_s"), 3),
+                                   "tokens_per_s": round(median(bare_fast, "tokens_per_s")), "runs": bare_fast},
+        "stage": {"mb_per_s": round(median(stage, "mb_per_s"), 3),
+                  "tokens_per_s": round(median(stage, "tokens_per_s")), "runs": stage},
+        "stage_end_to_end": {"mb_per_s": round(median(stage_wall, "mb_per_s"), 3), "runs": stage_wall},
+        "ratio_stage_vs_bare": round(ratio, 3), "ratio_end_to_end_vs_bare": round(ratio_wall, 3),
+        "ratio_stage_vs_bare_fast": round(ratio_fast, 3),
+        "goal": 0.8, "goal_met": ratio >= 0.8,
     }
-    print(f"preprocessing {result['throughput']['stage']['mb_per_s']:.2f} MB/s "
-          f"({result['throughput']['stage']['tokens_per_s']:,} tokens/s) vs bare encode_batch "
-          f"{result['throughput']['bare_encode_batch']['mb_per_s']:.2f} MB/s: ratio {ratio:.2f} (goal >= 0.8, "
+    print(f"preprocessing {result['stage']['mb_per_s']:.2f} MB/s ({result['stage']['tokens_per_s']:,} tokens/s) vs "
+          f"bare encode_batch {result['bare_encode_batch']['mb_per_s']:.2f} MB/s: ratio {ratio:.2f} (goal >= 0.8, "
           f"{'met' if ratio >= 0.8 else 'NOT met'}); end to end {ratio_wall:.2f}; vs bare encode_batch_fast "
-          f"{result['throughput']['bare_encode_batch_fast']['mb_per_s']:.2f} MB/s: {ratio_fast:.2f}")
+          f"{result['bare_encode_batch_fast']['mb_per_s']:.2f} MB/s: {ratio_fast:.2f}")
+    return result
+
+
+def repeated_chunks(small, big, min_tokens):
+    """A chunk set of >= min_tokens train tokens in `big`: the train shards of `small`, copied as often as needed."""
+    manifest = json.loads((small / "manifest.json").read_text())
+    train = manifest["splits"]["train"]
+    copies = math.ceil(min_tokens / train["tokens"])
+    (big / "train").mkdir(parents=True)
+    shards = []
+    for c in range(copies):
+        for rel in train["shards"]:
+            shards.append(f"train/shard_{len(shards):05d}.bin")
+            shutil.copyfile(small / rel, big / shards[-1])
+    shutil.copytree(small / "val", big / "val")
+    manifest["splits"]["train"] = {**train, "shards": shards, "rows": train["rows"] * copies,
+                                   "tokens": train["tokens"] * copies, "bytes": train["bytes"] * copies}
+    (big / "manifest.json").write_text(json.dumps(manifest))
+    return manifest["splits"]["train"]["tokens"]
+
+
+def train_rank_rss(chunks, tokenizer, run_dir, steps, env):
+    """Peak RSS (MB) of PreTrain/model.py, one process, training a tiny model for `steps` steps on `chunks`."""
+    cmd = [sys.executable, str(STAGE3), "--preset", "smoke", "--context-length", "256", "--max-steps", str(steps),
+           "--eval-interval", str(steps), "--eval-batches", "4", "--checkpoint-interval", str(10 * steps),
+           "--tokenizer-dir", str(tokenizer), "--chunks-dir", str(chunks), "--output-dir", str(run_dir / "output"),
+           "--checkpoint-dir", str(run_dir / "ckpt"), "--log-file", str(run_dir / "train.log"),
+           "--tensorboard-dir", str(run_dir / "runs")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"training on {chunks} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    history = [json.loads(line) for line in (run_dir / "output" / "history.jsonl").read_text().splitlines()]
+    return max(h["peak_mem_mb"] for h in history if "peak_mem_mb" in h), time.perf_counter() - t0
+
+
+def rss_vs_chunk_set_size(work, tokenizer, args, env):
+    small, big = work / "chunks_small", work / "chunks_big"
+    proc = subprocess.run([sys.executable, str(STAGE2), "--tokenizer-dir", str(tokenizer), "--output-dir", str(small),
+                           "--context-length", "256", "--num-proc", str(args.num_proc)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"stage 2 failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    small_tokens = json.loads((small / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    big_tokens = repeated_chunks(small, big, args.rss_tokens)
+    result = {"steps": args.rss_steps, "model": "preset smoke at context 256, one process", "goal": 1.10}
+    for name, chunks, tokens in (("small", small, small_tokens), ("big", big, big_tokens)):
+        rss, seconds = train_rank_rss(chunks, tokenizer, work / f"run_{name}", args.rss_steps, env)
+        disk = sum(f.stat().st_size for f in (chunks / "train").iterdir())
+        result[name] = {"train_tokens": tokens, "train_bytes_on_disk": disk, "peak_rss_mb": round(rss, 1),
+                        "seconds": round(seconds, 1)}
+        print(f"training rank on {tokens / 1e6:,.1f}M train tokens ({disk / 1e6:,.0f} MB of shards): peak RSS "
+              f"{rss:,.0f} MB ({seconds:.0f}s)")
+    ratio = result["big"]["peak_rss_mb"] / result["small"]["peak_rss_mb"]
+    result.update(ratio=round(ratio, 3), goal_met=ratio <= result["goal"])
+    print(f"peak RSS big / small: {ratio:.3f} (goal <= 1.10, {'met' if ratio <= 1.10 else 'NOT met'})")
+    shutil.rmtree(big)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="+", choices=["throughput", "rss"], default=["throughput", "rss"],
+                    help="what to measure besides tokenizer training (default: both)")
+    ap.add_argument("--slice-mb", type=float, default=8.0, help="text for the throughput comparison")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--num-proc", type=int, default=2)
+    ap.add_argument("--rss-tokens", type=float, default=2e8, help="train tokens of the big chunk set")
+    ap.add_argument("--rss-steps", type=int, default=20, help="training steps on each chunk set")
+    args = ap.parse_args()
+    if not common.default_corpus_files("train"):
+        sys.exit(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
+    load_start = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+
+    # 1. tokenizer training
+    stage1 = common.load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
+    texts = [d["text"] for f in common.default_corpus_files("train") for d in common.read_jsonl_gz(f)]
+    train_mb = sum(len(t.encode()) for t in texts) / 1e6
+    t0 = time.perf_counter()
+    tok = stage1.train(texts, vocab_size=8192)
+    train_seconds = time.perf_counter() - t0
+    stage1.save(tok, work / "tokenizer")
+    print(f"tokenizer training: {train_mb:.1f} MB in {train_seconds:.1f}s = {train_seconds / train_mb:.2f} s/MB")
+    del texts
+
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    result = {"cpu_count": os.cpu_count(), "loadavg_start": load_start,
+              "tokenizer_training": {"vocab_size": 8192, "mb": round(train_mb, 2), "seconds": round(train_seconds, 2),
+                                     "seconds_per_mb": round(train_seconds / train_mb, 3)}}
+    if "throughput" in args.parts:
+        result["throughput"] = throughput(work, args, env)
+    if "rss" in args.parts:
+        result["rss"] = rss_vs_chunk_set_size(work, work / "tokenizer", args, env)
+    result["loadavg_end"] = os.getloadavg()
     out = REPO / "bench" / "results" / "bench_data.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
 
 

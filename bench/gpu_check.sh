@@ -37,7 +37,7 @@ fi
 $PY - "$TOK" "$WORK/chunks" <<'EOF'
 import json, sys
 from pathlib import Path
-import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+import numpy as np
 sys.path.insert(0, ".")
 import common
 tok_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -45,10 +45,12 @@ tok = common.load_tokenizer(tok_dir)
 rng, ctx, splits = np.random.default_rng(0), 1024, {}
 for split, rows in (("train", 20000), ("val", 256)):
     (out / split).mkdir(parents=True, exist_ok=True)
-    ids = rng.integers(0, len(tok), (rows, ctx + 1), dtype=np.int32)
-    pq.write_table(pa.table({"input_ids": pa.array(list(ids), type=pa.list_(pa.int32()))}), out / split / "shard_00000.parquet")
-    splits[split] = {"shards": [f"{split}/shard_00000.parquet"], "rows": rows, "tokens": ids.size, "bytes": 4 * ids.size, "documents": rows}
-(out / "manifest.json").write_text(json.dumps({"format": 1, "tokenizer_fingerprint": common.tokenizer_fingerprint(tok_dir),
+    dtype = np.dtype("<u2") if len(tok) <= 65536 else np.dtype("<u4")  # the chunk format: flat rows of token ids
+    ids = rng.integers(0, len(tok), (rows, ctx + 1)).astype(dtype)
+    ids.tofile(out / split / "shard_00000.bin")
+    splits[split] = {"shards": [f"{split}/shard_00000.bin"], "rows": rows, "tokens": ids.size,
+                     "bytes": dtype.itemsize * ids.size, "documents": rows}
+(out / "manifest.json").write_text(json.dumps({"format": 2, "dtype": dtype.str, "tokenizer_fingerprint": common.tokenizer_fingerprint(tok_dir),
     "vocab_size": len(tok), "eot_id": tok.eos_token_id, "context_length": ctx, "row_length": ctx + 1, "splits": splits,
     "sources": ["synthetic"], "seconds": 0.0}))
 print("synthetic chunks in", out)

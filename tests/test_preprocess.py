@@ -4,8 +4,7 @@ Runs the script as a user would, on small text in tmp_path, with conftest's 600-
 import gzip
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import numpy as np
 import pytest
 from conftest import run_script
 from tokenizers import Tokenizer
@@ -43,13 +42,11 @@ def run(tok_dir, out_dir, *args, check=True):
 
 
 def read_split(out_dir, manifest, split):
-    """All rows of a split, in shard order, as python lists; checks the shard schema on the way."""
+    """All rows of a split, in shard order, as python lists; checks the shard format on the way."""
     rows = []
     for rel in manifest["splits"][split]["shards"]:
-        table = pq.read_table(out_dir / rel)
-        assert table.schema.names == ["input_ids"]
-        assert table.schema.field("input_ids").type == pa.list_(pa.int32())
-        rows += table.column("input_ids").to_pylist()
+        assert rel.endswith(".bin") and (out_dir / rel).stat().st_size % (manifest["row_length"] * 2) == 0
+        rows += np.fromfile(out_dir / rel, manifest["dtype"]).reshape(-1, manifest["row_length"]).tolist()
     return rows
 
 
@@ -88,7 +85,8 @@ def test_rows_split_and_manifest(good_run, corpus, tiny_tokenizer_dir):
     eot = tok.token_to_id(common.EOT)
     assert set(manifest) >= {"format", "tokenizer_fingerprint", "vocab_size", "eot_id", "context_length",
                              "row_length", "splits", "sources", "seconds"}
-    assert manifest["format"] == 1 and manifest["eot_id"] == eot and manifest["vocab_size"] == tok.get_vocab_size()
+    assert manifest["format"] == 2 and manifest["eot_id"] == eot and manifest["vocab_size"] == tok.get_vocab_size()
+    assert manifest["dtype"] == "<u2"  # a 600-token vocabulary fits 16 bits
     assert manifest["tokenizer_fingerprint"] == common.tokenizer_fingerprint(tiny_tokenizer_dir)
     assert manifest["context_length"] == CONTEXT and manifest["row_length"] == ROW
 
@@ -134,7 +132,7 @@ def test_multiprocess_output_identical_and_resume_after_kill(good_run, corpus, t
     proc = run(tiny_tokenizer_dir, out, "--sources", src, "--num-proc", "2", "--stop-after-shards", "2", check=False)
     assert proc.returncode != 0
     assert not (out / "manifest.json").exists()
-    done = sorted((out / ".partial" / "train").glob("shard_*.parquet"))
+    done = sorted((out / ".partial" / "train").glob("shard_*.bin"))
     assert len(done) == 2
     mtimes = {p.name: p.stat().st_mtime_ns for p in done}
 
@@ -151,38 +149,114 @@ def test_multiprocess_output_identical_and_resume_after_kill(good_run, corpus, t
             assert (out / rel).read_bytes() == (ref_out / rel).read_bytes()
 
 
-def test_named_sources_from_local_files_with_hub_schema(tiny_tokenizer_dir, tmp_path):
-    """c4, tiny-codes and stackexchange rows in their hub schemas go through the same code as the hub stream."""
-    write_jsonl(tmp_path / "c4-train.00000-of-01024.json.gz", [
-        {"text": f"Web page {i}: " + "news about the weather and the city council. " * 40,
-         "timestamp": "2019-04-25T12:57:54Z", "url": f"https://example.com/{i}"} for i in range(60)], gz=True)
-    codes = tmp_path / "tiny-codes.parquet"
-    pq.write_table(pa.table({
-        "prompt": [f"Write a function number {i}." for i in range(60)],
-        "main_topic": ["Python"] * 60, "programming_language": ["Python"] * 60, "idx": list(range(60)),
-        "response": [f"def g{i}(y):\n    return y + {i}\n" * 30 for i in range(60)]}), codes)
-    se = write_jsonl(tmp_path / "se.jsonl", [
-        {"qid": i, "question": f"How do I sort list {i}?", "date": "2020-01-01", "metadata": ["x"],
-         "answers": [{"answer_id": 1, "author": "a", "author_id": 1, "author_profile": "p", "pm_score": 1,
-                      "selected": False, "text": "Use a loop. " * 30},
-                     {"answer_id": 2, "author": "b", "author_id": 2, "author_profile": "p", "pm_score": 5,
-                      "selected": True, "text": f"Use sorted({i}). " * 30}]} for i in range(60)])
-    out = tmp_path / "chunks"
-    run(tiny_tokenizer_dir, out, "--sources", "c4:2", "tiny-codes:1", "stackexchange:1", "--max-tokens", 30000,
-        "--data-files", f"c4={tmp_path}/c4-train.*.json.gz", f"tiny-codes={codes}", f"stackexchange={se}",
-        "--num-proc", "2")
-    manifest = json.loads((out / "manifest.json").read_text())
-    tokens = {s["name"]: sum(s["tokens"].values()) for s in manifest["sources"]}
-    assert sum(tokens.values()) == pytest.approx(30000, rel=0.15)
-    assert tokens["c4"] == pytest.approx(2 * tokens["tiny-codes"], rel=0.3)
-    assert tokens["stackexchange"] == pytest.approx(tokens["tiny-codes"], rel=0.3)
+def test_named_sources_are_cleaned_in_their_hub_schemas(tiny_tokenizer_dir, tmp_path):
+    """Each named source, from local files written by `datasets` in its hub schema (the dataset cards' fields and
+    file formats), goes through the code that streams the hub; every document comes out as its cleaned text."""
+    from datasets import Dataset
 
+    licence = "This eBook is for the use of anyone anywhere in the United States at no cost.\n"
+    book = ("The Project Gutenberg eBook of Tiny Tales\n\n" + licence * 5 + "\n*** START OF THE PROJECT GUTENBERG "
+            "EBOOK TINY TALES ***\n\n\nCHAPTER I.\n\nOnce upon a time.\n\nEnd of the Project Gutenberg EBook of "
+            "Tiny Tales\n\n*** END OF THE PROJECT GUTENBERG EBOOK TINY TALES ***\n\n" + licence * 5)
+    post = {"qid": 1, "question": '<p>How do I check if <code>a &lt; b</code> in Python?</p>\n\n<pre><code>if a &lt; b:'
+                                  '\n    print("yes")\n</code></pre>\n', "date": "2020-01-01",
+            "metadata": ["https://stackoverflow.com/questions/1", "Stack Overflow"],
+            "answers": [{"answer_id": 2, "author": "a", "author_id": 2, "author_profile": "p", "pm_score": 3,
+                         "selected": False, "text": "<p>Compare them with <code>&lt;</code>:</p>\n<pre><code>a &lt; b"
+                                                    "  # True &amp; done\n</code></pre>\n"},
+                        {"answer_id": 3, "author": "b", "author_id": 3, "author_profile": "p", "pm_score": 3,
+                         "selected": True, "text": "<p>Just write <strong>a &lt; b</strong>.</p>"},
+                        {"answer_id": 4, "author": "c", "author_id": 4, "author_profile": "p", "pm_score": -1,
+                         "selected": False, "text": "<p>Use a loop.</p>"}]}
+    rows = {  # three rows per source (ids differ): one may lose its end to the dropped tail, the others are whole
+        "c4": [{"text": "A web page about the weather.", "timestamp": "2019-04-25T12:57:54Z",
+                "url": f"https://example.com/{i}"} for i in range(3)],
+        "wikipedia": [{"id": str(i), "url": "https://en.wikipedia.org/wiki/Anarchism", "title": "Anarchism",
+                       "text": "Anarchism is a political philosophy."} for i in range(3)],
+        "wikipedia-zh": [{"id": str(i), "url": "https://zh.wikipedia.org/wiki/长城", "title": "长城",
+                          "text": "长城是中国古代的军事防御工程。"} for i in range(3)],
+        "tiny-codes": [{"prompt": "Write a Python function that adds two numbers.", "main_topic": "Python",
+                        "subtopic": "Functions", "adjective": "Simple", "action_verb": "Write", "scenario": "math",
+                        "target_audience": "Beginners", "programming_language": "Python",
+                        "common_sense_topic": "Arithmetic", "idx": i,
+                        "response": "def add(a, b):\n    return a + b\n"} for i in range(3)],
+        "gutenberg": [{"id": str(i), "text": book} for i in range(3)],
+        "stackexchange": [{**post, "qid": i} for i in range(3)],
+    }
+    expected = {
+        "c4": "A web page about the weather.",
+        "wikipedia": "Anarchism\n\nAnarchism is a political philosophy.",
+        "wikipedia-zh": "长城\n\n长城是中国古代的军事防御工程。",
+        "tiny-codes": "Write a Python function that adds two numbers.\n\ndef add(a, b):\n    return a + b\n",
+        "gutenberg": "CHAPTER I.\n\nOnce upon a time.",  # licence header, footer and "End of ..." line cut off
+        # HTML -> text: entities unescaped, tags dropped, <pre>/<code> kept; answers best first (pm_score, then
+        # the accepted one), the downvoted one left out
+        "stackexchange": 'How do I check if a < b in Python?\n\nif a < b:\n    print("yes")\n\nJust write a < b.'
+                         "\n\nCompare them with <:\n\na < b  # True & done",
+    }
+    files = []
+    for name, source_rows in rows.items():
+        path = tmp_path / (f"{name}-00000-of-00001" + (".json.gz" if name == "c4" else ".parquet"))
+        ds = Dataset.from_list(source_rows)
+        ds.to_json(path) if name == "c4" else ds.to_parquet(path)
+        files.append(f"{name}={path}")
+    out = tmp_path / "chunks"
+    run(tiny_tokenizer_dir, out, "--sources", *rows, "--data-files", *files, "--num-proc", "1")
+    manifest = json.loads((out / "manifest.json").read_text())
     tok = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
     docs = set()
     for split in ("train", "val"):
         docs |= set(decoded_documents(tok, read_split(out, manifest, split), manifest["eot_id"]))
-    assert "Write a function number 0.\n\n" + "def g0(y):\n    return y + 0\n" * 30 in docs  # prompt + response
-    assert "How do I sort list 0?\n\n" + "Use sorted(0). " * 30 + "\n\n" + "Use a loop. " * 30 in docs
+    assert docs == set(expected.values())
+    assert {s["name"]: sum(s["documents"].values()) for s in manifest["sources"]} == {name: 3 for name in rows}
+
+
+def c4_files(tmp_path, docs_per_file):
+    """c4 rows in its hub layout (json.gz files c4-train.0000k-of-01024), document i of file k saying so."""
+    from datasets import Dataset
+
+    tmp_path.mkdir(exist_ok=True)
+    for k, n in enumerate(docs_per_file):
+        Dataset.from_list([{"text": f"File {k} document {i}. " + "Some news about the weather and the city. " * 40,
+                            "timestamp": "2019-04-25T12:57:54Z", "url": f"https://example.com/{k}/{i}"}
+                           for i in range(n)]).to_json(tmp_path / f"c4-train.{k:05d}-of-01024.json.gz")
+    return f"c4={tmp_path}/c4-train.*.json.gz"
+
+
+def documents_by_file(tok_dir, out):
+    manifest = json.loads((out / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    rows = read_split(out, manifest, "train") + read_split(out, manifest, "val")
+    return {tuple(map(int, d.split(".")[0].split()[1::2])) for d in decoded_documents(tok, rows, manifest["eot_id"])}
+
+
+def test_named_source_is_shuffled_and_resumes_its_stream(tiny_tokenizer_dir, tmp_path):
+    """A --max-tokens budget of ~1/6 of a 4-file source draws from all its files (the hub stores c4 and the others
+    in file order); a killed run's stream resumes where it stopped: rerun after its first file was replaced by
+    another one (so reading the stream again from the start would take other documents), it still gives the
+    uninterrupted run's shards, byte for byte (--shuffle-buffer-mb 0: nothing sits in a buffer)."""
+    shuffled = tmp_path / "shuffled"
+    data = c4_files(tmp_path / "a", [50, 50, 50, 50])
+    run(tiny_tokenizer_dir, shuffled, "--sources", "c4", "--data-files", data, "--max-tokens", 15000)
+    taken = documents_by_file(tiny_tokenizer_dir, shuffled)
+    assert 8 < len(taken) < 50 and len({k for k, _ in taken}) >= 3, taken  # file order would be file 0 only
+
+    data = c4_files(tmp_path / "b", [20, 150])
+    args = ["--sources", "c4", "--data-files", data, "--shuffle-buffer-mb", 0, "--num-proc", "1"]
+    run(tiny_tokenizer_dir, tmp_path / "whole", *args)
+    killed = tmp_path / "killed"
+    proc = run(tiny_tokenizer_dir, killed, *args, "--stop-after-shards", 2, check=False)
+    assert proc.returncode != 0
+    progress = json.loads((killed / ".partial" / "progress.json").read_text())["progress"]["sources"][0]
+    assert progress["docs"] > 20 and progress["state"]  # past file 0, with the stream's position
+    c4_files(tmp_path / "b", [1])  # file 0 is now another, shorter file
+    proc = run(tiny_tokenizer_dir, killed, *args)
+    assert f"c4: its stream continues where it stopped, after {progress['docs']} documents" in proc.stdout
+    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    assert json.loads((killed / "manifest.json").read_text())["splits"] == whole["splits"]
+    for split in ("train", "val"):
+        for rel in whole["splits"][split]["shards"]:
+            assert (killed / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes()
 
 
 def bad_run(tok_dir, out, *args):

@@ -35,10 +35,7 @@ CURVE_ATOL = 1e-4
 
 
 def write_chunks(tokenizer_dir, out_dir, context_length=CTX, texts=None):
-    """Chunks in exactly the manifest/parquet format of PreTrain/preprocess_dataset_for_pretrain_map.py."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """Chunks in exactly the manifest/shard format of PreTrain/preprocess_dataset_for_pretrain_map.py."""
     tok = common.load_tokenizer(tokenizer_dir)
     row_length = context_length + 1
     splits = {}
@@ -49,17 +46,17 @@ def write_chunks(tokenizer_dir, out_dir, context_length=CTX, texts=None):
             ids += tok(t)["input_ids"] + [tok.eos_token_id]
             nbytes += len(t.encode())
         n = len(ids) // row_length
-        rows = np.array(ids[: n * row_length], dtype=np.int32).reshape(n, row_length)
+        rows = np.array(ids[: n * row_length], dtype="<u2").reshape(n, row_length)
         shards = []
         for i, part in enumerate(np.array_split(rows, 2)):
-            rel = f"{split}/shard_{i:05d}.parquet"
+            rel = f"{split}/shard_{i:05d}.bin"
             (out_dir / split).mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({"input_ids": pa.array(part.tolist(), type=pa.list_(pa.int32()))}), out_dir / rel)
+            part.tofile(out_dir / rel)
             shards.append(rel)
         splits[split] = {"shards": shards, "rows": n, "tokens": n * row_length, "bytes": nbytes, "documents": len(docs)}
-    manifest = {"format": 1, "tokenizer_fingerprint": common.tokenizer_fingerprint(tokenizer_dir),
+    manifest = {"format": 2, "tokenizer_fingerprint": common.tokenizer_fingerprint(tokenizer_dir),
                 "vocab_size": len(tok), "eot_id": tok.eos_token_id, "context_length": context_length,
-                "row_length": row_length, "splits": splits, "sources": ["test"], "seconds": 0.0}
+                "row_length": row_length, "dtype": "<u2", "splits": splits, "sources": ["test"], "seconds": 0.0}
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
     return out_dir
 
@@ -187,6 +184,67 @@ def test_every_split_of_a_step_takes_the_same_rows(model_module):
     for step in (0, 5, 12, 13):
         assert step_rows(8, 1, 1, step) == step_rows(4, 2, 1, step) == step_rows(2, 2, 2, step)
         assert len(set(step_rows(8, 1, 1, step))) == 8
+
+
+def numbered_chunks(out_dir, shard_rows, row_length):
+    """A chunk set whose token j of global row r is r * 100 + j: every row and window says where it came from."""
+    splits = {}
+    for split in ("train", "val"):
+        shards, first = [], 0
+        for i, n in enumerate(shard_rows):
+            rows = (np.arange(first, first + n)[:, None] * 100 + np.arange(row_length)).astype("<u2")
+            (out_dir / split).mkdir(parents=True, exist_ok=True)
+            rows.tofile(out_dir / split / f"shard_{i:05d}.bin")
+            shards.append(f"{split}/shard_{i:05d}.bin")
+            first += n
+        splits[split] = {"shards": shards, "rows": first}
+    return {"format": 2, "row_length": row_length, "dtype": "<u2", "splits": splits}
+
+
+def test_rows_are_read_lazily_and_ranks_share_them_out(model_module, tmp_path):
+    """load_rows reads no shard up front (a shard rewritten after it is what later batches see, and it allocates
+    next to nothing for 3 MB of shards); over one epoch the 2 ranks' batches are disjoint and cover every (row,
+    window) of the split exactly once, and equal those of the same split loaded into memory."""
+    import tracemalloc
+
+    manifest = numbered_chunks(tmp_path, [200, 55, 345], row_length=33)  # 600 rows in 3 shards: 39,600 bytes
+    tracemalloc.start()
+    rows = model_module.load_rows(tmp_path, manifest, "train", 16, 10**6)  # windows of 16 + 1 tokens: 2 per row
+    allocated = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(rows) == 1200 and allocated < 8000  # measured 2.3 KB; np.asarray(rows): 138 KB
+    assert not isinstance(rows, np.ndarray)
+    np.testing.assert_array_equal(rows[[0, 600, 255, 1199]], [np.arange(17), np.arange(16, 33),
+                                                             25500 + np.arange(17), 59916 + np.arange(17)])
+    in_memory = np.asarray(rows)
+    assert in_memory.shape == (1200, 17)
+
+    batches = [model_module.Batches(rows, 3, 2, rank, 2, seed=5) for rank in range(2)]
+    steps_per_epoch = 1200 // 12
+    seen = [[tuple(b.get(step, micro)[0][:, 0].tolist()) for step in range(steps_per_epoch) for micro in range(2)]
+            for b in batches]
+    per_rank = [[first for batch in s for first in batch] for s in seen]
+    everything = sorted(per_rank[0] + per_rank[1])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert everything == sorted(r * 100 + 16 * w for r in range(600) for w in range(2))  # each (row, window) once
+    for rank in range(2):
+        loaded = model_module.Batches(in_memory, 3, 2, rank, 2, seed=5)
+        for step, micro in ((0, 0), (37, 1), (99, 1), (100, 0)):  # step 100 starts the next epoch
+            assert torch.equal(loaded.get(step, micro)[0], batches[rank].get(step, micro)[0])
+
+    # read when indexed, not before: rewrite row 3 of shard 1 (global row 203) on disk
+    shard = tmp_path / "train" / "shard_00001.bin"
+    data = np.fromfile(shard, "<u2").reshape(-1, 33)
+    data[3] = 7
+    data.tofile(shard)
+    np.testing.assert_array_equal(rows[[203, 803]], [[7] * 17, [7] * 17])
+    # a token id outside the vocabulary names the shard and row
+    with pytest.raises(common.UserError, match=r"shard_00001.bin, row 3: token id outside the vocabulary \(size 7\)"):
+        model_module.load_rows(tmp_path, manifest, "train", 16, 7)[[203]]
+    # a truncated shard is found when loading
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(common.UserError, match="shard_00001.bin: 3628 bytes is not a whole number of rows of 33"):
+        model_module.load_rows(tmp_path, manifest, "train", 16, 10**6)
 
 
 @BOTH_DTYPES
@@ -452,14 +510,15 @@ def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path, caps
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["row_length"] = CTX + 2
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    fails(*d[:2], "--chunks-dir", broken, "--output-dir", tmp_path / "o2", *d[6:], match="shard_00000.parquet, row 0")
+    fails(*d[:2], "--chunks-dir", broken, "--output-dir", tmp_path / "o2", *d[6:],
+          match=r"shard_00000.bin: \d+ bytes is not a whole number of rows of 34 uint16")
     assert not (tmp_path / "o2").exists() and not list((tmp_path / "ckpt").glob("step_*"))
 
 
 def test_smaller_context_uses_windows(model_module, tiny_tokenizer_dir, chunks_dir):
     manifest = model_module.read_manifest(chunks_dir, tiny_tokenizer_dir)
-    full = model_module.load_rows(chunks_dir, manifest, "train", CTX, 10**6)
-    half = model_module.load_rows(chunks_dir, manifest, "train", CTX // 2, 10**6)
+    full = np.asarray(model_module.load_rows(chunks_dir, manifest, "train", CTX, 10**6))
+    half = np.asarray(model_module.load_rows(chunks_dir, manifest, "train", CTX // 2, 10**6))
     assert half.shape == (2 * len(full), CTX // 2 + 1)
     np.testing.assert_array_equal(half[: len(full)], full[:, : CTX // 2 + 1])
     np.testing.assert_array_equal(half[len(full):], full[:, CTX // 2:])

@@ -127,18 +127,72 @@ def test_unwritable_output_dir(tmp_path):
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_hf_dataset_path_on_local_data(tmp_path):
-    # the same datasets.load_dataset(..., streaming=True) call that reads a hub dataset, pointed at a local folder
-    # holding rows in the hub's {"text": ...} schema
-    (tmp_path / "ds").mkdir()
-    rows = [json.dumps({"text": t, "url": "https://example.com"}) for t in sample_texts()]
-    (tmp_path / "ds" / "train.jsonl").write_text("\n".join(rows), encoding="utf-8")
+def test_hf_dataset_takes_the_named_sources_and_samples_them_evenly(tmp_path):
+    """--hf-dataset takes the preprocessing stage's source names, read here from local files in the hub's schemas
+    (the same datasets streaming code as the hub): c4 (json.gz), gutenberg (parquet, its licence cut off) and
+    stackexchange (HTML); each gives about a third of --max-chars although c4 holds 20x more text."""
+    from datasets import Dataset
+
+    Dataset.from_list([{"text": f"Web page {i}. " + "Some news about the weather today. " * 30,
+                        "timestamp": "2019-04-25T12:57:54Z", "url": f"https://example.com/{i}"}
+                       for i in range(400)]).to_json(tmp_path / "c4-train.00000-of-01024.json.gz")
+    licence = "This eBook is for the use of anyone anywhere at no cost. " * 20
+    Dataset.from_list([{"id": str(i), "text": f"The Project Gutenberg eBook {i}\n{licence}\n*** START OF THE PROJECT "
+                        f"GUTENBERG EBOOK {i} ***\nCHAPTER I. " + "It was a dark night. " * 60 +
+                        f"\n*** END OF THE PROJECT GUTENBERG EBOOK {i} ***\n{licence}"} for i in range(20)]
+                      ).to_parquet(tmp_path / "en-00000-of-00052.parquet")
+    question = {"qid": 1, "question": "<p>How do I sort a list?</p>", "date": "2020-01-01",
+                "metadata": ["https://stackoverflow.com/questions/1"],
+                "answers": [{"answer_id": 1, "author": "a", "author_id": 1, "author_profile": "p", "pm_score": 2,
+                             "selected": True,
+                             "text": "<p>Use <code>sorted(x)</code>:</p><pre><code>y = sorted(x)\n</code></pre>" * 10}]}
+    Dataset.from_list([question] * 40).to_parquet(tmp_path / "se.parquet")
     out = tmp_path / "tok"
-    run_script("PreTrain/train_byte_level_bpe_tokenizer.py", "--hf-dataset", tmp_path / "ds", "--vocab-size", 400,
-               "--max-chars", 5000, "--output-dir", out)
+    proc = run_script("PreTrain/train_byte_level_bpe_tokenizer.py", "--hf-dataset", "c4", "gutenberg", "stackexchange",
+                      "--data-files", f"c4={tmp_path}/c4-*.json.gz", f"gutenberg={tmp_path}/en-*.parquet",
+                      f"stackexchange={tmp_path}/se.parquet", "--vocab-size", 400, "--max-chars", 30000,
+                      "--output-dir", out)
     report = json.loads((out / "report.json").read_text())
-    all_bytes = sum(len(t.encode()) for t in sample_texts())
-    assert report["vocab_size"] <= 400 and 5000 <= report["train_bytes"] < all_bytes  # --max-chars stopped the stream
+    sources = report["train_sources"]
+    chars = {name: st["chars"] for name, st in sources.items()}
+    assert set(chars) == {"c4", "gutenberg", "stackexchange"} and sum(chars.values()) >= 30000
+    assert max(chars.values()) - min(chars.values()) < 1500, chars  # within one document of each other
+    assert "c4 0.01M chars" in proc.stdout
+    # the documents the trainer got are the cleaned ones (the cleaners' output itself is tested in test_preprocess)
+    book = "CHAPTER I. " + "It was a dark night. " * 59 + "It was a dark night."
+    assert chars["gutenberg"] == sources["gutenberg"]["documents"] * len(book)
+    post = common.stackexchange_text(question)
+    assert chars["stackexchange"] == sources["stackexchange"]["documents"] * len(post) and "<" not in post
+
+
+def test_hf_dataset_offline_or_unknown_is_one_clear_error(tmp_path):
+    _fails_cleanly(tmp_path, "--hf-dataset", "stackexchange", expect="HuggingFaceH4/stack-exchange-preferences")
+    _fails_cleanly(tmp_path, "--hf-dataset", "gutenberg", expect="--data-files gutenberg=GLOB")
+    _fails_cleanly(tmp_path, "--hf-dataset", "allenai/c4:en", expect="unknown name; use c4, wikipedia")
+    _fails_cleanly(tmp_path, "--hf-dataset", "c4", "--data-files", f"c4={tmp_path}/none*.json",
+                   expect="matches no file")
+
+
+def test_training_streams_the_input(tmp_path, monkeypatch):
+    """10 MB of input, all of it read: the stage never holds the text (Python allocations peak at 1.5 MB, measured);
+    listing the documents first, as it once did, holds all 10 MB."""
+    import sys
+    import tracemalloc
+
+    import transformers  # noqa: F401  imported before measuring: module objects are not the input
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+    rows = [json.dumps({"text": f"{i} " + "the quick brown fox jumps over the lazy dog " * 23}) for i in range(10000)]
+    (tmp_path / "big.jsonl").write_text("\n".join(rows))
+    args = ["x", "--input", str(tmp_path / "big.jsonl"), "--vocab-size", "300", "--max-chars", "1e7",
+            "--output-dir", str(tmp_path / "tok")]
+    monkeypatch.setattr(sys, "argv", args)
+    tracemalloc.start()
+    stage.main()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert json.loads((tmp_path / "tok" / "report.json").read_text())["train_bytes"] > 9.5e6
+    assert peak < 5e6, peak
 
 
 def test_rerun_is_a_no_op_and_replacing_needs_force(tmp_path):
