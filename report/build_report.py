@@ -2,9 +2,11 @@
 
 Reads:  tokenizer/report.json, pretrain_data_chunks/manifest.json, output/pretrain_summary.json + history.jsonl,
         SFT/eval.json + SFT/sft_output/history.jsonl, RLHF/reward_eval.json, RLHF/eval.json,
-        RLHF/grpo_output/history.jsonl, report/timings/*.json (stage wall times written by `make all`), and the
-        models in output/, SFT/sft_output/ and RLHF/grpo_output/ for sample generations.
-Writes: report/report.md, report/metrics.json, report/pretrain_loss.png, report/sft_loss.png, report/grpo.png.
+        RLHF/grpo_output/history.jsonl, Eval/results.json (lm-eval, every model on the same tasks),
+        report/timings/*.json (stage wall times written by `make all`), and the models in output/, SFT/sft_output/
+        and RLHF/grpo_output/ for sample generations.
+Writes: report/report.md, report/metrics.json, report/pretrain_loss.png, report/sft_loss.png, report/grpo.png,
+        report/eval.png.
 
     python report/build_report.py          # after `make all` (which runs it as its last step)
 
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 REPORT_DIR = common.REPO / "report"
-STAGES = ["tokenizer", "chunks", "pretrain", "sft", "reward_model", "grpo", "report"]  # in pipeline order
+STAGES = ["tokenizer", "chunks", "pretrain", "sft", "reward_model", "grpo", "eval", "report"]  # in pipeline order
 PROMPTS = ["The history of the United States", "子曰：学而时习之",
            "Tom has 47 apples and gets 38 more. How many apples does Tom have now?", "def fibonacci(n):"]
 
@@ -115,6 +117,51 @@ def generate_samples(max_new_tokens, seed=0):
     return samples
 
 
+def eval_rows(results):
+    """(task, metric, {model: (value, stderr)}) for every task metric of Eval/results.json, in its order."""
+    models = results.get("models", {}) if results else {}
+    rows = {}
+    for model, entry in models.items():
+        for task, metrics in entry.get("results", {}).items():
+            for metric, v in metrics.items():
+                if isinstance(v.get("value"), (int, float)):
+                    rows.setdefault((task, metric), {})[model] = (v["value"], v.get("stderr"))
+    return [(task, metric, by_model) for (task, metric), by_model in rows.items()]
+
+
+def eval_chart(path, results):
+    """Grouped bars, one bar per model: bits per byte on the left panel (lower is better), accuracies and exact
+    matches on the right (higher is better). Returns the file name or None."""
+    rows = eval_rows(results)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    panels = [("bits per byte (lower is better)", [r for r in rows if r[1] == "bits_per_byte"]),
+              ("accuracy / exact match (higher is better)", [r for r in rows if r[1] != "bits_per_byte"])]
+    panels = [p for p in panels if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    width = 0.8 / len(models)
+    for ax, (title, panel) in zip(axes[0], panels):
+        for i, model in enumerate(models):
+            values = [by_model.get(model, (0.0, None))[0] for _, _, by_model in panel]
+            ax.bar([x + (i - (len(models) - 1) / 2) * width for x in range(len(panel))], values, width, label=model)
+        ax.set_xticks(range(len(panel)))
+        ax.set_xticklabels([f"{task.removeprefix('llm_train_')}" + ("" if metric in ("bits_per_byte", "acc",
+                            "exact_match") else f" {metric}") for task, metric, _ in panel], rotation=30, ha="right")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"lm-eval {results.get('lm_eval_version', '')}: every model on the same tasks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
 def stage_lessons(m):
     """What each stage taught, on held-out problems: rows (metric, base, sft, grpo) read from the eval files."""
     sft, grpo = m.get("sft") or {}, m.get("grpo") or {}
@@ -163,6 +210,7 @@ def main():
         "sft": read_json(common.REPO / "SFT" / "eval.json"),
         "reward_model": read_json(common.REPO / "RLHF" / "reward_eval.json"),
         "grpo": read_json(common.REPO / "RLHF" / "eval.json"),
+        "eval": read_json(common.REPO / "Eval" / "results.json"),
     }
     pre_hist = read_jsonl(common.OUTPUT_DIR / "history.jsonl")
     sft_hist = read_jsonl(common.SFT_OUTPUT_DIR / "history.jsonl")
@@ -176,6 +224,7 @@ def main():
                           ("eval loss", *column(sft_hist, "eval_loss"), 0)], "SFT loss (assistant tokens)"),
         "grpo": plot(REPORT_DIR / "grpo.png", [("reward", *column(grpo_hist, "reward"), 0),
                                                ("KL", *column(grpo_hist, "kl"), 1)], "GRPO reward and KL"),
+        "eval": eval_chart(REPORT_DIR / "eval.png", metrics["eval"]),
     }
     metrics["plots"] = plots
     metrics["samples"] = {} if args.no_samples else generate_samples(args.max_new_tokens)
@@ -249,6 +298,11 @@ def render(m):
     if m["plots"].get("grpo"):
         lines += [f"![GRPO reward and KL]({m['plots']['grpo']})", ""]
 
+    lines += ["## Evaluation with lm-evaluation-harness (every model, the same tasks)", ""]
+    lines += eval_table(m["eval"])
+    if m["plots"].get("eval"):
+        lines += [f"![lm-eval results]({m['plots']['eval']})", ""]
+
     if m["samples"]:
         lines += ["## Samples (same prompts; greedy, and sampled at temperature 0.8 with a fixed seed)", ""]
         for prompt in PROMPTS:
@@ -268,6 +322,26 @@ def flatten(d, prefix=""):
         elif not isinstance(v, list):
             out[f"{prefix}{k}"] = v
     return out
+
+
+def eval_table(results):
+    """Rows task | metric | one column per model, value ± stderr, from Eval/results.json."""
+    rows = eval_rows(results)
+    if not rows:
+        return ["not run", ""]
+    models = list(results["models"])
+    limit = results.get("settings", {}).get("limit")
+    out = [f"lm-eval {results.get('lm_eval_version')}, {'the first ' + str(limit) if limit else 'all'} documents of "
+           f"each task (Eval/results.json, per-document records in Eval/samples/). Bits per byte: lower is better; "
+           f"generation tasks ran through the chat template.", "",
+           "| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for task, metric, by_model in rows:
+        cells = []
+        for model in models:
+            value, stderr = by_model.get(model, (None, None))
+            cells.append(fmt(value) + (f" ± {fmt(stderr)}" if isinstance(stderr, (int, float)) and stderr else ""))
+        out.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def table_base_vs(d, before, after):

@@ -1,0 +1,126 @@
+"""Data and scoring of the offline lm-eval tasks in this folder; the task YAMLs name these functions (`!function`).
+
+Every dataset is built in memory, at task load time, from what the repo already holds: the held-out corpus files
+data/default_corpus/heldout_{en,zh,code}.jsonl.gz (never trained on, by the tokenizer or pretraining), the held-out
+arithmetic problems of common.py, and (llm_train_bpb_pretrain_val only) the val split of pretrain_data_chunks/.
+Nothing is downloaded and nothing is written.
+"""
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import common  # noqa: E402
+
+PASSAGE_CHARS = 2000  # bits-per-byte documents: the held-out files cut at line ends, so --limit N means N passages
+ARITH_PROBLEMS = 200  # held-out problems with seed 0: SFT/eval.json's (--eval-tasks 64, --seed 0) are their prefix
+CONTINUATIONS = 100  # multiple-choice items per language
+CONTEXT_CHARS = {"en": 300, "zh": 100, "code": 300}  # text before the line to continue: ~300 bytes, ~100 tokens
+
+
+def _test_split(rows):
+    import datasets
+
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def heldout_documents(lang):
+    return [d["text"] for d in common.read_jsonl_gz(common.DATA_DIR / f"heldout_{lang}.jsonl.gz")]
+
+
+def passages(text, size=PASSAGE_CHARS):
+    """Consecutive pieces of a document, each cut at the first line end after `size` characters: joined, they are the
+    document again, so the task scores every byte of the held-out files exactly once."""
+    out, start = [], 0
+    while start < len(text):
+        cut = text.find("\n", start + size)
+        end = len(text) if cut < 0 else cut + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def heldout_text(lang, **_):
+    """custom_dataset of llm_train_bpb_{en,zh,code} (lang comes from dataset_kwargs)."""
+    return _test_split([{"text": p, "document": i}
+                        for i, doc in enumerate(heldout_documents(lang)) for p in passages(doc)])
+
+
+def pretrain_val_text(chunks_dir=None, tokenizer_dir=None, **_):
+    """custom_dataset of llm_train_bpb_pretrain_val: the val split of pretrain_data_chunks/ as its documents. The
+    split's rows are consecutive pieces of one token stream (each document's tokens, then <|endoftext|>), so the
+    stream is cut at <|endoftext|> and each piece decoded; the last document ends where the rows end."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    chunks_dir = Path(chunks_dir or common.CHUNKS_DIR)
+    tokenizer_dir = Path(tokenizer_dir or common.TOKENIZER_DIR)
+    manifest_file = chunks_dir / "manifest.json"
+    if not manifest_file.is_file():
+        raise common.UserError(f"{manifest_file} not found: task llm_train_bpb_pretrain_val reads the val split of "
+                               "the pretraining chunks; run PreTrain/preprocess_dataset_for_pretrain_map.py first")
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    if manifest.get("format") != 2:
+        raise common.UserError(f"{manifest_file}: chunks in format {manifest.get('format')!r}, task "
+                               "llm_train_bpb_pretrain_val reads format 2 (flat token files): re-run the chunks stage")
+    if common.tokenizer_fingerprint(tokenizer_dir) != manifest["tokenizer_fingerprint"]:
+        raise common.UserError(f"{chunks_dir} was tokenized with another tokenizer than the one in {tokenizer_dir}: "
+                               "re-run the chunks stage")
+    ids = np.concatenate([np.fromfile(chunks_dir / rel, manifest["dtype"])
+                          for rel in manifest["splits"]["val"]["shards"]] or [np.zeros(0, np.int64)])
+    eot = manifest["eot_id"]
+    pieces = np.split(ids, np.flatnonzero(ids == eot) + 1)  # each ends with its <|endoftext|>, but the last
+    docs = [p[:-1] if len(p) and p[-1] == eot else p for p in pieces]
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    return _test_split([{"text": tokenizer.decode(d.tolist(), skip_special_tokens=False)} for d in docs if len(d)])
+
+
+def arithmetic(lang, **_):
+    """custom_dataset of llm_train_arith_{en,zh}: the held-out problems of one language, in stream order."""
+    return _test_split([{k: t[k] for k in ("prompt", "answer", "op", "response")}
+                        for t in common.arithmetic_tasks(ARITH_PROBLEMS, "heldout", seed=0) if t["lang"] == lang])
+
+
+def arithmetic_exact_match(doc, results):
+    """process_results: 1 when the number after 'The answer is' / '答案是' is the answer (SFT/eval.json's rule)."""
+    return {"exact_match": int(common.extract_answer(results[0]) == doc["answer"])}
+
+
+def _candidate_lines(text):
+    """(start offset, line) of the lines that make a fair choice: 24-300 bytes (8+ Chinese characters), not blank."""
+    out, start = [], 0
+    for line in text.splitlines(keepends=True):
+        if 24 <= len(line.strip().encode("utf-8")) <= 300:
+            out.append((start, line))
+        start += len(line)
+    return out
+
+
+def continuations(**_):
+    """custom_dataset of llm_train_continuation: for held-out English, Chinese and code documents, the text before a
+    line (CONTEXT_CHARS, from a line start when there is one) and four choices: that line and three lines of other
+    documents of the same language. Languages alternate, so --limit N still mixes them. Fixed seed."""
+    rng = random.Random(0)
+    per_lang = {}
+    for lang in ("en", "zh", "code"):
+        docs = heldout_documents(lang)
+        lines = [_candidate_lines(d) for d in docs]
+        items, with_lines = [], [i for i, candidates in enumerate(lines) if candidates]
+        while len(items) < CONTINUATIONS:
+            d = rng.choice(with_lines)
+            start, gold = rng.choice(lines[d])
+            if start < CONTEXT_CHARS[lang]:
+                continue
+            before = docs[d][start - CONTEXT_CHARS[lang]:start]
+            context = before[before.find("\n") + 1:]  # from the first line start on, unless that leaves nothing
+            context = context if context.strip() else before
+            if not context.strip():
+                continue
+            others = list(dict.fromkeys(line for o in range(len(docs)) if o != d for _, line in lines[o]))
+            others = [line for line in others if line != gold]  # distinct texts, in file order (seeded sample)
+            choices = rng.sample(others, 3) + [gold]
+            rng.shuffle(choices)
+            items.append({"context": context, "choices": choices, "label": choices.index(gold), "lang": lang})
+        per_lang[lang] = items
+    return _test_split([item for group in zip(*per_lang.values()) for item in group])

@@ -1,0 +1,209 @@
+"""Eval/evaluate.py (lm-evaluation-harness on every stage's model) against the stages' own numbers: lm-eval's bits
+per byte equals PreTrain/model.py's val_bpb on the same text, and its arithmetic replies and exact match equal the
+SFT and GRPO evaluations' on the same items. The models are those of the smoke pipeline, whose `make all` ran
+`make eval` (--limit 8 --max-new-tokens 12); nothing is mocked and nothing comes from the hub."""
+import contextlib
+import json
+import math
+import os
+import subprocess
+import types
+
+import pytest
+
+from conftest import PY, REPO, common, load_script
+
+ARITH = {"en": "llm_train_arith_en", "zh": "llm_train_arith_zh"}
+
+
+def read(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def samples(root, model):
+    return [json.loads(line) for line in (root / "Eval" / "samples" / f"{model}.jsonl").read_text().splitlines()]
+
+
+def run_eval(root, *args, env=None):
+    """The smoke copy's own Eval/evaluate.py, so its default paths are that copy's stage outputs."""
+    return subprocess.run([PY, str(root / "Eval" / "evaluate.py"), *map(str, args)], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def stage_val_loss(root, all_rows):
+    """PreTrain/model.py's own evaluate() on the run's final checkpoint (its own GPT class and val rows): the mean
+    loss per token over the rows the run validated on (--eval-batches x --batch-size), or over every val row."""
+    import torch
+    from safetensors.torch import load_file
+
+    stage = load_script("PreTrain/model.py")
+    chunks = root / "pretrain_data_chunks"
+    manifest = read(chunks / "manifest.json")
+    checkpoint = max((root / "checkpoints" / "pretrain").glob("step_*"))
+    state = read(checkpoint / "state.json")
+    config = state["model_config"]
+    model = stage.GPT(**config)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    rows = stage.load_rows(chunks, manifest, "val", config["context_length"], config["vocab_size"])
+    batch = int(state["args"]["batch_size"])
+    batches = math.ceil(len(rows) / batch) if all_rows else int(state["args"]["eval_batches"])
+    val = stage.evaluate(types.SimpleNamespace(eval_batches=batches, batch_size=batch),
+                         types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")),
+                         types.SimpleNamespace(train_model=model.eval(), autocast=contextlib.nullcontext()), rows, 0,
+                         manifest["splits"]["val"]["tokens"] / manifest["splits"]["val"]["bytes"])
+    return val["val_loss"], val["val_bpb"]
+
+
+def test_bits_per_byte_equals_the_pretraining_stage_val_bpb(smoke_repo, tmp_path):
+    """Same text (pretrain_data_chunks' val split), same model, two implementations: the stage packs documents into
+    rows (it also predicts each <|endoftext|>, never a row's first token), lm-eval scores each document in rolling
+    windows from an <|endoftext|> prefix. They agree within 0.5% (0.003-0.04% measured on smoke models)."""
+    root, _ = smoke_repo
+    summary = read(root / "output" / "pretrain_summary.json")
+    # the stage function, checkpoint and rows used here are the run's own: they give its reported val loss exactly
+    assert stage_val_loss(root, all_rows=False)[0] == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    _, stage_bpb = stage_val_loss(root, all_rows=True)
+
+    proc = run_eval(root, "--models", "base", "--tasks", "llm_train_bpb_pretrain_val", "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = read(tmp_path / "results.json")["models"]["base"]["results"]["llm_train_bpb_pretrain_val"]
+    assert result["bits_per_byte"]["value"] == pytest.approx(stage_bpb, rel=5e-3)
+
+
+def lm_eval_replies(root, model, items):
+    """{prompt: reply} of the lm-eval samples of `model` for the arithmetic `items`, after checking that they are
+    the first documents of the tasks and were prompted through the chat template."""
+    rows = samples(root, model)
+    replies = {}
+    for lang, task in ARITH.items():
+        mine = [t for t in items if t["lang"] == lang]
+        done = [r for r in rows if r["task"] == task][:len(mine)]
+        assert [r["prompt"] for r in done] == [
+            common.render_messages([{"role": "user", "content": t["prompt"]}], add_generation_prompt=True) for t in mine]
+        replies.update({t["prompt"]: r["response"] for t, r in zip(mine, done)})
+        assert [r["exact_match"] for r in done] == [int(common.extract_answer(r["response"]) == t["answer"])
+                                                   for t, r in zip(mine, done)]
+    return replies
+
+
+def by_kind(items, replies):
+    """Exact match per operation and language ('add_en', ...), as SFT/eval.json and RLHF/eval.json count it."""
+    kinds = {}
+    for t in items:
+        kinds.setdefault(f"{t['op']}_{t['lang']}", []).append(common.extract_answer(replies[t["prompt"]]) == t["answer"])
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(kinds.items())}
+
+
+def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(smoke_repo):
+    """The SFT stage's own generate() (base and SFT, as in SFT/eval.json) and the RLHF stage's own
+    generate_completions() (SFT policy and GRPO, as in RLHF/eval.json) replay their greedy replies on the held-out
+    items; lm-eval's replies to the same items, with the same number of new tokens, are the same strings, so the
+    exact match per kind is the same too."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, _ = smoke_repo
+    settings = read(root / "Eval" / "results.json")["settings"]
+    sft_eval, rlhf_eval = read(root / "SFT" / "eval.json"), read(root / "RLHF" / "eval.json")
+    assert settings["max_new_tokens"] == rlhf_eval["max_new_tokens"]  # and SFT's --max-new-tokens (Makefile)
+    items = common.arithmetic_tasks(sft_eval["n_heldout_tasks"], "heldout", seed=0)
+    assert rlhf_eval["arithmetic_prompts"] == len(items)  # RLHF evaluates the same first held-out problems
+
+    sft_stage = load_script("SFT/qlora_fine_tune_trl.py")
+    tokenizer = common.load_chat_tokenizer(root / "output")
+    base = AutoModelForCausalLM.from_pretrained(str(root / "output"), dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(root / "SFT" / "sft_output")).eval()
+    conversations = [sft_stage.arithmetic_conversation(t)[:1] for t in items]
+    with model.disable_adapter():
+        stage = {"base": sft_stage.generate(model, tokenizer, conversations, settings["max_new_tokens"])}
+    stage["sft"] = sft_stage.generate(model, tokenizer, conversations, settings["max_new_tokens"])
+    for name in ("base", "sft"):
+        replies = {t["prompt"]: text for t, (text, _) in zip(items, stage[name])}
+        assert by_kind(items, replies) == sft_eval[name]["exact_match_by_kind"]  # the replay is SFT/eval.json's
+        assert [replies[e["prompt"]] for e in sft_eval[name]["examples"] if "answer" in e] == \
+            [e["reply"] for e in sft_eval[name]["examples"] if "answer" in e]
+        ours = lm_eval_replies(root, name, items)
+        assert {p: r.strip() for p, r in ours.items()} == replies
+        assert by_kind(items, ours) == sft_eval[name]["exact_match_by_kind"]
+
+    rlhf = load_script("RLHF/rlhf_common.py")
+    messages = [[{"role": "user", "content": t["prompt"]}] for t in items]
+    for name, path in (("sft", root / "SFT" / "sft_output"), ("grpo", root / "RLHF" / "grpo_output")):
+        if name == "sft":
+            policy, tok = rlhf.load_policy(path, root / "output")
+        else:  # as RLHF/grpo_trl.py loads it
+            policy, tok = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), \
+                common.load_chat_tokenizer(path)
+            policy.generation_config.eos_token_id = [tok.convert_tokens_to_ids(common.IM_END),
+                                                     tok.convert_tokens_to_ids(common.EOT)]
+        _, texts = rlhf.generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"], do_sample=False)
+        replies = dict(zip((t["prompt"] for t in items), texts))
+        assert by_kind(items, replies) == {k: round(v, 4) for k, v in rlhf_eval[name]["exact_answer_by_kind"].items()}
+        assert lm_eval_replies(root, name, items) == replies
+
+
+def test_make_eval_scored_every_model_on_every_offline_task(smoke_repo):
+    import lm_eval
+
+    root, log = smoke_repo
+    assert "== stage eval took" in log
+    results = read(root / "Eval" / "results.json")
+    assert results["lm_eval_version"] == lm_eval.__version__ == "0.4.13"
+    offline = ["llm_train_bpb_en", "llm_train_bpb_zh", "llm_train_bpb_code", "llm_train_continuation", *ARITH.values()]
+    assert sorted(results["tasks"]) == sorted(offline)
+    assert all(results["tasks"][t]["documents"] == 8 for t in offline)  # make eval SCALE=smoke: --limit 8
+    assert [t for t in offline if results["tasks"][t]["chat_template"]] == list(ARITH.values())
+    assert list(results["models"]) == ["base", "sft", "grpo"]
+    bpb = {m: r["results"]["llm_train_bpb_en"]["bits_per_byte"]["value"] for m, r in results["models"].items()}
+    assert len(set(bpb.values())) == 3  # the adapter is applied (peft=), and GRPO moved the SFT policy
+
+    # The bits-per-byte documents are the held-out files cut at line ends, every byte as it is in the file: the
+    # byte counts lm-eval divided by are those of the first 8 passages.
+    utils = load_script("Eval/tasks/utils.py")
+    for lang in ("en", "zh", "code"):
+        passages = [p for doc in utils.heldout_documents(lang) for p in utils.passages(doc)]
+        assert "".join(passages) == "".join(utils.heldout_documents(lang))
+        scored = [r["bits_per_byte"][1] for r in samples(root, "base") if r["task"] == f"llm_train_bpb_{lang}"]
+        assert scored == [len(p.encode("utf-8")) for p in passages[:8]]
+        lls = [r["bits_per_byte"][0] for r in samples(root, "base") if r["task"] == f"llm_train_bpb_{lang}"]
+        value = results["models"]["base"]["results"][f"llm_train_bpb_{lang}"]["bits_per_byte"]["value"]
+        assert value == pytest.approx(-sum(lls) / sum(scored) / math.log(2), rel=1e-9)
+
+
+def test_offline_task_data_and_scoring():
+    """The arithmetic tasks score a reference worked answer 1 and a near miss 0 on held-out problems only; each
+    multiple-choice item's right choice is the line that follows its context in a held-out document."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(REPO / "Eval" / "tasks"), include_defaults=False)
+    tasks = manager.load(["llm_train"])["tasks"]
+    for lang, name in ARITH.items():
+        docs = list(tasks[name].eval_docs)
+        assert len(docs) > 80 and all(common.arithmetic_split(d["prompt"]) == "heldout" for d in docs)
+        assert docs == [{k: t[k] for k in ("prompt", "answer", "op", "response")}
+                        for t in common.arithmetic_tasks(200, "heldout", seed=0) if t["lang"] == lang]
+        for doc in docs:
+            answer = str(doc["answer"])
+            cut = doc["response"].rfind(answer)
+            near = doc["response"][:cut] + str(doc["answer"] + 1) + doc["response"][cut + len(answer):]
+            assert tasks[name].process_results(doc, [doc["response"]]) == {"exact_match": 1}
+            assert tasks[name].process_results(doc, [near]) == {"exact_match": 0}
+
+    utils = load_script("Eval/tasks/utils.py")
+    held = {lang: "".join(utils.heldout_documents(lang)) for lang in ("en", "zh", "code")}
+    docs = list(tasks["llm_train_continuation"].eval_docs)
+    assert len(docs) == 300 and [d["lang"] for d in docs[:6]] == ["en", "zh", "code"] * 2
+    for d in docs:
+        assert len(set(d["choices"])) == 4 and d["context"].strip()
+        assert d["context"] + d["choices"][d["label"]] in held[d["lang"]]
+        assert sum(d["context"] + c in held[d["lang"]] for c in d["choices"]) == 1
+
+
+def test_a_task_that_needs_the_hub_is_one_clear_error_offline(smoke_repo, tmp_path):
+    root, _ = smoke_repo
+    proc = run_eval(root, "--tasks", "hellaswag", "--models", "base", "--output-dir", tmp_path / "out",
+                    env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "task hellaswag downloads its data" in proc.stderr and "--tasks llm_train" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
