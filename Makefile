@@ -17,6 +17,7 @@ PRETRAIN_FLAGS := --preset smoke --context-length 128
 SFT_FLAGS := --max-steps 6 --arith-tasks 300 --eval-tasks 8 --eval-chats 4 --max-new-tokens 12
 RM_FLAGS := --max-steps 6
 GRPO_FLAGS := --num-prompts 8 --epochs 1 --batch-size 8 --max-completion-length 12 --eval-arithmetic 8 --eval-conversation 4
+EVAL_FLAGS := --limit 8 --max-new-tokens 12
 REPORT_FLAGS := --max-new-tokens 12
 else ifeq ($(SCALE),gpu)
 TOKENIZER_FLAGS := --vocab-size 50000
@@ -25,6 +26,7 @@ PRETRAIN_FLAGS := --preset gpt2-100m
 SFT_FLAGS :=
 RM_FLAGS :=
 GRPO_FLAGS :=
+EVAL_FLAGS :=
 REPORT_FLAGS :=
 else
 TOKENIZER_FLAGS := --vocab-size 8192
@@ -35,6 +37,7 @@ PRETRAIN_FLAGS := --preset cpu
 SFT_FLAGS :=
 RM_FLAGS :=
 GRPO_FLAGS := --num-prompts 32 --lr 1e-3 --max-completion-length 64
+EVAL_FLAGS :=
 REPORT_FLAGS :=
 endif
 # With several GPUs pretraining runs under DeepSpeed ZeRO-2, one rank per GPU.
@@ -49,7 +52,7 @@ define timed
 	  echo "== stage $(1) took $$((ms / 1000)).$$((ms % 1000 / 100)) s"
 endef
 
-.PHONY: setup test bench all clean banner
+.PHONY: setup test bench all clean banner eval chat
 FORCE:
 setup: $(VENV)/.installed
 
@@ -59,12 +62,22 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# The web UI test drives a real headless Chromium: installed here when missing (CI runs as root on a fresh machine).
 test: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 	$(PY) -m pytest -q tests
 
+# The web UI load check talks to the trained CPU models, so it runs after `make all`.
 bench: setup
 	@mkdir -p bench/results
-	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in $(filter-out bench/bench_webui.py,$(wildcard bench/bench_*.py)); do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(MAKE) all
+	$(PY) bench/bench_webui.py
+
+# The web UI on this repo's stage outputs: http://127.0.0.1:7860 (python WebUI/app.py --help for host, port, dirs).
+chat: setup
+	$(PY) WebUI/app.py
 
 # The scale of the last run. A different SCALE (a typo, or a flaky nvidia-smi on a login node) would retrain every
 # stage and drop its checkpoints, so it needs NEW_SCALE=1; the stages then drop checkpoints older than their inputs.
@@ -98,7 +111,13 @@ RLHF/eval.json: RLHF/grpo_trl.py RLHF/rlhf_common.py RLHF/reward_eval.json
 	@find RLHF/checkpoints/grpo -maxdepth 0 ! -newer RLHF/reward_eval.json -exec rm -rf {} + 2>/dev/null || true
 	$(call timed,grpo,$(PY) RLHF/grpo_trl.py --force $(GRPO_FLAGS))
 
-report/report.md: report/build_report.py RLHF/eval.json
+# lm-eval on every model, the same tasks (the offline ones of Eval/tasks/): the report card's comparison table.
+Eval/results.json: Eval/evaluate.py $(wildcard Eval/tasks/*.py Eval/tasks/*yaml) RLHF/eval.json
+	$(call timed,eval,$(PY) Eval/evaluate.py $(EVAL_FLAGS))
+
+eval: Eval/results.json
+
+report/report.md: report/build_report.py RLHF/eval.json Eval/results.json
 	$(call timed,report,$(PY) report/build_report.py $(REPORT_FLAGS))
 
 all: banner report/report.md
@@ -111,4 +130,5 @@ clean:
 	find tokenizer pretrain_data_chunks output -mindepth 1 ! -name README.md -exec rm -rf {} +
 	find report -mindepth 1 ! -name README.md ! -name build_report.py -exec rm -rf {} +
 	rm -rf .scale checkpoints runs train.log SFT/sft_output SFT/checkpoints SFT/runs SFT/train.log SFT/eval.json \
-	       RLHF/reward_model RLHF/grpo_output RLHF/checkpoints RLHF/runs RLHF/train.log RLHF/*eval.json
+	       RLHF/reward_model RLHF/grpo_output RLHF/checkpoints RLHF/runs RLHF/train.log RLHF/*eval.json \
+	       Eval/results.json Eval/samples
