@@ -1,7 +1,7 @@
 """Code that more than one stage needs, kept in one place: repo paths, special tokens and the chat template,
 the tokenizer fingerprint, user-facing errors, atomic writes, the embedded corpus reader, the named Hugging Face text
-sources with their cleaners (tokenizer and chunks stages) and the verifiable arithmetic task family that SFT and
-RLHF share.
+sources with their cleaners (tokenizer and chunks stages), the reader of the pretraining chunks and the verifiable
+arithmetic task family that SFT and RLHF share.
 
 Stage scripts import it after putting the repo root on sys.path, so they run from any directory:
 
@@ -236,7 +236,8 @@ def compute_dtype(requested=None, allow_fp16=False):
 # ---------------------------------------------------------------------------------------------------------------
 # Lineage: every stage output holds lineage.json = {stage, settings, tokenizer_fingerprint, parents: {role: {path,
 # fingerprint}}}. A stage that loads outputs of earlier stages checks that they still are the ones it was built
-# from; a stage asked to replace an output that later stages were built from refuses without --force.
+# from; a stage asked to replace an output that later stages were built from refuses without --force. A parent
+# inside the repo is recorded relative to it, so a copied or moved checkout still finds its own parents.
 LINEAGE = "lineage.json"
 
 
@@ -259,10 +260,26 @@ def output_fingerprint(path):
 
 
 def read_lineage(path):
+    """The lineage.json of the output dir `path` (None if it has none), parent paths made absolute."""
     try:
-        return json.loads((Path(path) / LINEAGE).read_text(encoding="utf-8"))
+        lineage = json.loads((Path(path) / LINEAGE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    for recorded in lineage.get("parents", {}).values():
+        recorded["path"] = str(REPO / recorded["path"])  # a relative path is the repo's; an absolute one stays
+    return lineage
+
+
+def recorded_parents(out_dir):
+    """The parent dirs out_dir's lineage names that still exist, by role (for check_lineage): a parent replaced
+    since makes out_dir stale, one deleted since cannot be checked."""
+    parents = (read_lineage(out_dir) or {}).get("parents", {})
+    return {role: r["path"] for role, r in parents.items() if Path(r["path"]).exists()}
+
+
+def _lineage_path(path):
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def write_lineage(out_dir, stage, settings, tokenizer_dir=None, **parents):
@@ -270,7 +287,7 @@ def write_lineage(out_dir, stage, settings, tokenizer_dir=None, **parents):
     lineage = {"stage": stage, "settings": settings,
                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir or out_dir) if (
                    Path(tokenizer_dir or out_dir) / "tokenizer.json").is_file() else None,
-               "parents": {role: {"path": str(Path(p).resolve()), "fingerprint": output_fingerprint(p)}
+               "parents": {role: {"path": _lineage_path(p), "fingerprint": output_fingerprint(p)}
                            for role, p in parents.items() if p is not None}}
     atomic_write_json(Path(out_dir) / LINEAGE, lineage)
     return lineage
@@ -337,6 +354,23 @@ def already_done(out_dir, stage, settings, **parents):
 def settings_of(args, *names):
     """The settings that decide an output, as JSON-safe values (compared by already_done)."""
     return {n: (str(v) if isinstance(v, Path) else v) for n, v in ((n, getattr(args, n)) for n in names)}
+
+
+def apply_preset(args, presets, default):
+    """Fill each flag left unset (None) from the preset args.preset (or `default`): a flag given on the command line
+    wins over its preset's value."""
+    args.preset = args.preset or default
+    for key, value in presets[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def default_scale():
+    """The post-training preset for this machine: the full-size one with a GPU."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def latest_trainer_checkpoint(checkpoint_dir):
@@ -601,6 +635,79 @@ def named_texts(rows, name, where):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Pretraining chunks (format 2, PreTrain/preprocess_dataset_for_pretrain_map.py): manifest.json + per split flat
+# token files of fixed-length rows (consecutive pieces of one token stream), read by pretraining, eval and bench.
+class ChunkRows:
+    """The rows of one split, read from its shard files only when indexed: rows[index array or slice] -> (n,
+    context + 1) array. Nothing is loaded up front and no file is mapped, so a rank holds only the rows of its
+    current batch whatever the chunk set's size (np.memmap would read the same bytes, but every page it touched would
+    count in the rank's resident memory until the kernel reclaims it, growing over an epoch to the whole split). If
+    the context is smaller than the chunks' rows, each row is cut into windows of context + 1 tokens sharing one
+    boundary token: index i is window i // n_rows of row i % n_rows."""
+
+    def __init__(self, paths, shard_rows, row_length, dtype, context_length, vocab_size):
+        import numpy as np
+
+        self.paths, self.row_length, self.dtype = paths, row_length, np.dtype(dtype)
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.starts = np.cumsum([0, *shard_rows])  # first row of each shard
+        self.n_rows = int(self.starts[-1])
+        self.windows = (row_length - 1) // context_length
+        self.files = {}  # shard -> its file, opened on first use (closed when the reader is garbage collected)
+
+    def __len__(self):
+        return self.n_rows * self.windows
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        index = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index, np.int64)
+        if index.ndim != 1 or (len(index) and not 0 <= index.min() <= index.max() < len(self)):
+            raise IndexError(f"row index out of range 0..{len(self) - 1} (or not a 1-d index)")
+        window, row = np.divmod(index, self.n_rows)
+        shard = np.searchsorted(self.starts, row, side="right") - 1
+        width = self.context_length + 1
+        out = np.empty((len(index), width), self.dtype)
+        for k, (s, r, w) in enumerate(zip(shard.tolist(), row.tolist(), window.tolist())):
+            if s not in self.files:
+                self.files[s] = open(self.paths[s], "rb", buffering=0)
+            offset = ((r - int(self.starts[s])) * self.row_length + w * self.context_length) * self.dtype.itemsize
+            out[k] = np.frombuffer(os.pread(self.files[s].fileno(), width * self.dtype.itemsize, offset), self.dtype)
+        bad = np.flatnonzero((out >= self.vocab_size).any(1))
+        if len(bad):  # a corrupt or foreign shard: say which, before an embedding lookup fails somewhere
+            s, r = int(shard[bad[0]]), int(row[bad[0]] - self.starts[shard[bad[0]]])
+            raise UserError(f"{self.paths[s]}, row {r}: token id outside the vocabulary (size {self.vocab_size}): "
+                            "the chunks do not belong to this tokenizer/model")
+        return out
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(rows): every row, in memory (small sets and tests only)
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def chunk_rows(chunks_dir, manifest, split, context_length, vocab_size):
+    """The rows of a split (of the read manifest.json of chunks_dir) as a ChunkRows reader: the shard files are
+    checked (present, whole rows, the manifest's row count) but not read."""
+    import numpy as np
+
+    row_length, dtype = manifest["row_length"], np.dtype(manifest["dtype"])
+    paths, shard_rows = [], []
+    for rel in manifest["splits"][split]["shards"]:
+        path = Path(chunks_dir) / rel
+        if not path.is_file():
+            raise UserError(f"{path} (listed in {Path(chunks_dir) / 'manifest.json'}) is missing: re-run preprocessing")
+        size = path.stat().st_size
+        if size % (row_length * dtype.itemsize):
+            raise UserError(f"{path}: {size} bytes is not a whole number of rows of {row_length} {dtype.name} token "
+                            "ids (truncated, or not this manifest's shard): re-run preprocessing")
+        paths.append(path)
+        shard_rows.append(size // (row_length * dtype.itemsize))
+    if sum(shard_rows) != manifest["splits"][split]["rows"]:
+        raise UserError(f"{chunks_dir}: the {split} shards hold {sum(shard_rows)} rows, the manifest says "
+                        f"{manifest['splits'][split]['rows']}: re-run preprocessing")
+    return ChunkRows(paths, shard_rows, row_length, dtype, context_length, vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Verifiable tasks: 2-digit addition and subtraction word problems (carries and borrows) in English and Chinese with
 # one exact integer answer. Reference answers work the columns out before the final sentence: a 3M-parameter model
 # learns that, and learns next to nothing from the bare number (57% vs 1.5% held-out exact match, measured).
@@ -695,3 +802,19 @@ def extract_answer(text):
     """The integer after 'The answer is' / '答案是' in a model's response, or None."""
     m = _ANSWER_RE.search(text)
     return int(m.group(1)) if m else None
+
+
+# a word problem in the task family's wording, any names, items and numbers: (pattern, sign of the second number)
+_ARITH_PROMPTS = [(re.compile(r"has (\d+) .+ and gets (\d+) more\. How many .+\?"), 1),
+                  (re.compile(r"has (\d+) .+ and gives away (\d+)\. How many .+ left\?"), -1),
+                  (re.compile(r"有(\d+).*，又得到了(\d+).*多少.*？"), 1),
+                  (re.compile(r"有(\d+).*，送给别人(\d+).*还剩多少.*？"), -1)]
+
+
+def arithmetic_answer(prompt):
+    """The exact answer of an arithmetic word problem (generated or typed), or None for any other prompt."""
+    for pattern, sign in _ARITH_PROMPTS:
+        m = pattern.search(prompt)
+        if m:
+            return int(m.group(1)) + sign * int(m.group(2))
+    return None

@@ -93,9 +93,7 @@ def find_models(args):
         common.check_lineage(sft, f"python SFT/qlora_fine_tune_trl.py --force --model-dir {base} --output-dir {sft}",
                              base=base)
     if "grpo" in wanted:  # against the parents its lineage names that still exist (as RLHF/grpo_trl.py does)
-        parents = (common.read_lineage(grpo) or {}).get("parents", {})
-        common.check_lineage(grpo, "python RLHF/grpo_trl.py --force",
-                             **{role: r["path"] for role, r in parents.items() if Path(r["path"]).exists()})
+        common.check_lineage(grpo, "python RLHF/grpo_trl.py --force", **common.recorded_parents(grpo))
     return {name: found[name] for name in wanted}
 
 

@@ -31,7 +31,6 @@ Everything is served locally: no analytics, no fonts or scripts from other hosts
 import argparse
 import json
 import os
-import re
 import socket
 import sys
 import threading
@@ -216,23 +215,7 @@ def text_of(content):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Arithmetic prompts: the answer of a word problem in the task family's wording (common.arithmetic_tasks), any
-# names, items and numbers, so that typed problems are checked too.
-_ARITH = [(re.compile(r"has (\d+) .+ and gets (\d+) more\. How many .+\?"), 1),
-          (re.compile(r"has (\d+) .+ and gives away (\d+)\. How many .+ left\?"), -1),
-          (re.compile(r"有(\d+).*，又得到了(\d+).*多少.*？"), 1),
-          (re.compile(r"有(\d+).*，送给别人(\d+).*还剩多少.*？"), -1)]
-
-
-def arithmetic_answer(prompt):
-    """The exact answer of an arithmetic word problem, or None for any other prompt."""
-    for pattern, sign in _ARITH:
-        m = pattern.search(prompt)
-        if m:
-            return int(m.group(1)) + sign * int(m.group(2))
-    return None
-
-
+# Arithmetic prompts (common.arithmetic_answer: typed problems in the task family's wording are checked too).
 def verdict(answer, reply):
     """Right / wrong mark of a reply to an arithmetic problem ('' for other prompts)."""
     if answer is None:
@@ -495,7 +478,7 @@ def build_app(args, models, problems):
             rm, rm_tok = models["reward model"]
             scores = dict(zip(done, rlhf_common.reward_model_scores(rm, rm_tok, [messages] * len(done),
                                                                     [answers[n] for n in done])))
-        answer = arithmetic_answer(prompt)
+        answer = common.arithmetic_answer(prompt)
         for n in done:
             score = f"reward-model score **{scores[n]:+.3f}**" if n in scores else \
                 f"no reward-model score ({problems.get('reward model', '')})"

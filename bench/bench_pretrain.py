@@ -43,8 +43,9 @@ def worker(a):
     args = argparse.Namespace(grad_accum=1, debug_nan_step=-1, grad_clip=1.0, weight_decay=0.1, lr=3e-4,
                               beta1=0.9, beta2=0.95)
     optimizer = m.make_optimizer(model, args, torch.device("cpu"))
-    if a.rows:  # real chunk rows through model.py's data path
-        rows = np.load(a.rows)
+    if a.chunks:  # real chunk rows through model.py's data path, read from disk as it reads them
+        manifest = json.loads((Path(a.chunks) / "manifest.json").read_text(encoding="utf-8"))
+        rows = common.chunk_rows(a.chunks, manifest, "train", min(a.ctx, manifest["context_length"]), a.vocab)
     else:  # synthetic: the same rows every step, no sampling
         rows = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.ctx + 1), dtype=np.int32)
 
@@ -54,7 +55,7 @@ def worker(a):
             return batch[:, :-1], batch[:, 1:]
 
     fixed = torch.from_numpy(rows[: a.batch].astype(np.int64))
-    batches = m.Batches(rows, a.batch, 1, 0, 1, seed=0) if a.rows else Fixed()
+    batches = m.Batches(rows, a.batch, 1, 0, 1, seed=0) if a.chunks else Fixed()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16")
     times = []
     for i in range(a.warmup + a.steps):
@@ -98,10 +99,8 @@ def compare(name, c, rounds):
     return result
 
 
-def real_rows(c, tmp):
-    """Rows of real chunks (pretrain_data_chunks/, or tiny ones made here) as .npy for the worker."""
-    import numpy as np
-
+def real_chunks(c, tmp):
+    """(dir, training rows) of real chunks for the worker: pretrain_data_chunks/, or tiny ones made here."""
     m = common.load_script("PreTrain/model.py")
     chunks, tok_dir = common.CHUNKS_DIR, common.TOKENIZER_DIR
     if not (chunks / "manifest.json").is_file():
@@ -115,11 +114,9 @@ def real_rows(c, tmp):
         chunks.mkdir()
         write_chunks(tok_dir, chunks, context_length=c["ctx"], texts=sample_texts() * 3)
         print(f"  (no {common.CHUNKS_DIR}/manifest.json: using tiny chunks written to {chunks})")
-    manifest = m.read_manifest(chunks, tok_dir)
-    rows = m.load_rows(chunks, manifest, "train", min(c["ctx"], manifest["context_length"]), c["vocab"])
-    path = Path(tmp) / "rows.npy"
-    np.save(path, rows)
-    return path, len(rows)
+    manifest = m.read_manifest(chunks, tok_dir)  # the worker reads the rows as model.py does, never all at once
+    return chunks, len(common.chunk_rows(chunks, manifest, "train", min(c["ctx"], manifest["context_length"]),
+                                         c["vocab"]))
 
 
 def matmul_peak(dtype):
@@ -143,7 +140,7 @@ def main():
                         default=default)
     ap.add_argument("--dtype", choices=common.DTYPES, default=None,
                     help=f"compute dtype of both steps (default: ${common.DTYPE_ENV}, else what model.py picks here)")
-    ap.add_argument("--rows", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--chunks", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=common.positive_int, default=3)
     ap.add_argument("--skip-124m", action="store_true")
     a = ap.parse_args()
@@ -175,11 +172,11 @@ def main():
         results["reference"] = f"missing: {REFERENCE}"
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows_path, n_rows = real_rows(cpu_cfg, tmp)
+        chunks, n_rows = real_chunks(cpu_cfg, tmp)
         base = [sys.executable, __file__, "--worker", *map(str, size_args({**cpu_cfg, "steps": 8}))]
         real, synthetic = [], []
         for _ in range(a.rounds):
-            real.append(run_json(base + ["--rows", str(rows_path)])["median_step_s"])
+            real.append(run_json(base + ["--chunks", str(chunks)])["median_step_s"])
             synthetic.append(run_json(base)["median_step_s"])
         ratio = statistics.median(real) / statistics.median(synthetic)
         results["data_loading"] = {"real_rows": n_rows, "real_step_s": real, "synthetic_step_s": synthetic,

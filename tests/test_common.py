@@ -37,6 +37,26 @@ def test_lineage_detects_a_replaced_parent(tmp_path):
     assert json.loads((child / "lineage.json").read_text())["settings"] == {"lr": 1}
 
 
+def test_lineage_of_a_moved_checkout_names_its_own_parents(tmp_path, monkeypatch):
+    """Parents inside the repo are recorded relative to it: a copied checkout checks against its own outputs."""
+    repo, outside = tmp_path / "repo", tmp_path / "elsewhere"
+    for d in (repo / "output", repo / "SFT" / "sft_output", outside):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"weights of " + d.name.encode())
+    monkeypatch.setattr(common, "REPO", repo)
+    common.write_lineage(repo / "SFT" / "sft_output", "sft", {}, base=repo / "output", data=outside)
+    recorded = json.loads((repo / "SFT" / "sft_output" / "lineage.json").read_text())["parents"]
+    assert {role: r["path"] for role, r in recorded.items()} == {"base": "output", "data": str(outside)}
+    moved = tmp_path / "moved"
+    repo.rename(moved)
+    monkeypatch.setattr(common, "REPO", moved)
+    child = moved / "SFT" / "sft_output"
+    assert common.recorded_parents(child) == {"base": str(moved / "output"), "data": str(outside)}
+    (moved / "output" / "model.safetensors").write_bytes(b"another base")
+    with pytest.raises(common.UserError, match="built from a different base"):
+        common.check_lineage(child, "rerun", **common.recorded_parents(child))
+
+
 def test_dtype_switch(monkeypatch):
     monkeypatch.setenv(common.DTYPE_ENV, "bf16")
     assert common.dtype_name() == "bf16" and common.dtype_name("auto") == "bf16"

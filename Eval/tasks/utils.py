@@ -67,12 +67,12 @@ def pretrain_val_text(chunks_dir=None, tokenizer_dir=None, **_):
     if common.tokenizer_fingerprint(tokenizer_dir) != manifest["tokenizer_fingerprint"]:
         raise common.UserError(f"{chunks_dir} was tokenized with another tokenizer than the one in {tokenizer_dir}: "
                                "re-run the chunks stage")
-    ids = np.concatenate([np.fromfile(chunks_dir / rel, manifest["dtype"])
-                          for rel in manifest["splits"]["val"]["shards"]] or [np.zeros(0, np.int64)])
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    rows = common.chunk_rows(chunks_dir, manifest, "val", manifest["row_length"] - 1, tokenizer.get_vocab_size())
+    ids = rows[:].reshape(-1)  # whole rows, in order: the split's token stream
     eot = manifest["eot_id"]
     pieces = np.split(ids, np.flatnonzero(ids == eot) + 1)  # each ends with its <|endoftext|>, but the last
     docs = [p[:-1] if len(p) and p[-1] == eot else p for p in pieces]
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     return _test_split([{"text": tokenizer.decode(d.tolist(), skip_special_tokens=False)} for d in docs if len(d)])
 
 
