@@ -6,8 +6,8 @@ Reads:  pretrain_data_chunks/ (manifest.json + flat token files of fixed-length 
 Writes: output/ a Hugging Face GPT-2 checkpoint (config.json, model.safetensors, generation_config.json, tokenizer
         files with model_max_length = the context, history.jsonl, pretrain_summary.json, lineage.json) that
         AutoModelForCausalLM.from_pretrained("./output") loads; checkpoints/pretrain/step_NNNNNN/ (every
-        --checkpoint-interval steps and at the end, last --keep-checkpoints kept), train.log, TensorBoard events in
-        runs/pretrain/.
+        --checkpoint-interval steps and at the end, last --keep-checkpoints kept; `make all` passes
+        --checkpoint-dir checkpoints/<SCALE>/pretrain), train.log, TensorBoard events in runs/pretrain/.
 
     python PreTrain/model.py                                   # CPU default: `cpu` preset, ~5 minutes on 2 cores
     python PreTrain/model.py --preset smoke                    # seconds
@@ -26,12 +26,24 @@ lr schedule ends there); rerun with that --max-steps to finish it, or use a new 
 one) to train from scratch. Replacing an output/ that later stages (SFT, ...) were built from needs --force; an
 output/ holding files that are not a pretraining output is never replaced.
 
+One experiment on any number of GPUs: --global-batch-tokens G (from the preset) is the batch of an optimizer step,
+in tokens over all ranks; --batch-size B is the micro batch of one rank, in rows of --context-length T tokens, and
+each of the R ranks accumulates G / (B x T x R) micro batches (gpt2-100m: 524,288 tokens = 32 micro batches of
+16 x 1024 on 1 GPU, 4 on 8 GPUs). A G that does not split that way is an error. The length is --max-tokens (the
+preset's: 2B for gpt2-100m, Chinchilla-like), capped at --max-epochs passes over the training tokens present, so a
+small corpus is not memorised; the log says how many tokens and epochs the run trains. --max-steps overrides both.
+
 The batch for an optimizer step is a pure function of (seed, step, rank): rows come from one seeded permutation of
 the training rows per epoch and rank r takes its own disjoint slice, so a resumed run sees exactly the same data, and
---batch-size B --grad-accum A on R ranks sees the same rows per step as any other split of B x A x R rows. A NaN/inf
-loss stops the run before the bad update is applied. If --context-length is smaller than the chunks' rows, each row
+a micro batch of B rows on R ranks sees the same rows per step as any other split of the G tokens. A NaN/inf loss
+stops the run before the bad update is applied. If --context-length is smaller than the chunks' rows, each row
 is cut into windows of context+1 tokens (sharing one boundary token), so no token is thrown away; a larger one is an
 error (re-chunk the data instead).
+
+Vocabulary: the embedding (tied with the LM head) has the tokenizer's size rounded up to a multiple of 64 rows
+(50,000 -> 50,048; faster matmuls on GPUs), or --vocab-size rows. Logits of the padding rows are -inf, so they are
+never predicted and get no gradient; the export keeps the tokenizer's rows only (config.vocab_size ==
+len(tokenizer)) and gives the trained model's logits exactly. Checkpoints keep the padded size.
 
 Precision: --dtype (default: $LLM_TRAIN_DTYPE, else auto) = bf16 autocast (DeepSpeed: its bf16 mode) or fp32; auto
 picks bf16 on CUDA and on CPUs with bf16 matmul units (AMX / AVX512-BF16), else fp32: on an AVX2-only CPU a bf16
@@ -45,9 +57,19 @@ DeepSpeed checkpoints: engine.save_checkpoint writes checkpoints/pretrain/step_N
 every rank has finished (barrier) rank 0 adds trainer_state.json (step, history, settings) and atomically replaces
 the `latest` file, which is what a resumed run loads. A run killed mid-save leaves `latest` pointing at the previous
 complete checkpoint.
+
+Multi-node (torchrun --nnodes N, deepspeed --hostfile): the checkpoint, log and output directories must be on a
+filesystem shared by all nodes (NFS, Lustre, ...). Only the process of GLOBAL rank 0 writes checkpoints, `latest`,
+train.log, TensorBoard events and output/ (DeepSpeed: every rank writes its own ZeRO shard into the same step
+directory); every rank reads the checkpoint on resume. Each node's first process has LOCAL_RANK 0 too: it picks the
+GPU, never who writes.
+
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 --master_addr HOST0 --master_port 29500 PreTrain/model.py
+    deepspeed --hostfile hosts --master_addr HOST0 PreTrain/model.py --deepspeed PreTrain/ds_config.json
 """
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -75,20 +97,27 @@ import torch.nn.functional as F  # noqa: E402
 # DeepSpeed's ZeRO code calls a torch collective that torch has deprecated: nothing a user of this script can act on.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-# Model size, batch and schedule of each preset; every value can be overridden by its flag.
+# Model size, batch and schedule of each preset; every value can be overridden by its flag. The batch is global, in
+# tokens per optimizer step (nanoGPT): 1, 2 or 8 GPUs train the same schedule, each rank accumulating
+# global_batch_tokens / (batch_size x context_length x ranks) micro batches. The length is max_tokens, capped at
+# --max-epochs passes over the training tokens present.
 PRESETS = {
-    # The real model of this project: GPT-2 small sizes with this project's tokenizer vocabulary.
+    # The real model of this project: GPT-2 small sizes with this project's tokenizer vocabulary (embedding padded to
+    # a multiple of 64). GPT-2's 0.5M-token batch (1 GPU accumulates 32 micro batches of 16 x 1024, 8 GPUs 4) and
+    # the Chinchilla budget, ~20 tokens per parameter: 2B tokens on real data.
     "gpt2-100m": dict(n_layer=12, n_embd=768, n_head=12, context_length=1024, vocab_size=None,
-                      batch_size=16, grad_accum=4, max_steps=5000, lr=6e-4, warmup_steps=200),
+                      batch_size=16, global_batch_tokens=524288, max_tokens=2_000_000_000, lr=6e-4, warmup_steps=200),
     # GPT-2 small exactly (vocab 50257 padded to 50304), for throughput comparable to published numbers.
     "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, context_length=1024, vocab_size=50304,
-                      batch_size=16, grad_accum=4, max_steps=5000, lr=6e-4, warmup_steps=200),
-    # What the CPU default run trains in ~5 minutes on 2 idle AVX2 cores (fp32, ~3k tokens/s): 820k tokens.
-    "cpu": dict(n_layer=4, n_embd=192, n_head=4, context_length=128, vocab_size=None,
-                batch_size=16, grad_accum=1, max_steps=400, lr=2e-3, warmup_steps=20),
-    # Seconds: proves the pipeline end to end.
-    "smoke": dict(n_layer=2, n_embd=64, n_head=2, context_length=64, vocab_size=None,
-                  batch_size=8, grad_accum=1, max_steps=30, lr=3e-3, warmup_steps=5),
+                      batch_size=16, global_batch_tokens=524288, max_tokens=2_500_000_000, lr=6e-4, warmup_steps=200),
+    # The CPU default run: 500 steps of 16 x 256 tokens (2M tokens, ~9 min on 2 cores). A 3.4M model
+    # needs well over 20k worked arithmetic problems before it answers any (measured: 2% after 700 steps of the
+    # Makefile's arithmetic-heavy cpu mix, ~24k problems; the count of problems, not of steps, decides).
+    "cpu": dict(n_layer=4, n_embd=192, n_head=4, context_length=256, vocab_size=None, batch_size=16,
+                global_batch_tokens=16 * 256, max_tokens=500 * 16 * 256, lr=3e-3, warmup_steps=20),
+    # Seconds: proves the pipeline end to end (30 steps of 8 rows).
+    "smoke": dict(n_layer=2, n_embd=64, n_head=2, context_length=128, vocab_size=None,
+                  batch_size=8, global_batch_tokens=8 * 128, max_tokens=30 * 8 * 128, lr=3e-3, warmup_steps=3),
 }
 
 # Dense bf16 peak FLOP/s by GPU name (no sparsity), for MFU.
@@ -136,16 +165,26 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def padded_vocab(vocab_size, multiple=64):
+    """Embedding rows for a vocabulary: rounded up to a multiple of 64 (50,000 -> 50,048) for efficient matmuls."""
+    return -(-vocab_size // multiple) * multiple
+
+
 class GPT(nn.Module):
-    def __init__(self, vocab_size, context_length, n_layer, n_embd, n_head, activation_checkpointing=False):
+    """vocab_size tokens (the tokenizer's) in an embedding of padded_vocab_size >= vocab_size rows (default: no
+    padding); the logits of the padding rows are -inf."""
+
+    def __init__(self, vocab_size, context_length, n_layer, n_embd, n_head, padded_vocab_size=None,
+                 activation_checkpointing=False):
         super().__init__()
         if n_embd % n_head:
             raise UserError(f"--n-embd {n_embd} must be divisible by --n-head {n_head}")
-        self.config = dict(vocab_size=vocab_size, context_length=context_length, n_layer=n_layer, n_embd=n_embd,
-                           n_head=n_head)
+        padded_vocab_size = padded_vocab_size or vocab_size
+        self.config = dict(vocab_size=vocab_size, padded_vocab_size=padded_vocab_size, context_length=context_length,
+                           n_layer=n_layer, n_embd=n_embd, n_head=n_head)
         self.activation_checkpointing = activation_checkpointing
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
+            wte=nn.Embedding(padded_vocab_size, n_embd),
             wpe=nn.Embedding(context_length, n_embd),
             h=nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer)),
             ln_f=nn.LayerNorm(n_embd),
@@ -168,11 +207,15 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
-        logits = F.linear(x, self.transformer.wte.weight)  # tied LM head
+        logits = F.linear(x, self.transformer.wte.weight).float()  # tied LM head
+        if self.config["padded_vocab_size"] > self.config["vocab_size"]:
+            # padding rows are no tokens: -inf keeps the softmax (and so the loss) that of the real vocabulary, which
+            # the export keeps; writes only the padding columns
+            logits[..., self.config["vocab_size"]:] = float("-inf")
         if targets is None:
-            return logits.float()
+            return logits
         # (A chunked fused linear+cross-entropy that never holds all fp32 logits measured ~15% slower here in fp32.)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def flops_per_token(model_config, n_params):
@@ -195,16 +238,21 @@ def hf_state_dict(model):
 def save_hf(model_state, model_config, tokenizer, tokenizer_dir, out_dir):
     """Write a GPT2LMHeadModel checkpoint + the tokenizer files into out_dir (a fresh temporary directory).
 
-    The tokenizer's model_max_length is the model's context (the tokenizer dir's own value knows no model), and the
-    generation config holds sampling defaults only: a max_new_tokens there would override a caller's
-    generate(max_length=...)."""
+    The embedding keeps the tokenizer's rows only (the padding rows are no tokens; the trained model's logits for
+    them are -inf), so config.vocab_size == len(tokenizer). The tokenizer's model_max_length is the model's context
+    (the tokenizer dir's own value knows no model), and the generation config holds sampling defaults only: a
+    max_new_tokens there would override a caller's generate(max_length=...)."""
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its bar over the one shard written is noise
 
     c = model_config
-    config = GPT2Config(vocab_size=c["vocab_size"], n_positions=c["context_length"], n_embd=c["n_embd"],
+    vocab = len(tokenizer)
+    if c["vocab_size"] != vocab:
+        raise RuntimeError(f"model of {c['vocab_size']} tokens, tokenizer of {vocab}")
+    model_state = {**model_state, "transformer.wte.weight": model_state["transformer.wte.weight"][:vocab].clone()}
+    config = GPT2Config(vocab_size=vocab, n_positions=c["context_length"], n_embd=c["n_embd"],
                         n_layer=c["n_layer"], n_head=c["n_head"], activation_function="gelu_new",
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -254,68 +302,7 @@ def read_manifest(chunks_dir, tokenizer_dir):
     return manifest
 
 
-class Rows:
-    """The rows of one split, read from its shard files only when indexed: rows[index array] -> (n, context + 1)
-    array. Nothing is loaded up front and no file is mapped, so a rank holds only the rows of its current batch
-    whatever the chunk set's size (np.memmap would read the same bytes, but every page it touched would count in the
-    rank's resident memory until the kernel reclaims it, growing over an epoch to the whole split). If the context
-    is smaller than the chunks' rows, each row is cut into windows of context + 1 tokens sharing one boundary token:
-    index i is window i // n_rows of row i % n_rows."""
-
-    def __init__(self, paths, shard_rows, row_length, dtype, context_length, vocab_size):
-        self.paths, self.row_length, self.dtype = paths, row_length, np.dtype(dtype)
-        self.context_length, self.vocab_size = context_length, vocab_size
-        self.starts = np.cumsum([0, *shard_rows])  # first row of each shard
-        self.n_rows = int(self.starts[-1])
-        self.windows = (row_length - 1) // context_length
-        self.files = {}  # shard -> its file, opened on first use (closed when the reader is garbage collected)
-
-    def __len__(self):
-        return self.n_rows * self.windows
-
-    def __getitem__(self, index):
-        index = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index, np.int64)
-        if index.ndim != 1 or (len(index) and not 0 <= index.min() <= index.max() < len(self)):
-            raise IndexError(f"row index out of range 0..{len(self) - 1} (or not a 1-d index)")
-        window, row = np.divmod(index, self.n_rows)
-        shard = np.searchsorted(self.starts, row, side="right") - 1
-        width = self.context_length + 1
-        out = np.empty((len(index), width), self.dtype)
-        for k, (s, r, w) in enumerate(zip(shard.tolist(), row.tolist(), window.tolist())):
-            if s not in self.files:
-                self.files[s] = open(self.paths[s], "rb", buffering=0)
-            offset = ((r - int(self.starts[s])) * self.row_length + w * self.context_length) * self.dtype.itemsize
-            out[k] = np.frombuffer(os.pread(self.files[s].fileno(), width * self.dtype.itemsize, offset), self.dtype)
-        bad = np.flatnonzero((out >= self.vocab_size).any(1))
-        if len(bad):  # a corrupt or foreign shard: say which, before an embedding lookup fails somewhere
-            s, r = int(shard[bad[0]]), int(row[bad[0]] - self.starts[shard[bad[0]]])
-            raise UserError(f"{self.paths[s]}, row {r}: token id outside the vocabulary (size {self.vocab_size}): "
-                            "the chunks do not belong to this tokenizer/model")
-        return out
-
-    def __array__(self, dtype=None, copy=None):  # np.asarray(rows): every row, in memory (small sets and tests only)
-        return self[:] if dtype is None else self[:].astype(dtype)
-
-
-def load_rows(chunks_dir, manifest, split, context_length, vocab_size):
-    """The rows of a split as a Rows reader: the shard files are checked (present, whole rows, the manifest's row
-    count) but not read."""
-    row_length, dtype = manifest["row_length"], np.dtype(manifest["dtype"])
-    paths, shard_rows = [], []
-    for rel in manifest["splits"][split]["shards"]:
-        path = Path(chunks_dir) / rel
-        if not path.is_file():
-            raise UserError(f"{path} (listed in {Path(chunks_dir) / 'manifest.json'}) is missing: re-run preprocessing")
-        size = path.stat().st_size
-        if size % (row_length * dtype.itemsize):
-            raise UserError(f"{path}: {size} bytes is not a whole number of rows of {row_length} {dtype.name} token "
-                            "ids (truncated, or not this manifest's shard): re-run preprocessing")
-        paths.append(path)
-        shard_rows.append(size // (row_length * dtype.itemsize))
-    if sum(shard_rows) != manifest["splits"][split]["rows"]:
-        raise UserError(f"{chunks_dir}: the {split} shards hold {sum(shard_rows)} rows, the manifest says "
-                        f"{manifest['splits'][split]['rows']}: re-run preprocessing")
-    return Rows(paths, shard_rows, row_length, dtype, context_length, vocab_size)
+load_rows = common.chunk_rows  # a split's rows, read from disk as batches need them
 
 
 class Batches:
@@ -469,14 +456,15 @@ def prune_checkpoints(ckpt_dir, keep):
         shutil.rmtree(Path(ckpt_dir) / f"step_{s:06d}", ignore_errors=True)
 
 
-def run_settings(args, vocab_size, world_size):
+def run_settings(args, vocab_size, padded_vocab_size):
     """What decides the trained model: compared with a checkpoint's run before resuming it, and recorded in
     output/lineage.json, where an identical rerun finds the run finished. Not paths or logging, and not how the
     rows of a step are split into ranks and micro batches (any split of the same rows_per_step trains the same)."""
     return {**common.settings_of(args, "n_layer", "n_embd", "n_head", "context_length", "max_steps", "lr",
                                  "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
                                  "dtype"),
-            "vocab_size": vocab_size, "rows_per_step": args.batch_size * args.grad_accum * world_size}
+            "vocab_size": vocab_size, "padded_vocab_size": padded_vocab_size,
+            "rows_per_step": args.global_batch_tokens // args.context_length}
 
 
 def check_resume(state, settings, fingerprints, ckpt_path, ckpt_dir):
@@ -497,7 +485,7 @@ def check_resume(state, settings, fingerprints, ckpt_path, ckpt_dir):
     changed = [k for k in settings if recorded.get(k) != settings[k]]
     if changed:
         what = "; ".join(f"{k}: {recorded.get(k)} there, {settings[k]} now" for k in changed)
-        what += " (rows_per_step = --batch-size x --grad-accum x ranks)" if "rows_per_step" in changed else ""
+        what += " (rows_per_step = --global-batch-tokens / --context-length)" if "rows_per_step" in changed else ""
         raise UserError(f"{ckpt_path} is a checkpoint of a run with other settings ({what}): rerun with that run's "
                         f"flags to continue it, or {start_over}. Nothing was changed")
 
@@ -519,6 +507,14 @@ def check_output_dir(out_dir, force):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def token_count(text):
+    """A positive whole number of tokens, also written as 2e9 or 524_288."""
+    value = common.positive_float(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text}")
+    return int(value)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     pos_int, nonneg_int = common.positive_int, common.nonnegative_int
@@ -529,10 +525,18 @@ def parse_args(argv=None):
     p.add_argument("--n-embd", type=pos_int)
     p.add_argument("--n-head", type=pos_int)
     p.add_argument("--context-length", type=pos_int)
-    p.add_argument("--vocab-size", type=pos_int, help="model vocabulary (default: the tokenizer's)")
+    p.add_argument("--vocab-size", type=pos_int,
+                   help="embedding rows (default: the tokenizer's size rounded up to a multiple of 64); the export "
+                        "keeps the tokenizer's rows")
     p.add_argument("--batch-size", type=pos_int, help="micro batch per rank, in rows")
-    p.add_argument("--grad-accum", type=pos_int, help="micro batches per optimizer step")
-    p.add_argument("--max-steps", type=pos_int, help="optimizer steps")
+    p.add_argument("--global-batch-tokens", type=token_count,
+                   help="tokens per optimizer step over all ranks; each rank accumulates global / (batch-size x "
+                        "context-length x ranks) micro batches")
+    p.add_argument("--max-tokens", type=token_count,
+                   help="training length in tokens (e.g. 2e9), capped at --max-epochs passes over the training data")
+    p.add_argument("--max-epochs", type=pos_float, default=4.0,
+                   help="at most this many passes over the training tokens present (caps --max-tokens)")
+    p.add_argument("--max-steps", type=pos_int, help="optimizer steps (overrides --max-tokens and --max-epochs)")
     p.add_argument("--lr", type=pos_float, help="peak learning rate")
     p.add_argument("--warmup-steps", type=nonneg_int)
     p.add_argument("--min-lr-ratio", type=nonneg_float, default=0.1,
@@ -547,7 +551,7 @@ def parse_args(argv=None):
                         "with AMX/AVX512-BF16)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on with CUDA, off on CPU)")
+                   help="torch.compile the model (default: on with CUDA, off on CPU; make all compiles the cpu run)")
     p.add_argument("--eval-interval", type=pos_int, default=100, help="validate every N steps (and at the end)")
     p.add_argument("--eval-batches", type=pos_int, default=20, help="micro batches of the val split per validation")
     p.add_argument("--log-interval", type=pos_int, default=10)
@@ -573,10 +577,8 @@ def parse_args(argv=None):
         p.error(f"--beta1 and --beta2 must be below 1, got {args.beta1} and {args.beta2}")
     if args.min_lr_ratio > 1:
         p.error(f"--min-lr-ratio must be at most 1, got {args.min_lr_ratio}")
-    args.preset = args.preset or ("gpt2-100m" if torch.cuda.is_available() else "cpu")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.warmup_from_preset = args.warmup_steps is None  # then shortened for a short run (resolve_schedule)
+    common.apply_preset(args, PRESETS, "gpt2-100m" if torch.cuda.is_available() else "cpu")
     args.dtype = common.dtype_name(args.dtype)
     return args
 
@@ -631,19 +633,24 @@ def teardown_distributed():
 
 def read_inputs(args):
     """The chunks manifest and the tokenizer, checked against each other and the flags before anything is written:
-    (manifest, tokenizer, vocab_size, fingerprints of the tokenizer and the chunk set)."""
+    (manifest, tokenizer, vocab_size (the tokenizer's), padded_vocab_size (embedding rows), fingerprints of the
+    tokenizer and the chunk set)."""
     manifest = read_manifest(args.chunks_dir, args.tokenizer_dir)
     tokenizer = common.load_tokenizer(args.tokenizer_dir)
-    vocab_size = args.vocab_size or len(tokenizer)
-    if vocab_size < len(tokenizer):
-        raise UserError(f"--vocab-size {vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    vocab_size = len(tokenizer)
+    padded_vocab_size = args.vocab_size or padded_vocab(vocab_size)
+    if padded_vocab_size < vocab_size:
+        raise UserError(f"--vocab-size {padded_vocab_size} is smaller than the tokenizer's {vocab_size}")
     if args.context_length > manifest["context_length"]:
         raise UserError(f"--context-length {args.context_length} is larger than the chunks' context_length "
                         f"{manifest['context_length']} in {args.chunks_dir}: re-run preprocessing with "
                         f"--context-length {args.context_length} or pass a smaller --context-length")
+    # the chunks' content, not when they were made ("seconds"): chunks rebuilt alike (make all after another SCALE)
+    # still resume their checkpoints
+    content = json.dumps({k: v for k, v in manifest.items() if k != "seconds"}, sort_keys=True)
     fingerprints = {"tokenizer": manifest["tokenizer_fingerprint"],
-                    "chunks": common.output_fingerprint(args.chunks_dir)}
-    return manifest, tokenizer, vocab_size, fingerprints
+                    "chunks": hashlib.sha256(content.encode()).hexdigest()}
+    return manifest, tokenizer, vocab_size, padded_vocab_size, fingerprints
 
 
 def load_data(args, manifest, vocab_size, dist):
@@ -656,6 +663,39 @@ def load_data(args, manifest, vocab_size, dist):
         raise UserError(f"{args.chunks_dir}: only {len(train_rows)} training rows, fewer than one batch "
                         f"({args.batch_size} x {dist.world_size} ranks): use more data or a smaller --batch-size")
     return train_rows, val_rows
+
+
+def resolve_schedule(args, train_rows, world_size):
+    """Set args.grad_accum (micro batches per rank per step) from the global batch and args.max_steps from the
+    length in tokens, capped at --max-epochs over the training rows; returns the log line saying what the run
+    trains. The same flags give the same steps and tokens per step on any number of ranks."""
+    g, b, t, w = args.global_batch_tokens, args.batch_size, args.context_length, world_size
+    rows_per_rank, rest = divmod(g, t * w)
+    if rest or rows_per_rank % b:
+        fits = [d for d in range(1, min(b, rows_per_rank) + 1) if not rest and rows_per_rank % d == 0][-4:]
+        batch = f"a --batch-size that divides {rows_per_rank} ({', '.join(map(str, fits))}, ...) or " if fits else ""
+        raise UserError(f"--global-batch-tokens {g} does not split into micro batches of --batch-size {b} x "
+                        f"--context-length {t} tokens on {w} rank{'s' * (w > 1)}: {g} is not a multiple of {b} x "
+                        f"{t} x {w} = {b * t * w}. Pass {batch}a --global-batch-tokens that is a multiple of "
+                        f"{b * t * w} (e.g. {max(1, round(g / (b * t * w))) * b * t * w})")
+    args.grad_accum = rows_per_rank // b
+    train_tokens = len(train_rows) * t
+    if args.max_steps is not None:
+        how = "--max-steps"
+    else:
+        tokens, how = args.max_tokens, f"--max-tokens {args.max_tokens:,}"
+        if tokens > args.max_epochs * train_tokens:  # whole steps within the cap
+            args.max_steps = max(1, math.floor(args.max_epochs * train_tokens / g))
+            how += f" capped at --max-epochs {args.max_epochs:g}: more data would let it train them"
+        else:
+            args.max_steps = math.ceil(tokens / g)
+    if args.warmup_from_preset and args.warmup_steps > args.max_steps // 10:  # a short run: warm up for a tenth
+        how += f"; the preset's {args.warmup_steps} warmup steps shortened to {args.max_steps // 10}"
+        args.warmup_steps = args.max_steps // 10
+    trained = args.max_steps * g
+    return (f"training {trained:,} tokens = {trained / train_tokens:.2f} epochs over the {train_tokens:,} training "
+            f"tokens of {args.chunks_dir} ({args.max_steps} steps of {g:,} tokens: {b} rows x {args.grad_accum} "
+            f"micro batch{'es' * (args.grad_accum > 1)} x {w} rank{'s' * (w > 1)}; {how})")
 
 
 @dataclass
@@ -682,6 +722,10 @@ def build_engine(args, dist, model):
         for key, value in auto.items():
             if ds_config.get(key, "auto") == "auto":
                 ds_config[key] = value
+            elif key != "gradient_clipping" and ds_config[key] != value:  # one source of truth for the batch
+                raise UserError(f"{args.deepspeed}: {key} is {ds_config[key]}, but --global-batch-tokens "
+                                f"{args.global_batch_tokens} and --batch-size {args.batch_size} on {dist.world_size} "
+                                f"ranks make it {value}: set it to \"auto\" and choose the batch with those flags")
         opt_params = ds_config.get("optimizer", {}).get("params", {})
         for key, value in {"lr": args.lr, "betas": [args.beta1, args.beta2], "weight_decay": args.weight_decay}.items():
             if opt_params.get(key) == "auto":
@@ -949,8 +993,10 @@ def main(argv=None):
     t_start = time.time()
     dist = setup_distributed(args)
     try:
-        manifest, tokenizer, vocab_size, fingerprints = read_inputs(args)
-        settings = run_settings(args, vocab_size, dist.world_size)
+        manifest, tokenizer, vocab_size, padded_vocab_size, fingerprints = read_inputs(args)
+        train_rows, val_rows = load_data(args, manifest, vocab_size, dist)
+        schedule = resolve_schedule(args, train_rows, dist.world_size)
+        settings = run_settings(args, vocab_size, padded_vocab_size)
         with nullcontext() if dist.master else contextlib.redirect_stdout(io.StringIO()):  # said once, by rank 0
             if not args.force and common.already_done(args.output_dir, "pretrain", settings, chunks=args.chunks_dir,
                                                       tokenizer=args.tokenizer_dir):
@@ -959,10 +1005,9 @@ def main(argv=None):
         if dist.master:
             common.check_writable_dir(args.output_dir.parent)
             common.check_writable_dir(args.checkpoint_dir)
-        train_rows, val_rows = load_data(args, manifest, vocab_size, dist)
 
         torch.manual_seed(args.seed)
-        model = GPT(vocab_size, args.context_length, args.n_layer, args.n_embd, args.n_head,
+        model = GPT(vocab_size, args.context_length, args.n_layer, args.n_embd, args.n_head, padded_vocab_size,
                     activation_checkpointing=args.activation_checkpointing).to(dist.device)
         run = Run(settings, fingerprints, model.config, settings["rows_per_step"])
         checkpoint = checkpoint_to_resume(args, run)
@@ -980,8 +1025,8 @@ def main(argv=None):
         log = Log(args, dist.master)
         log(f"pretrain: preset {args.preset}, {n_params / 1e6:.2f}M params ({run.model_config}), {engine.mode} "
             f"x{dist.world_size} on {device_name}, {args.dtype}, {len(train_rows)} train rows / {len(val_rows)} val "
-            f"rows of {args.context_length + 1} tokens, {run.rows_per_step * args.context_length} tokens/step, "
-            f"{args.max_steps} steps")
+            f"rows of {args.context_length + 1} tokens")
+        log(schedule)
         if run.resumed_from:
             log(f"resumed at step {run.step} from {run.resumed_from}: lines for steps after {run.step} above this one "
                 "are from the interrupted run and superseded by those below")
@@ -994,7 +1039,10 @@ def main(argv=None):
         median_tps = tokens_per_step / float(np.median(run.step_times)) if run.step_times else None
         train_entries, val = [h for h in run.history if "loss" in h], run.history[-1]
         summary = {"preset": args.preset, "model_config": run.model_config, "params": n_params, "steps": run.step,
-                   "tokens_seen": run.step * tokens_per_step, "world_size": dist.world_size, "mode": engine.mode,
+                   "tokens_seen": run.step * tokens_per_step, "global_batch_tokens": tokens_per_step,
+                   "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                   "epochs": run.step * tokens_per_step / (len(train_rows) * args.context_length),
+                   "world_size": dist.world_size, "mode": engine.mode,
                    "final_train_loss": train_entries[-1]["loss"] if train_entries else None,
                    "first_train_loss": train_entries[0]["loss"] if train_entries else None,
                    "final_val_loss": val["val_loss"], "val_ppl": val["val_ppl"], "val_bpb": val["val_bpb"],

@@ -39,7 +39,7 @@ def stage_val_loss(root, all_rows):
     stage = load_script("PreTrain/model.py")
     chunks = root / "pretrain_data_chunks"
     manifest = read(chunks / "manifest.json")
-    checkpoint = max((root / "checkpoints" / "pretrain").glob("step_*"))
+    checkpoint = max((root / "checkpoints" / "smoke" / "pretrain").glob("step_*"))  # make all: per SCALE
     state = read(checkpoint / "state.json")
     config = state["model_config"]
     model = stage.GPT(**config)

@@ -1,8 +1,9 @@
 """Pretraining stage (PreTrain/model.py, ds_config.json, inference.py): tiny models on tiny chunks, real code paths.
 
-One plain reference run (8 rows per optimizer step, fp32) is shared: every other way of taking the same 8 rows per
-step (grad accumulation on the plain path, DDP with 2 ranks, DeepSpeed ZeRO-2 with 2 ranks) must reproduce its loss
-curve, a killed and resumed run must reproduce it exactly, and a rerun of it must do nothing."""
+One plain reference run (a global batch of 8 rows per optimizer step, fp32) is shared: every other way of taking the
+same 8 rows per step (grad accumulation on the plain path, DDP with 2 ranks, DeepSpeed ZeRO-2 with 2 ranks, 2 "nodes"
+of 1 process on localhost) must reproduce its loss curve, a killed and resumed run must reproduce it exactly, and a
+rerun of it must do nothing."""
 import json
 import math
 import os
@@ -22,9 +23,10 @@ import common
 
 CTX = 32
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context-length", CTX, "--batch-size", "4",
-        "--warmup-steps", "2", "--eval-interval", "4", "--eval-batches", "2", "--log-interval", "1"]
-# The shared schedule: 6 steps of 8 rows, checkpoints (and validation) after steps 3 and 6.
-SCHEDULE = ["--max-steps", 6, "--checkpoint-interval", 3, "--eval-interval", 3]
+        "--global-batch-tokens", 4 * CTX, "--warmup-steps", "2", "--eval-interval", "4", "--eval-batches", "2",
+        "--log-interval", "1"]
+# The shared schedule: 6 steps of 8 rows (global batch), checkpoints (and validation) after steps 3 and 6.
+SCHEDULE = ["--max-steps", 6, "--global-batch-tokens", 8 * CTX, "--checkpoint-interval", 3, "--eval-interval", 3]
 FP32 = {common.DTYPE_ENV: "fp32"}
 # Same rows per step, fp32: the curves differ only by summation order (micro-batch means vs one batch mean, the
 # all-reduce / reduce-scatter over ranks), ~1e-7 relative per step, which Adam passes on. Measured over the 6 steps
@@ -122,6 +124,31 @@ def launch(launcher, nproc, args, env=None, check=True):
     return proc
 
 
+def launch_two_nodes(launcher, args, workdir):
+    """model.py as 2 nodes x 1 process on localhost, each "node" its own launcher process (so both workers have
+    LOCAL_RANK 0): torchrun with a c10d rendezvous, or the deepspeed launcher's --no_ssh mode with a hostfile of 2
+    hosts. Returns each launcher's (returncode, output)."""
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **FP32}  # one core per "node"
+    if launcher == "deepspeed":
+        hostfile = workdir / "hostfile"
+        hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names: the launcher wants distinct hosts
+        env["DS_ACCELERATOR"] = "cpu"
+        cmds = [[str(Path(PY).parent / "deepspeed"), "--no_ssh", "--node_rank", str(node), "--hostfile", str(hostfile),
+                 "--master_addr", "127.0.0.1", "--master_port", port] for node in (0, 1)]
+    else:
+        cmds = [[PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", port]
+                for node in (0, 1)]
+    logs = [workdir / f"node{node}.out" for node in (0, 1)]  # files, not pipes: a full pipe would stall a node
+    procs = []
+    for cmd, log in zip(cmds, logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen([*cmd, str(REPO / "PreTrain/model.py"), *map(str, args)], cwd=REPO, env=env,
+                                          stdout=out, stderr=subprocess.STDOUT))
+    return [(proc.wait(timeout=600), log.read_text()) for proc, log in zip(procs, logs)]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_tokenizer_dir, chunks_dir, tmp_path_factory):
     """The plain single-process run of SCHEDULE with 8 rows per step (batch 8, no accumulation), in fp32."""
@@ -184,6 +211,45 @@ def test_every_split_of_a_step_takes_the_same_rows(model_module):
     for step in (0, 5, 12, 13):
         assert step_rows(8, 1, 1, step) == step_rows(4, 2, 1, step) == step_rows(2, 2, 2, step)
         assert len(set(step_rows(8, 1, 1, step))) == 8
+
+
+def test_global_batch_and_length_are_the_same_on_any_number_of_ranks(model_module):
+    """gpt2-100m's global batch of 524,288 tokens is 32 micro batches of 16 x 1024 on 1 GPU, 16 on 2, 4 on 8: the
+    same steps either way. Its 2B-token budget is capped at --max-epochs 4 of the data present (the embedded
+    corpus: 3.8M tokens at context 1024 with the 50k tokenizer, measured), with the warmup cut to a tenth of that
+    short run; on 2.2B tokens of real data it is 3815 steps, warmup 200. A split that does not divide is one error
+    naming the numbers and what to change."""
+    class Rows:  # only the number of rows matters
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    def schedule(world_size, rows, *flags):
+        args = model_module.parse_args(["--preset", "gpt2-100m", *flags])
+        line = model_module.resolve_schedule(args, Rows(rows), world_size)
+        return args.grad_accum, args.max_steps, args.warmup_steps, line
+
+    embedded = 3705  # rows of 1024 tokens
+    runs = {w: schedule(w, embedded) for w in (1, 2, 8)}
+    assert [runs[w][0] for w in (1, 2, 8)] == [32, 16, 4]
+    assert {runs[w][1:3] for w in runs} == {(28, 2)}  # 28 x 524,288 = 14.7M tokens <= 4 x 3.79M
+    assert ("training 14,680,064 tokens = 3.87 epochs over the 3,793,920 training tokens of" in runs[8][3]
+            and "16 rows x 4 micro batches x 8 ranks" in runs[8][3]
+            and "--max-tokens 2,000,000,000 capped at --max-epochs 4" in runs[8][3])
+    assert schedule(8, 2_200_000_000 // 1024)[:3] == (4, 3815, 200)  # real data: the budget, uncapped
+    assert schedule(1, embedded, "--max-epochs", "1")[1] == 7  # whole steps within the cap
+    assert schedule(1, embedded, "--max-steps", "100", "--warmup-steps", "50")[1:3] == (100, 50)  # flags win
+
+    with pytest.raises(common.UserError, match=r"--global-batch-tokens 524288 does not split into micro batches of "
+                                               r"--batch-size 24 x --context-length 1024 tokens on 1 rank: 524288 is "
+                                               r"not a multiple of 24 x 1024 x 1 = 24576\. Pass a --batch-size that "
+                                               r"divides 512 \(2, 4, 8, 16, ...\) or a --global-batch-tokens"):
+        schedule(1, embedded, "--batch-size", "24")
+    with pytest.raises(common.UserError, match=r"on 3 ranks: .* = 49152\. Pass a --global-batch-tokens that is a "
+                                               r"multiple of 49152 \(e.g. 540672\)$"):  # no batch size fits
+        schedule(3, embedded)
 
 
 def numbered_chunks(out_dir, shard_rows, row_length):
@@ -251,13 +317,17 @@ def test_rows_are_read_lazily_and_ranks_share_them_out(model_module, tmp_path):
 def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_path, monkeypatch):
     """output/ holds fp32 weights whatever the training dtype; the exported GPT2LMHeadModel, run as a user runs it
     (inference.py: fp32 weights under bf16 autocast on the bf16 path), gives our model's logits under the same
-    precision. A Conv1D weight left untransposed must fail the same comparison."""
+    precision. The model trains with its embedding padded to a multiple of 64 rows (600 tokens -> 640): the export
+    has the tokenizer's 600, loads with AutoModelForCausalLM, and its logits are the padded model's first 600 (the
+    padding's are -inf). A Conv1D weight left untransposed must fail the same comparison."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv(common.DTYPE_ENV, dtype)
     torch.manual_seed(0)
     tok = common.load_tokenizer(tiny_tokenizer_dir)
-    model = model_module.GPT(len(tok), 48, 3, 48, 4).eval()
+    assert len(tok) == 600 and model_module.padded_vocab(len(tok)) == 640 and model_module.padded_vocab(50000) == 50048
+    model = model_module.GPT(len(tok), 48, 3, 48, 4, padded_vocab_size=640).eval()
+    assert model.transformer.wte.weight.shape == (640, 48)
     with torch.no_grad():  # non-trivial biases and LayerNorm params so a wrong mapping cannot hide; weights of
         for name, p in model.named_parameters():  # std 0.2 give logits of std ~1.4 (GPT-2 init: ~0.02)
             if p.dim() == 1:
@@ -271,9 +341,11 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
     idx = torch.randint(0, len(tok), (2, 48))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=common.dtype_name() == "bf16")
     with torch.no_grad(), autocast:
-        ours = model(idx)
+        padded = model(idx)
         theirs = {d: AutoModelForCausalLM.from_pretrained(str(tmp_path / d)).eval()(idx).logits.float()
                   for d in ("good", "broken")}
+    assert padded.shape[-1] == 640 and torch.isneginf(padded[..., 600:]).all()
+    ours = padded[..., :600]
     # fp32: the same math in another op order, ~2e-6 apart (measured). bf16: both models compute in bf16 (8
     # significant bits) and round at different places (HF's Conv1D addmm vs F.linear, attention layouts), and the
     # logits come out in bf16, in steps of 2^-5 = 0.03 for |logit| 4..8: they end 1-2 such steps apart (measured max
@@ -282,6 +354,8 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
     torch.testing.assert_close(theirs["good"], ours, atol=atol, rtol=rtol)
     assert (theirs["broken"] - ours).abs().mean() > 5 * atol
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "good"))
+    assert hf.config.vocab_size == len(tok) == hf.transformer.wte.weight.shape[0]
+    assert torch.equal(hf.transformer.wte.weight, model.transformer.wte.weight[:600])
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied
     assert all(t.dtype == torch.float32 for t in hf.state_dict().values())
 
@@ -301,18 +375,19 @@ def test_pretrain_step_under_both_dtypes(dtype, model_module, tiny_tokenizer_dir
     tok = common.load_tokenizer(tiny_tokenizer_dir)
     manifest = model_module.read_manifest(chunks_dir, tiny_tokenizer_dir)
     rows = model_module.load_rows(chunks_dir, manifest, "train", CTX, len(tok))
-    torch.manual_seed(1337)  # the run's --seed: the same initial weights
-    model = model_module.GPT(len(tok), CTX, 2, 32, 2)
+    torch.manual_seed(1337)  # the run's --seed: the same initial weights (of a padded embedding)
+    model = model_module.GPT(len(tok), CTX, 2, 32, 2, model_module.padded_vocab(len(tok)))
     with torch.no_grad():
         first = model(*model_module.Batches(rows, 4, 1, 0, 1, seed=1337).get(0, 0)).item()
     if dtype == "fp32":
         assert losses(out)[1] == pytest.approx(first, abs=1e-5)  # thread-count dependent summation order only
     else:  # bf16 logits of a ~6.4 loss: relative 2^-9 rounding -> ~1e-2
         assert losses(out)[1] != first and losses(out)[1] == pytest.approx(first, abs=3e-2)
-    trained = model_module.GPT(len(tok), CTX, 2, 32, 2)
+    trained = model_module.GPT(len(tok), CTX, 2, 32, 2, 640)  # the checkpoint keeps the padded rows
     trained.load_state_dict(load_file(str(tmp_path / "ckpt" / "step_000002" / "model.safetensors")))
     exported = load_file(str(out / "model.safetensors"))
     expected = model_module.hf_state_dict(trained)
+    expected["transformer.wte.weight"] = expected["transformer.wte.weight"][:len(tok)]  # the export: the tokenizer's
     assert exported.keys() <= expected.keys() and all(torch.equal(exported[k], expected[k]) for k in exported)
 
 
@@ -328,6 +403,7 @@ def test_output_loads_and_killed_run_resumes_exactly(reference, tiny_tokenizer_d
         assert (out / name).is_file(), name
     s = summary(out)
     assert s["steps"] == 6 and s["mode"] == "single process" and s["tokens_seen"] == 6 * 8 * CTX
+    assert (s["global_batch_tokens"], s["batch_size"], s["grad_accum"]) == (8 * CTX, 8, 1)
     assert s["final_val_loss"] == val_losses(out)[6] and s["final_train_loss"] == losses(out)[6]
     hf = AutoModelForCausalLM.from_pretrained(str(out))
     assert hf.config.n_layer == 2 and hf.config.vocab_size == len(common.load_tokenizer(out))
@@ -369,16 +445,40 @@ def test_rerun_is_a_noop_and_other_settings_stop(model_module, reference, tiny_t
                           "--dtype", "fp32"]))
     model_module.main(args)
     assert "already finished with these settings; nothing to do" in capsys.readouterr().out
-    # the same rows per step split another way is the same run
-    model_module.main([*args, "--batch-size", "4", "--grad-accum", "2"])
+    # the same global batch split another way (4 rows x 2 micro batches) is the same run
+    model_module.main([*args, "--batch-size", "4"])
     assert "nothing to do" in capsys.readouterr().out
     with pytest.raises(common.UserError, match=r"belongs to a run of 6 steps \(--max-steps 6.*rerun with --max-steps "
                                                r"6 to finish that run, or delete .*ckpt \(or pass another "
                                                r"--checkpoint-dir"):
         model_module.main([*args, "--max-steps", "9"])
-    with pytest.raises(common.UserError, match=r"other settings \(lr: 0.002 there, 0.001 now\)"):
+    with pytest.raises(common.UserError, match=r"other settings \(lr: 0.003 there, 0.001 now\)"):
         model_module.main([*args, "--lr", "1e-3"])
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_chunks_rebuilt_alike_resume_their_checkpoints(model_module, reference, tiny_tokenizer_dir, chunks_dir,
+                                                       tmp_path):
+    """`make all` back on a SCALE rebuilds the same chunks, differing only in the manifest's build time: the run's
+    checkpoints are still its own, so the finished run is only exported again (the same weights); chunks of other
+    content stop it with what to delete."""
+    copy_run(reference, tmp_path)
+    rebuilt = tmp_path / "chunks"
+    shutil.copytree(chunks_dir, rebuilt)
+    manifest = json.loads((rebuilt / "manifest.json").read_text())
+    manifest["seconds"] += 1.5
+    (rebuilt / "manifest.json").write_text(json.dumps(manifest))
+    args = list(map(str, [*TINY, *SCHEDULE, "--batch-size", 8, *dirs(tmp_path, tiny_tokenizer_dir, rebuilt),
+                          "--dtype", "fp32"]))
+    model_module.main(args)
+    assert f"resumed at step 6 from {tmp_path / 'ckpt' / 'step_000006'}" in (tmp_path / "train.log").read_text()
+    assert history(tmp_path / "output") == history(reference / "output")
+    assert (tmp_path / "output" / "model.safetensors").read_bytes() == (
+        reference / "output" / "model.safetensors").read_bytes()
+    manifest["splits"]["train"]["documents"] += 1
+    (rebuilt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(common.UserError, match=r"trained with another chunks .* delete .*ckpt"):
+        model_module.main(args)
 
 
 def test_replacing_an_output_later_stages_use_needs_force(model_module, reference, tiny_tokenizer_dir, chunks_dir,
@@ -399,18 +499,29 @@ def test_replacing_an_output_later_stages_use_needs_force(model_module, referenc
         common.check_lineage(sft, "python SFT/qlora_fine_tune_trl.py", base=out)
 
 
+def same_global_batch(out_dir, reference_out, batch_size, grad_accum, world_size):
+    """The run split the reference's global batch (8 rows of CTX tokens per step, 6 steps) as expected."""
+    ours, ref = summary(out_dir), summary(reference_out)
+    assert (ours["batch_size"], ours["grad_accum"], ours["world_size"]) == (batch_size, grad_accum, world_size)
+    assert batch_size * grad_accum * world_size * CTX == ours["global_batch_tokens"] == ref["global_batch_tokens"]
+    assert ours["tokens_seen"] == ref["tokens_seen"] == 6 * 8 * CTX and ours["epochs"] == ref["epochs"]
+
+
 def test_grad_accum_matches_bigger_batch_plain(reference, tiny_tokenizer_dir, chunks_dir, tmp_path):
-    run_script("PreTrain/model.py", *TINY, *SCHEDULE, "--batch-size", 4, "--grad-accum", 2,
+    """--batch-size 4 with the reference's global batch: 2 micro batches accumulated, the reference's curve."""
+    run_script("PreTrain/model.py", *TINY, *SCHEDULE, "--batch-size", 4,
                *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), env=FP32)
+    same_global_batch(tmp_path / "output", reference / "output", 4, 2, 1)
     assert_same_curve(tmp_path / "output", reference / "output")
 
 
 def test_ddp_two_ranks_with_grad_accum_matches_bigger_batch(reference, tiny_tokenizer_dir, chunks_dir, tmp_path):
-    """torchrun with 2 ranks, 2 rows x 2 micro batches each (the no_sync path): the reference's curve."""
-    launch("torchrun", 2, [*TINY, *SCHEDULE, "--batch-size", 2, "--grad-accum", 2,
-                           *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)], env=FP32)
+    """torchrun with 2 ranks and the reference's flags but --batch-size 2: 2 micro batches each (the no_sync
+    path), the same global batch and the reference's curve."""
+    launch("torchrun", 2, [*TINY, *SCHEDULE, "--batch-size", 2, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)],
+           env=FP32)
     assert "ddp x2" in (tmp_path / "train.log").read_text()
-    assert summary(tmp_path / "output")["world_size"] == 2
+    same_global_batch(tmp_path / "output", reference / "output", 2, 2, 2)
     assert_same_curve(tmp_path / "output", reference / "output")
 
 
@@ -422,24 +533,32 @@ def test_legacy_launcher(tiny_tokenizer_dir, chunks_dir, tmp_path):
 
 
 def test_deepspeed_grad_accum_and_resume(reference, tiny_tokenizer_dir, chunks_dir, tmp_path):
-    """ZeRO-2 on the CPU accelerator, 2 ranks x 2 rows x 2 micro batches: the reference's curve. Killed after
-    step 4 (checkpoint 3) and rerun, it gives the uninterrupted DeepSpeed run's losses exactly. Another --max-steps
+    """ZeRO-2 on the CPU accelerator, 2 ranks x 2 rows x 2 micro batches: the reference's curve. The same run as 2
+    "nodes" of 1 process on localhost (the deepspeed launcher's --no_ssh mode, both with LOCAL_RANK 0, one shared
+    filesystem), killed after step 4 (checkpoint 3) and rerun, gives the single-node run's losses exactly; only
+    global rank 0 wrote the log, the model states and `latest`, each rank its own ZeRO shard. Another --max-steps
     stops with one clear error under the launcher and no traceback. The launches print no DeepSpeed noise."""
     pytest.importorskip("deepspeed")
-    args = [*TINY, *SCHEDULE, "--batch-size", 2, "--grad-accum", 2, "--deepspeed", REPO / "PreTrain/ds_config.json"]
+    args = [*TINY, *SCHEDULE, "--batch-size", 2, "--deepspeed", REPO / "PreTrain/ds_config.json"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     proc = launch("deepspeed", 2, [*args, *dirs(full, tiny_tokenizer_dir, chunks_dir)], env=FP32)
     for noise in ("FutureWarning", "built successfully", "Setting accelerator to CPU", "Traceback"):
         assert noise not in proc.stdout + proc.stderr, noise
     s = summary(full / "output")
     assert s["world_size"] == 2 and s["mode"] == "deepspeed" and "deepspeed x2" in (full / "train.log").read_text()
+    same_global_batch(full / "output", reference / "output", 2, 2, 2)
     assert_same_curve(full / "output", reference / "output")
 
-    proc = launch("deepspeed", 2, [*args, *dirs(killed, tiny_tokenizer_dir, chunks_dir), "--debug-kill-step", 4],
-                  env=FP32, check=False)
-    assert proc.returncode != 0 and (killed / "ckpt" / "latest").read_text() == "step_000003"
-    assert not (killed / "output").exists()
-    launch("deepspeed", 2, [*args, *dirs(killed, tiny_tokenizer_dir, chunks_dir)], env=FP32)
+    killed.mkdir()
+    procs = launch_two_nodes("deepspeed", [*args, *dirs(killed, tiny_tokenizer_dir, chunks_dir), "--debug-kill-step",
+                                           4], killed)
+    assert all(rc != 0 for rc, _ in procs) and (killed / "ckpt" / "latest").read_text() == "step_000003"
+    assert not (killed / "output").exists() and (killed / "train.log").read_text().count("| loss") == 4
+    for rc, out in launch_two_nodes("deepspeed", [*args, *dirs(killed, tiny_tokenizer_dir, chunks_dir)], killed):
+        assert rc == 0, out[-3000:]
+    step_dir = killed / "ckpt" / "step_000006"
+    assert len(list(step_dir.glob("*optim_states.pt"))) == 2 and len(list(step_dir.glob("*model_states.pt"))) == 1
+    assert (killed / "ckpt" / "latest").read_text() == "step_000006"
     assert losses(killed / "output") == losses(full / "output")
     assert val_losses(killed / "output") == val_losses(full / "output")
     log = (killed / "train.log").read_text()
@@ -466,6 +585,50 @@ def test_deepspeed_grad_accum_and_resume(reference, tiny_tokenizer_dir, chunks_d
     assert len(errors) == 1 and "belongs to a run of 6 steps" in errors[0], proc.stderr[-3000:]
 
 
+def test_two_nodes_save_and_resume(reference, tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """torchrun --nnodes 2: 2 "nodes" of 1 process on localhost sharing one filesystem, both with LOCAL_RANK 0. Only
+    global rank 0 writes (every step line is logged once, each checkpoint is written once), the run killed after
+    step 4 resumes from step 3 on both nodes, and the whole curve is the reference's (the same global batch: 4 rows
+    on each of 2 ranks, no accumulation). DeepSpeed's 2-node mode: test_deepspeed_grad_accum_and_resume."""
+    args = [*TINY, *SCHEDULE, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)]
+    killed = launch_two_nodes("torchrun", [*args, "--debug-kill-step", 4], tmp_path)
+    assert all(rc != 0 for rc, _ in killed) and not (tmp_path / "output").exists()
+    ckpt = tmp_path / "ckpt"
+    step_lines = (tmp_path / "train.log").read_text().count("| loss")
+    assert step_lines == 4 and [d.name for d in ckpt.glob("step_*")] == ["step_000003"], killed[0][1][-3000:]
+    for rc, out in launch_two_nodes("torchrun", args, tmp_path):
+        assert rc == 0, out[-3000:]
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("resumed at step 3 from ") == 1 and "ddp x2" in log
+    assert sorted(step_lines_read_as_a_reader_would(log)) == [1, 2, 3, 4, 5, 6]
+    same_global_batch(tmp_path / "output", reference / "output", 4, 1, 2)
+    assert_same_curve(tmp_path / "output", reference / "output")
+    assert sorted(d.name for d in ckpt.glob("step_*")) == ["step_000003", "step_000006"]
+
+
+def test_length_in_tokens_capped_at_epochs_and_indivisible_batch_exits_2(tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """Without --max-steps the run trains --max-tokens, capped at --max-epochs of the training rows, and says so;
+    a global batch the micro batches cannot split is one error line and exit code 2, before anything is written."""
+    flags = [*TINY, "--global-batch-tokens", 16 * CTX, "--max-tokens", "1e9", "--max-epochs", 0.5,
+             "--eval-interval", 1000, "--checkpoint-interval", 1000, "--log-interval", 1000]
+    run_script("PreTrain/model.py", *flags, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), env=FP32)
+    train_rows = json.loads((chunks_dir / "manifest.json").read_text())["splits"]["train"]["rows"]
+    steps = train_rows // 2 // 16  # half an epoch of 16-row steps, whole steps
+    s = summary(tmp_path / "output")
+    assert s["steps"] == steps and s["grad_accum"] == 4 and s["epochs"] == pytest.approx(steps * 16 / train_rows)
+    assert (f"training {steps * 16 * CTX:,} tokens = {steps * 16 / train_rows:.2f} epochs over the "
+            f"{train_rows * CTX:,} training tokens of {chunks_dir} ({steps} steps of {16 * CTX} tokens: 4 rows x 4 "
+            f"micro batches x 1 rank; --max-tokens 1,000,000,000 capped at --max-epochs 0.5") in (
+        tmp_path / "train.log").read_text()
+
+    proc = run_script("PreTrain/model.py", *flags, "--batch-size", 3, *dirs(tmp_path / "x", tiny_tokenizer_dir,
+                                                                            chunks_dir), check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1
+    assert "--global-batch-tokens 512 does not split into micro batches of --batch-size 3" in errors[0]
+    assert not (tmp_path / "x").exists()
+
+
 def test_nan_loss_stops_and_keeps_checkpoint(tiny_tokenizer_dir, chunks_dir, tmp_path):
     proc = run_script("PreTrain/model.py", *TINY, "--max-steps", 8, "--checkpoint-interval", 2,
                       "--debug-nan-step", 5, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), check=False)
@@ -479,7 +642,9 @@ def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path, caps
     """Each bad input is one clear error before anything is written: bad numbers are argparse usage errors (exit 2),
     the rest UserErrors (exit code 2 is checked in the NaN test)."""
     d = dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)
-    for flag, value in [("--batch-size", 0), ("--batch-size", -1), ("--grad-accum", 0), ("--context-length", 0),
+    for flag, value in [("--batch-size", 0), ("--batch-size", -1), ("--global-batch-tokens", 0),
+                        ("--global-batch-tokens", 1.5), ("--max-tokens", "-2e9"), ("--max-epochs", 0),
+                        ("--context-length", 0),
                         ("--max-steps", 0), ("--lr", 0), ("--lr", "nan"), ("--warmup-steps", -1), ("--beta2", 1),
                         ("--seed", -1), ("--eval-interval", 0), ("--keep-checkpoints", 0), ("--n-head", "two")]:
         with pytest.raises(SystemExit) as e:
