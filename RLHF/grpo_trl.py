@@ -26,8 +26,8 @@ or of another policy or reward model, are an error naming the difference: rerun 
 --force to start over. Training checks that the reward model was built on this SFT policy; --mode eval/inference
 check that grpo_output still belongs to them.
 
-    python RLHF/grpo_trl.py                                   # CPU default (~3 min)
-    python RLHF/grpo_trl.py --num-prompts 16 --epochs 1       # smoke
+    python RLHF/grpo_trl.py                                   # the cpu preset without CUDA, gpu with it
+    python RLHF/grpo_trl.py --preset smoke                    # seconds
     accelerate launch --multi_gpu --num_processes=2 RLHF/grpo_trl.py   # 2 GPUs or 2 CPU processes; or torchrun
     python RLHF/grpo_trl.py --mode inference --prompt "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
     python RLHF/grpo_trl.py --mode eval                       # only rewrite RLHF/eval.json
@@ -48,6 +48,22 @@ import torch  # noqa: E402
 
 RLHF_DIR = common.GRPO_OUTPUT_DIR.parent
 STAGE = "grpo"
+# Budget and optimizer per scale of policy, in one place (README table); each value can be overridden by its flag.
+# beta 0.05 and unscaled advantages are the same at every scale. Groups of 8 give a prompt that the policy answers
+# right some of the time a non-zero advantage. The reward model's scores spread far wider than the 0/1 exact answer
+# (std 3.8 on the cpu run's completions), so its weight is 0.1: the exact answer dominates where the reward model
+# cannot tell numbers apart.
+PRESETS = {
+    "gpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=2048, epochs=3.0, num_generations=8, batch_size=64,
+                max_completion_length=64, lr=5e-5, lora_r=16, save_steps=100, eval_arithmetic=200,
+                eval_conversation=64),
+    "cpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=64, epochs=3.0, num_generations=8, batch_size=32,
+                max_completion_length=56, lr=1e-3, lora_r=16, save_steps=10, eval_arithmetic=64,
+                eval_conversation=32),
+    "smoke": dict(rm_weight=1.0, exact_weight=1.0, num_prompts=8, epochs=1.0, num_generations=4, batch_size=8,
+                  max_completion_length=12, lr=2e-4, lora_r=16, save_steps=10, eval_arithmetic=8,
+                  eval_conversation=4),
+}
 DEFAULT_CHAT_PROMPTS = ["Anna has 12 apples and gets 7 more. How many apples does Anna have now?",
                         "小明有25本书，送给别人8本书。还剩多少本书？", "Hello, how are you?", "你好"]
 
@@ -206,15 +222,9 @@ def load_grpo_model(args, parents):
     return model.to(rlhf_common.device()), tok
 
 
-def recorded_parents(grpo_dir):
-    """The parent dirs grpo_output's lineage names that still exist: inference uses none of them, but one that was
-    replaced since (e.g. the SFT policy retrained) makes grpo_output stale."""
-    lineage = common.read_lineage(grpo_dir) or {}
-    return {role: r["path"] for role, r in lineage.get("parents", {}).items() if Path(r["path"]).exists()}
-
-
 def inference(args):
-    model, tok = load_grpo_model(args, recorded_parents(args.out_dir / "grpo_output"))
+    # inference uses none of the parents, but one replaced since (e.g. the SFT policy retrained) makes it stale
+    model, tok = load_grpo_model(args, common.recorded_parents(args.out_dir / "grpo_output"))
     prompts = [[{"role": "user", "content": p}] for p in (args.prompt or DEFAULT_CHAT_PROMPTS)]
     _, texts = rlhf_common.generate_completions(model, tok, prompts, args.max_new_tokens,
                                                 do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5))
@@ -223,7 +233,7 @@ def inference(args):
 
 
 def train(args):
-    ckpt_dir, grpo_dir = args.out_dir / "checkpoints" / "grpo", args.out_dir / "grpo_output"
+    ckpt_dir, grpo_dir = args.checkpoint_dir or args.out_dir / "checkpoints" / "grpo", args.out_dir / "grpo_output"
     log_file, history_file = args.out_dir / "train.log", ckpt_dir / "history.jsonl"
     rank = int(os.environ.get("RANK", "0"))
     device = rlhf_common.device()
@@ -327,28 +337,31 @@ def build_parser():
     parser.add_argument("--reward-model", type=Path, help="default: OUT_DIR/reward_model (= RLHF/reward_model)")
     parser.add_argument("--out-dir", type=Path, default=RLHF_DIR,
                         help="writes grpo_output/, eval.json, checkpoints/grpo/, runs/grpo/, train.log here")
-    parser.add_argument("--rm-weight", type=common.nonnegative_float, default=1.0,
-                        help="weight of the reward-model score")
-    parser.add_argument("--exact-weight", type=common.nonnegative_float, default=1.0,
-                        help="weight of the exact-answer reward (0/1)")
-    parser.add_argument("--num-prompts", type=common.positive_int, default=64,
-                        help="training prompts: 3/4 arithmetic, 1/4 chat")
-    parser.add_argument("--epochs", type=common.positive_float, default=3)
-    parser.add_argument("--num-generations", type=common.positive_int, default=4,
-                        help="group size: completions per prompt (at least 2)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=16, help="completions per device per step")
-    parser.add_argument("--max-completion-length", type=common.positive_int, default=64,
-                        help="longest completion (a worked arithmetic answer is ~40-50 tokens)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="Trainer checkpoints and history.jsonl (default: OUT_DIR/checkpoints/grpo)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="budget and optimizer for the policy's size "
+                        "(default: gpu with CUDA, cpu without); the flags below marked (preset) override it")
+    parser.add_argument("--rm-weight", type=common.nonnegative_float, help="(preset) weight of the reward-model score")
+    parser.add_argument("--exact-weight", type=common.nonnegative_float,
+                        help="(preset) weight of the exact-answer reward (0/1)")
+    parser.add_argument("--num-prompts", type=common.positive_int,
+                        help="(preset) training prompts: 3/4 arithmetic, 1/4 chat")
+    parser.add_argument("--epochs", type=common.positive_float, help="(preset)")
+    parser.add_argument("--num-generations", type=common.positive_int,
+                        help="(preset) group size: completions per prompt (at least 2)")
+    parser.add_argument("--batch-size", type=common.positive_int, help="(preset) completions per device per step")
+    parser.add_argument("--max-completion-length", type=common.positive_int,
+                        help="(preset) longest completion (a worked arithmetic answer is ~40-50 tokens)")
     parser.add_argument("--temperature", type=common.nonnegative_float, default=1.0,
                         help="sampling temperature (inference: 0 = greedy)")
-    parser.add_argument("--lr", type=common.positive_float, default=2e-4)
-    parser.add_argument("--lora-r", type=common.positive_int, default=16)
+    parser.add_argument("--lr", type=common.positive_float, help="(preset)")
+    parser.add_argument("--lora-r", type=common.positive_int, help="(preset)")
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 policy weights (bitsandbytes) under LoRA")
-    parser.add_argument("--save-steps", type=common.positive_int, default=10)
-    parser.add_argument("--eval-arithmetic", type=common.nonnegative_int, default=64,
-                        help="held-out arithmetic prompts in eval.json")
-    parser.add_argument("--eval-conversation", type=common.nonnegative_int, default=32,
-                        help="held-out chat prompts in eval.json")
+    parser.add_argument("--save-steps", type=common.positive_int, help="(preset)")
+    parser.add_argument("--eval-arithmetic", type=common.nonnegative_int,
+                        help="(preset) held-out arithmetic prompts in eval.json")
+    parser.add_argument("--eval-conversation", type=common.nonnegative_int,
+                        help="(preset) held-out chat prompts in eval.json")
     parser.add_argument("--prompt", action="append", help="inference: a user message (repeatable)")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=64, help="inference: longest answer")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0)
@@ -359,7 +372,7 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = common.apply_preset(parser.parse_args(argv), PRESETS, common.default_scale())
     args.reward_model = args.reward_model or args.out_dir / "reward_model"
     if args.mode == "train":  # what TRL would reject later with a traceback
         processes = int(os.environ.get("WORLD_SIZE", "1"))

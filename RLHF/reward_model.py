@@ -23,9 +23,8 @@ Your own pairs (--data FILE..., --hf-dataset NAME): jsonl(.gz) or parquet rows i
   plain text       {"prompt": "question", "chosen": "good answer", "rejected": "bad answer"}
 An optional "kind" column breaks the held-out accuracy down by kind.
 
-    python RLHF/reward_model.py                         # CPU default (~1.5 min)
-    python RLHF/reward_model.py --max-steps 5           # smoke
-    python RLHF/reward_model.py --max-steps -1 --epochs 2 --batch-size 32              # GPU, embedded pairs
+    python RLHF/reward_model.py                         # the cpu preset without CUDA, gpu with it
+    python RLHF/reward_model.py --preset smoke          # seconds
     python RLHF/reward_model.py --hf-dataset Anthropic/hh-rlhf --max-steps -1 --max-length 512 --batch-size 32
 """
 import argparse
@@ -46,6 +45,14 @@ import torch  # noqa: E402
 
 RLHF_DIR = common.REWARD_MODEL_DIR.parent
 STAGE = "reward_model"
+
+# Budget and optimizer per scale of policy, in one place (README table); each value can be overridden by its flag.
+# All weights are trained (the scalar head is new), so the lr is lower than a LoRA run's.
+PRESETS = {
+    "gpu": dict(epochs=2.0, max_steps=-1, batch_size=32, lr=5e-5, save_steps=100),
+    "cpu": dict(epochs=2.0, max_steps=-1, batch_size=16, lr=3e-4, save_steps=100),
+    "smoke": dict(epochs=1.0, max_steps=6, batch_size=16, lr=3e-4, save_steps=50),
+}
 
 
 def log_line(log_file, record):
@@ -216,14 +223,17 @@ def build_parser():
     parser.add_argument("--hf-eval-split", default="test")
     parser.add_argument("--out-dir", type=Path, default=RLHF_DIR,
                         help="writes reward_model/, reward_eval.json, checkpoints/, runs/, train.log here")
-    parser.add_argument("--epochs", type=common.positive_float, default=1.0)
-    parser.add_argument("--max-steps", type=steps, default=30,
-                        help="stop after this many steps (CPU default; -1 = full --epochs, e.g. on a GPU)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=16, help="pairs per device per step")
-    parser.add_argument("--lr", type=common.positive_float, default=3e-4)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="Trainer checkpoints (default: OUT_DIR/checkpoints/reward_model)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="budget and optimizer for the policy's size "
+                        "(default: gpu with CUDA, cpu without); the flags below marked (preset) override it")
+    parser.add_argument("--epochs", type=common.positive_float, help="(preset)")
+    parser.add_argument("--max-steps", type=steps, help="(preset) stop after this many steps; -1 = whole --epochs")
+    parser.add_argument("--batch-size", type=common.positive_int, help="(preset) pairs per device per step")
+    parser.add_argument("--lr", type=common.positive_float, help="(preset)")
     parser.add_argument("--max-length", type=common.positive_int, default=128,
                         help="drop pairs longer than this many tokens")
-    parser.add_argument("--save-steps", type=common.positive_int, default=50)
+    parser.add_argument("--save-steps", type=common.positive_int, help="(preset)")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0)
     parser.add_argument("--force", action="store_true",
                         help="redo a finished run, discard checkpoints of a run with other settings, and replace a "
@@ -232,7 +242,7 @@ def build_parser():
 
 
 def main():
-    args = build_parser().parse_args()
+    args = common.apply_preset(build_parser().parse_args(), PRESETS, common.default_scale())
 
     # Data first: a bad file fails in a second, before any model is loaded or anything is written.
     if args.hf_dataset:
@@ -248,7 +258,8 @@ def main():
     else:
         train_pairs = load_pairs([rlhf_common.PREFERENCE_FILES["train"]])
         eval_pairs = load_pairs([rlhf_common.PREFERENCE_FILES["heldout"]])
-    out_model, ckpt_dir = args.out_dir / "reward_model", args.out_dir / "checkpoints" / "reward_model"
+    out_model = args.out_dir / "reward_model"
+    ckpt_dir = args.checkpoint_dir or args.out_dir / "checkpoints" / "reward_model"
     log_file = args.out_dir / "train.log"
 
     # A rerun of a finished run is a no-op; checkpoints are resumed only by the run that wrote them.

@@ -18,8 +18,8 @@ setting. --force starts over then (deleting those checkpoints), replaces an sft_
 were built from (refused without it), and on a finished run rewrites its outputs and evaluation from its last
 checkpoint. SFT/inference.py and --eval-only refuse an adapter trained on another base than --model-dir.
 
-    python SFT/qlora_fine_tune_trl.py                       # CPU default: ~2 min on 2 cores for the CPU-preset model
-    python SFT/qlora_fine_tune_trl.py --max-steps 5 --eval-tasks 8 --eval-chats 4    # smoke run
+    python SFT/qlora_fine_tune_trl.py                       # preset cpu without CUDA, gpu with it (PRESETS below)
+    python SFT/qlora_fine_tune_trl.py --preset smoke        # seconds
     accelerate launch --multi_gpu --num_processes=2 SFT/qlora_fine_tune_trl.py   # 2 GPUs, or 2 CPU processes (gloo)
                                           # (without --multi_gpu accelerate starts one process: the script stops)
     torchrun --nproc_per_node=2 SFT/qlora_fine_tune_trl.py                      # the same
@@ -27,7 +27,7 @@ checkpoint. SFT/inference.py and --eval-only refuse an adapter trained on anothe
     python SFT/qlora_fine_tune_trl.py --hf-dataset tatsu-lab/alpaca --max-steps -1 --epochs 1
     python SFT/qlora_fine_tune_trl.py --eval-only           # re-measure base vs SFT from SFT/sft_output
 
-QLoRA: the frozen base is loaded in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute). GPT-2 keeps its
+QLoRA (the gpu and smoke presets): the frozen base is loaded in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute). GPT-2 keeps its
 projections in transformers' Conv1D (weight stored in x out); transformers 5 quantizes those into bnb Linear4bit with
 the weight transposed to the Linear layout, so LoRA trains on Linear4bit layers (fan_in_fan_out=False). A LoRA
 adapter's A/B matrices are the same in either layout, so the saved adapter_config says fan_in_fan_out=True: right
@@ -60,6 +60,23 @@ LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2 attention qkv + output proj
 ROLES = {"system", "user", "assistant"}
 log = logging.getLogger("sft")
 
+# Budget and optimizer per scale of base model, in one place (README table); each value can be overridden by its flag.
+PRESETS = {
+    # The seed's QLoRA recipe for the 100M model: lr 1e-4, batch 4 (x4 accumulated), r=64, 3 epochs over the embedded
+    # chats + 10k arithmetic problems (~2.3k steps).
+    "gpu": dict(four_bit=True, arith_tasks=10000, max_steps=-1, epochs=3.0, batch_size=4, grad_accum=4, lr=1e-4,
+                lora_r=64, lora_alpha=128, save_steps=500, eval_steps=500, eval_tasks=200, eval_chats=32,
+                max_new_tokens=64),
+    # The 3.4M CPU model learns its arithmetic in mid-training (a LoRA step costs ~5x a pretraining step per token
+    # here), so SFT is short, at a LoRA lr 10x the gpu one. LoRA on the fp32 base: NF4 halves the CPU step rate.
+    "cpu": dict(four_bit=False, arith_tasks=1000, max_steps=60, epochs=1.0, batch_size=16, grad_accum=1, lr=1e-3,
+                lora_r=16, lora_alpha=32, save_steps=30, eval_steps=30, eval_tasks=64, eval_chats=16,
+                max_new_tokens=64),
+    # Seconds: the same code paths.
+    "smoke": dict(four_bit=True, arith_tasks=300, max_steps=6, epochs=1.0, batch_size=4, grad_accum=1, lr=1e-3,
+                  lora_r=8, lora_alpha=16, save_steps=50, eval_steps=50, eval_tasks=8, eval_chats=4, max_new_tokens=12),
+}
+
 
 def step_count(text):
     """--max-steps: a positive number of optimizer steps, or -1 for --epochs epochs."""
@@ -71,39 +88,44 @@ def parse_args(argv=None):
     p.add_argument("--model-dir", type=Path, default=common.OUTPUT_DIR, help="pretrained model (HF layout)")
     p.add_argument("--output-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="adapter + tokenizer go here")
     p.add_argument("--run-dir", type=Path, default=SFT_DIR, help="checkpoints/, runs/, train.log and eval.json go here")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="Trainer checkpoints (default: RUN_DIR/checkpoints)")
     p.add_argument("--data", type=Path, nargs="+", help="local conversation files instead of the embedded set")
     p.add_argument("--hf-dataset", help="a Hugging Face dataset name (or local dataset dir) instead of the embedded set")
     p.add_argument("--hf-split", default="train")
-    p.add_argument("--arith-tasks", type=common.nonnegative_int, default=3000,
-                   help="arithmetic problems added to the embedded set")
-    p.add_argument("--max-steps", type=step_count, default=150, help="optimizer steps; -1 trains --epochs epochs")
-    p.add_argument("--epochs", type=common.positive_float, default=1.0)
-    p.add_argument("--batch-size", type=common.positive_int, default=4, help="per device")
-    p.add_argument("--grad-accum", type=common.positive_int, default=1)
-    p.add_argument("--lr", type=common.positive_float, default=1e-4)
-    p.add_argument("--lora-r", type=common.positive_int, default=64)
-    p.add_argument("--lora-alpha", type=common.positive_int, default=128)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="budget and optimizer for the base's size "
+                   "(default: gpu with CUDA, cpu without); the flags below marked (preset) override it")
+    p.add_argument("--arith-tasks", type=common.nonnegative_int,
+                   help="(preset) arithmetic problems added to the embedded set")
+    p.add_argument("--max-steps", type=step_count, help="(preset) optimizer steps; -1 trains --epochs epochs")
+    p.add_argument("--epochs", type=common.positive_float, help="(preset)")
+    p.add_argument("--batch-size", type=common.positive_int, help="(preset) conversations per device per micro step")
+    p.add_argument("--grad-accum", type=common.positive_int, help="(preset)")
+    p.add_argument("--lr", type=common.positive_float, help="(preset)")
+    p.add_argument("--lora-r", type=common.positive_int, help="(preset)")
+    p.add_argument("--lora-alpha", type=common.positive_int, help="(preset)")
     p.add_argument("--lora-dropout", type=common.nonnegative_float, default=0.05)
     p.add_argument("--max-length", type=common.positive_int, default=None,
                    help="tokens per conversation (default: the model's context)")
-    p.add_argument("--no-4bit", action="store_true", help="train LoRA on the full-precision base (for comparison)")
+    p.add_argument("--4bit", dest="four_bit", action=argparse.BooleanOptionalAction,
+                   help="(preset) QLoRA on the base quantized to 4-bit NF4, or (--no-4bit) LoRA on the fp32 base")
     p.add_argument("--merge", action="store_true", help="also write the merged full model to OUTPUT_DIR/merged/")
-    p.add_argument("--save-steps", type=common.positive_int, default=50)
-    p.add_argument("--eval-steps", type=common.positive_int, default=50)
+    p.add_argument("--save-steps", type=common.positive_int, help="(preset)")
+    p.add_argument("--eval-steps", type=common.positive_int, help="(preset) validation loss every N steps")
     p.add_argument("--val-size", type=common.positive_int, default=100,
                    help="held-out conversations for the validation loss")
     p.add_argument("--eval-only", action="store_true", help="only compare base and SFT (from --output-dir)")
-    p.add_argument("--eval-tasks", type=common.nonnegative_int, default=64,
-                   help="held-out arithmetic problems for exact match")
-    p.add_argument("--eval-chats", type=common.nonnegative_int, default=16,
-                   help="held-out chat prompts for the clean-ending check")
-    p.add_argument("--max-new-tokens", type=common.positive_int, default=64,
-                   help="longest reply in the evaluation (a worked arithmetic answer is ~40-50 tokens)")
+    p.add_argument("--eval-tasks", type=common.nonnegative_int,
+                   help="(preset) held-out arithmetic problems for exact match")
+    p.add_argument("--eval-chats", type=common.nonnegative_int,
+                   help="(preset) held-out chat prompts for the clean-ending check")
+    p.add_argument("--max-new-tokens", type=common.positive_int,
+                   help="(preset) longest reply in the evaluation (a worked arithmetic answer is ~40-50 tokens)")
     p.add_argument("--seed", type=common.nonnegative_int, default=0)
     p.add_argument("--force", action="store_true",
                    help="redo a finished run's outputs, even if the reward model or GRPO were built from them; "
                         "start over if the checkpoints are of a run with other settings")
-    args = p.parse_args(argv)
+    args = common.apply_preset(p.parse_args(argv), PRESETS, common.default_scale())
     if args.lora_dropout >= 1:
         p.error(f"argument --lora-dropout: must be below 1, got {args.lora_dropout}")
     return args
@@ -455,16 +477,16 @@ def train(args, tokenizer, train_conversations, val, settings, resume):
     from transformers import TrainerState
     from trl import SFTConfig, SFTTrainer
 
-    four_bit = not args.no_4bit
+    four_bit = args.four_bit
     model = load_base(args.model_dir, four_bit)
     if four_bit:
-        # Freezes the base and upcasts norms/embeddings to fp32; the Trainer turns on activation checkpointing below.
+        # Freezes the base and upcasts norms/embeddings to fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
                       fan_in_fan_out=not four_bit)  # Linear4bit is (out, in); unquantized GPT-2 Conv1D is (in, out)
     dtype = common.compute_dtype(allow_fp16=True)
-    checkpoint_dir = args.run_dir / "checkpoints"
+    checkpoint_dir = args.checkpoint_dir or args.run_dir / "checkpoints"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(args.run_dir / "runs"))
     config = SFTConfig(
         output_dir=str(checkpoint_dir), max_steps=args.max_steps, num_train_epochs=args.epochs,
@@ -472,7 +494,7 @@ def train(args, tokenizer, train_conversations, val, settings, resume):
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=0.05, weight_decay=0.0, max_grad_norm=1.0,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=False,  # conversations are short: memory is no issue, recomputing costs a third
         use_cpu=not torch.cuda.is_available(),
         max_length=args.max_length, packing=False, assistant_only_loss=True, eos_token=common.IM_END,
         logging_steps=max(1, min(10, args.eval_steps // 5)), eval_strategy="steps", eval_steps=args.eval_steps,
@@ -548,7 +570,7 @@ def run_settings(args, processes):
     """What decides the trained adapter: compared with a checkpoint's run before resuming it, and (with --merge)
     recorded in the outputs' lineage.json, where an identical rerun finds it finished."""
     return {**common.settings_of(args, "hf_dataset", "hf_split", "arith_tasks", "max_steps", "epochs", "batch_size",
-                                 "grad_accum", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length", "no_4bit",
+                                 "grad_accum", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length", "four_bit",
                                  "seed", "val_size"),
             "data_sha256": data_fingerprint(args.data),
             "dtype": common.dtype_name(allow_fp16=True), "processes": processes,
@@ -624,7 +646,7 @@ def main(argv=None):
     trainer = report = None
     if not args.eval_only:
         # after the data checks: --force may delete the checkpoints of a run with other settings
-        resume = checkpoint_to_resume(args.run_dir / "checkpoints", settings, args.force)
+        resume = checkpoint_to_resume(args.checkpoint_dir or args.run_dir / "checkpoints", settings, args.force)
         trainer = train(args, tokenizer, train_conversations, val, settings, resume)
     if state.is_main_process:
         report = evaluate(args, tokenizer, val, chat_prompts)

@@ -373,8 +373,8 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # GRPO runs
 def grpo_args(tiny_model_dir, out, *extra):
-    return ["--sft-dir", tiny_model_dir, "--out-dir", out, "--num-prompts", 8, "--num-generations", 4,
-            "--batch-size", 8, "--max-completion-length", 12, "--lr", 5e-3, "--save-steps", 2,
+    return ["--preset", "smoke", "--sft-dir", tiny_model_dir, "--out-dir", out, "--num-prompts", 8,
+            "--num-generations", 4, "--batch-size", 8, "--max-completion-length", 12, "--lr", 5e-3, "--save-steps", 2,
             "--eval-arithmetic", 8, "--eval-conversation", 4, *extra]
 
 
@@ -384,7 +384,7 @@ def test_reward_functions_score_known_completions(rlhf_dir, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
     trl_script = load_script("RLHF/grpo_trl.py")
-    args = trl_script.parse_args(["--sft-dir", str(tiny_model_dir), "--out-dir", str(rlhf_dir)])
+    args = trl_script.parse_args(["--preset", "smoke", "--sft-dir", str(tiny_model_dir), "--out-dir", str(rlhf_dir)])
     (rm_reward, exact), weights = trl_script.reward_functions(args, torch.device("cpu"))
     assert weights == [1.0, 1.0]
     task = common.arithmetic_tasks(1, "train")[0]

@@ -36,7 +36,8 @@ def training_rows():
 
 def sft_args(model_dir, data, out, *extra):
     return [str(a) for a in [
-        "--model-dir", model_dir, "--data", data, "--output-dir", out / "sft_output", "--run-dir", out,
+        "--preset", "smoke", "--model-dir", model_dir, "--data", data, "--output-dir", out / "sft_output",
+        "--run-dir", out,
         "--max-steps", 24, "--save-steps", 12, "--eval-steps", 12, "--lr", 2e-3, "--lora-r", 8, "--lora-alpha", 16,
         "--val-size", 8, "--eval-tasks", 4, "--eval-chats", 2, "--max-new-tokens", 8, "--max-length", 128, *extra]]
 
