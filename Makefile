@@ -1,8 +1,9 @@
 # llm_train: `make all` runs the pipeline on the embedded corpus, `make test` runs the test suite.
 #   make all                 CPU presets with no GPU, the full-size presets with GPUs (SCALE=gpu)
 #   make all SCALE=smoke     the same code paths on tiny sizes (a few minutes)
-# A stage whose output is newer than its inputs is skipped, as make does. Outputs of another SCALE are never replaced
-# silently: `make all` stops and says how to continue that run or start over (NEW_SCALE=1).
+# A stage whose output is newer than its inputs is skipped, as make does. Checkpoints are kept per scale
+# (checkpoints/$(SCALE)/): another SCALE retrains the outputs but never touches this scale's checkpoints, and coming
+# back to a scale resumes (or just re-exports) from them.
 SHELL := bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,29 +15,32 @@ ifeq ($(SCALE),smoke)
 TOKENIZER_FLAGS := --vocab-size 1024 --max-chars 1e6
 CHUNK_FLAGS := --context-length 128 --sources default:3 midtrain:1 --max-tokens 3e5
 PRETRAIN_FLAGS := --preset smoke --context-length 128
-SFT_FLAGS := --max-steps 6 --arith-tasks 300 --eval-tasks 8 --eval-chats 4 --max-new-tokens 12
-RM_FLAGS := --max-steps 6
-GRPO_FLAGS := --num-prompts 8 --epochs 1 --batch-size 8 --max-completion-length 12 --eval-arithmetic 8 --eval-conversation 4
+SFT_FLAGS := --preset smoke
+RM_FLAGS := --preset smoke
+GRPO_FLAGS := --preset smoke
 EVAL_FLAGS := --limit 8 --max-new-tokens 12
 REPORT_FLAGS := --max-new-tokens 12
 else ifeq ($(SCALE),gpu)
 TOKENIZER_FLAGS := --vocab-size 50000
 CHUNK_FLAGS := --context-length 1024
-PRETRAIN_FLAGS := --preset gpt2-100m
-SFT_FLAGS :=
-RM_FLAGS :=
-GRPO_FLAGS :=
+# The embedded corpus is ~4M tokens at this vocabulary: a quarter of GPT-2's batch gives ~115 steps of <= 4 epochs.
+PRETRAIN_FLAGS := --preset gpt2-100m --global-batch-tokens 131072
+SFT_FLAGS := --preset gpu
+RM_FLAGS := --preset gpu
+GRPO_FLAGS := --preset gpu
 EVAL_FLAGS :=
 REPORT_FLAGS :=
 else
 TOKENIZER_FLAGS := --vocab-size 8192
-# A quarter of the pretraining tokens are chats in the template (arithmetic with worked answers, chatterbot):
-# mid-training, so the base knows <|im_start|>/<|im_end|> and the answer format before SFT.
-CHUNK_FLAGS := --context-length 256 --sources default:3 midtrain:1 --max-tokens 6.4e6
-PRETRAIN_FLAGS := --preset cpu
-SFT_FLAGS :=
-RM_FLAGS :=
-GRPO_FLAGS := --num-prompts 32 --lr 1e-3 --max-completion-length 64
+# Four fifths of the pretraining tokens are chats in the template (arithmetic with worked answers, chatterbot):
+# mid-training, so the base knows <|im_start|>/<|im_end|> and the worked-answer format before SFT (LoRA steps in SFT
+# cost ~5x a pretraining step per token on CPU). A 3.4M model needs well over 20k worked problems to answer any.
+CHUNK_FLAGS := --context-length 256 --sources default:1 midtrain:4 --max-tokens 4e6
+# Compiled: fewer seconds per step on CPU too, once the ~30 s compile is paid.
+PRETRAIN_FLAGS := --preset cpu --compile
+SFT_FLAGS := --preset cpu
+RM_FLAGS := --preset cpu
+GRPO_FLAGS := --preset cpu
 EVAL_FLAGS :=
 REPORT_FLAGS :=
 endif
@@ -52,7 +56,7 @@ define timed
 	  echo "== stage $(1) took $$((ms / 1000)).$$((ms % 1000 / 100)) s"
 endef
 
-.PHONY: setup test bench all clean banner eval chat
+.PHONY: setup test bench dryrun all clean banner eval chat
 FORCE:
 setup: $(VENV)/.installed
 
@@ -75,18 +79,23 @@ bench: setup
 	$(MAKE) all
 	$(PY) bench/bench_webui.py
 
+# The GPU path at full size on this CPU, a few steps per stage (50k tokenizer, gpt2-100m under DeepSpeed ZeRO-2 on 2
+# CPU ranks, QLoRA SFT, reward model, GRPO, reload): peak RSS and step time per stage in
+# bench/results/dryrun_full_size.md. Works in a temp dir, never on this repo's outputs. Not part of `make test`.
+dryrun: setup
+	PY=$(PY) bash bench/dryrun_full_size.sh
+
 # The web UI on this repo's stage outputs: http://127.0.0.1:7860 (python WebUI/app.py --help for host, port, dirs).
 chat: setup
 	$(PY) WebUI/app.py
 
-# The scale of the last run. A different SCALE (a typo, or a flaky nvidia-smi on a login node) would retrain every
-# stage and drop its checkpoints, so it needs NEW_SCALE=1; the stages then drop checkpoints older than their inputs.
+# The scale of the last run: another SCALE rebuilds every stage's output (its checkpoints are its own, under
+# checkpoints/$(SCALE)/). A stage never deletes checkpoints of another run: pretraining stops and names them, the
+# post-training stages (--force) start over in their place.
 .scale: FORCE
-	@old=$$(cat $@ 2>/dev/null); if [ -n "$$old" ] && [ "$$old" != "$(SCALE)" ] && [ -z "$(NEW_SCALE)" ]; then \
-	  echo "error: the outputs and checkpoints here are from SCALE=$$old; this run is SCALE=$(SCALE) and would replace" \
-	       "them. Continue that run with 'make all SCALE=$$old', or start over with 'make all SCALE=$(SCALE) NEW_SCALE=1'" >&2; \
-	  exit 2; fi; \
-	if [ "$$old" != "$(SCALE)" ]; then echo $(SCALE) > $@; rm -rf report/timings; fi
+	@old=$$(cat $@ 2>/dev/null); if [ "$$old" != "$(SCALE)" ]; then \
+	  if [ -n "$$old" ]; then echo "== SCALE changed from $$old to $(SCALE): rebuilding the outputs; checkpoints/$$old/ is kept"; fi; \
+	  echo $(SCALE) > $@; rm -rf report/timings; fi
 
 tokenizer/tokenizer.json: PreTrain/train_byte_level_bpe_tokenizer.py common.py $(wildcard data/default_corpus/*.jsonl.gz) .scale | setup
 	$(call timed,tokenizer,$(PY) PreTrain/train_byte_level_bpe_tokenizer.py --force $(TOKENIZER_FLAGS))
@@ -94,22 +103,17 @@ tokenizer/tokenizer.json: PreTrain/train_byte_level_bpe_tokenizer.py common.py $
 pretrain_data_chunks/manifest.json: PreTrain/preprocess_dataset_for_pretrain_map.py tokenizer/tokenizer.json
 	$(call timed,chunks,$(PY) PreTrain/preprocess_dataset_for_pretrain_map.py --force $(CHUNK_FLAGS))
 
-# Checkpoints older than a stage's input belong to an earlier run: they are dropped, not resumed from.
 output/pretrain_summary.json: PreTrain/model.py pretrain_data_chunks/manifest.json
-	@find checkpoints/pretrain -maxdepth 0 ! -newer pretrain_data_chunks/manifest.json -exec rm -rf {} + 2>/dev/null || true
-	$(call timed,pretrain,$(PRETRAIN_LAUNCH) --force $(PRETRAIN_FLAGS))
+	$(call timed,pretrain,$(PRETRAIN_LAUNCH) --force --checkpoint-dir checkpoints/$(SCALE)/pretrain $(PRETRAIN_FLAGS))
 
 SFT/eval.json: SFT/qlora_fine_tune_trl.py output/pretrain_summary.json
-	@find SFT/checkpoints -maxdepth 0 ! -newer output/pretrain_summary.json -exec rm -rf {} + 2>/dev/null || true
-	$(call timed,sft,$(PY) SFT/qlora_fine_tune_trl.py --force --merge $(SFT_FLAGS))
+	$(call timed,sft,$(PY) SFT/qlora_fine_tune_trl.py --force --merge --checkpoint-dir checkpoints/$(SCALE)/sft $(SFT_FLAGS))
 
 RLHF/reward_eval.json: RLHF/reward_model.py RLHF/rlhf_common.py SFT/eval.json
-	@find RLHF/checkpoints/reward_model -maxdepth 0 ! -newer SFT/eval.json -exec rm -rf {} + 2>/dev/null || true
-	$(call timed,reward_model,$(PY) RLHF/reward_model.py --force $(RM_FLAGS))
+	$(call timed,reward_model,$(PY) RLHF/reward_model.py --force --checkpoint-dir checkpoints/$(SCALE)/reward_model $(RM_FLAGS))
 
 RLHF/eval.json: RLHF/grpo_trl.py RLHF/rlhf_common.py RLHF/reward_eval.json
-	@find RLHF/checkpoints/grpo -maxdepth 0 ! -newer RLHF/reward_eval.json -exec rm -rf {} + 2>/dev/null || true
-	$(call timed,grpo,$(PY) RLHF/grpo_trl.py --force $(GRPO_FLAGS))
+	$(call timed,grpo,$(PY) RLHF/grpo_trl.py --force --checkpoint-dir checkpoints/$(SCALE)/grpo $(GRPO_FLAGS))
 
 # lm-eval on every model, the same tasks (the offline ones of Eval/tasks/): the report card's comparison table.
 Eval/results.json: Eval/evaluate.py $(wildcard Eval/tasks/*.py Eval/tasks/*yaml) RLHF/eval.json
@@ -126,6 +130,7 @@ all: banner report/report.md
 banner:
 	@echo "== make all: SCALE=$(SCALE) ($(NGPU) GPUs found by nvidia-smi)"
 
+# Every generated file, the checkpoints of every scale included.
 clean:
 	find tokenizer pretrain_data_chunks output -mindepth 1 ! -name README.md -exec rm -rf {} +
 	find report -mindepth 1 ! -name README.md ! -name build_report.py -exec rm -rf {} +
