@@ -2,7 +2,7 @@
 
 Reads:  pretrain_data_chunks/ (manifest.json + flat token files of fixed-length rows, from
         PreTrain/preprocess_dataset_for_pretrain_map.py) and tokenizer/ (its fingerprint must match the manifest's).
-        Rows are read from disk as batches need them (Rows): a rank's memory does not grow with the chunk set.
+        Rows are read from disk as batches need them (common.ChunkRows): a rank's memory does not grow with the chunk set.
 Writes: output/ a Hugging Face GPT-2 checkpoint (config.json, model.safetensors, generation_config.json, tokenizer
         files with model_max_length = the context, history.jsonl, pretrain_summary.json, lineage.json) that
         AutoModelForCausalLM.from_pretrained("./output") loads; checkpoints/pretrain/step_NNNNNN/ (every
@@ -654,7 +654,7 @@ def read_inputs(args):
 
 
 def load_data(args, manifest, vocab_size, dist):
-    """(train rows, val rows): Rows readers of context_length + 1 tokens per row."""
+    """(train rows, val rows): common.ChunkRows readers of context_length + 1 tokens per row."""
     train_rows = load_rows(args.chunks_dir, manifest, "train", args.context_length, vocab_size)
     val_rows = load_rows(args.chunks_dir, manifest, "val", args.context_length, vocab_size)
     if len(val_rows) == 0:
@@ -835,7 +835,7 @@ def all_reduce_mean(t, dist):
 
 
 def optimizer_step(args, dist, engine, batches, step):
-    """One optimizer step at the schedule's lr over --grad-accum micro batches per rank, with clipping; the update
+    """One optimizer step at the schedule's lr over args.grad_accum micro batches per rank (resolve_schedule), with clipping; the update
     is skipped when the loss (mean over ranks) is not finite. Returns (loss, lr, grad norm)."""
     lr = lr_at(step, args)
     for group in engine.optimizer.param_groups:
