@@ -253,8 +253,8 @@ def train(args):
             grpo_dir, STAGE, settings, **parents):
         return
     common.check_writable_dir(args.out_dir)
-    resume, finished = rlhf_common.checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, may_grow=("epochs",),
-                                                        **parents)
+    resume, finished = common.checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, may_grow=("epochs",),
+                                                   **parents)
     funcs, weights = reward_functions(args, device)
 
     from datasets import Dataset
@@ -308,7 +308,7 @@ def train(args):
         with open(log_file, "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()}) + "\n")
     t0 = time.time()
-    rlhf_common.train_or_finish(trainer, resume, finished)
+    common.train_or_finish(trainer, resume, finished)
     if not trainer.accelerator.is_main_process:
         return
     print(f"trained {trainer.state.global_step} steps in {time.time() - t0:.0f} s")

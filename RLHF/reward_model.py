@@ -278,7 +278,7 @@ def main():
     if (out_model / "config.json").is_file():
         common.refuse_to_replace(out_model, args.force, "reward model")
     common.check_writable_dir(args.out_dir)
-    resume, finished = rlhf_common.checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, **parents)
+    resume, finished = common.checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, **parents)
 
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
@@ -315,7 +315,7 @@ def main():
         print(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
         log_line(log_file, {"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()})
     t0 = time.time()
-    rlhf_common.train_or_finish(trainer, resume, finished)
+    common.train_or_finish(trainer, resume, finished)
     train_seconds = time.time() - t0
 
     if trainer.accelerator.is_main_process:

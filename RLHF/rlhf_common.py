@@ -1,7 +1,7 @@
 """What the three RLHF scripts share and no other stage needs: the SFT policy and its prompts, chat rendering,
-reward-model scores and the exact-answer reward, sampling completions and scoring their log-probabilities, and the
-bookkeeping that makes a Trainer run safe to rerun (resume only a checkpoint of the same run, finish without
-training past the end).
+reward-model scores and the exact-answer reward, sampling completions and scoring their log-probabilities, and small
+Trainer-run helpers (the rebuild command for error messages, the epoch a resumed run continues in, means over its
+log). Resuming only a run's own checkpoints is common.checkpoint_to_resume / train_or_finish, which SFT uses too.
 
 The scripts (and tests) import it after putting the repo root (for common) and RLHF/ on sys.path:
 
@@ -14,7 +14,6 @@ torch and transformers are imported inside the functions, so importing this stay
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import common
@@ -219,75 +218,12 @@ def completion_logps(model, prompt_ids, completion_ids, temperature=1.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Trainer runs: what a rerun resumes, and finishing a run whose last checkpoint is already written.
+# Trainer runs (common.checkpoint_to_resume and common.train_or_finish decide what a rerun resumes).
 def rerun_command(script, **flags):
     """`python SCRIPT` plus the path flags (name=(value, default)) whose value is not the default: the command that
     rebuilds an output, for error messages."""
     return " ".join([f"python {script}"] + [f"--{name.replace('_', '-')} {value}" for name, (value, default)
                                             in flags.items() if Path(value).resolve() != Path(default).resolve()])
-
-
-def _difference(run, stage, settings, may_grow, parents):
-    """Why checkpoints of the recorded `run` cannot be continued by this one (None if they can)."""
-    if run is None or run.get("stage") != stage:
-        return "no record of the run that wrote them"
-    old = run.get("settings", {})
-    for key in sorted(set(old) | set(settings)):
-        a, b = old.get(key), settings.get(key)
-        if a != b and not (key in may_grow and a is not None and b is not None and b > a):
-            if key == "pairs_sha256":
-                return "it trained on other preference pairs"
-            if key == "dtype":
-                return f"compute dtype {a} there, {b} now; {common.DTYPE_ENV}={a} picks the same"
-            return f"{'processes' if key == 'processes' else '--' + key.replace('_', '-')} {a} there, {b} now"
-    for role, path in parents.items():
-        recorded = run.get("parents", {}).get(role)
-        if (recorded and recorded["fingerprint"]) != (path and common.output_fingerprint(path)):
-            was = recorded["path"] if recorded else "none"
-            return f"its {role} was {was}, now {path or 'none'} (or it changed since)"
-    return None
-
-
-def checkpoint_to_resume(ckpt_dir, stage, settings, force, may_grow=(), **parents):
-    """(checkpoint to resume from or None, whether it is the run's last step) for a Trainer run writing to
-    ckpt_dir. The checkpoints must come from a run with the same settings and parents, recorded in
-    ckpt_dir/lineage.json; settings in may_grow may only be larger now (more epochs at a constant learning rate
-    continue that run exactly). Otherwise: a UserError saying what differs, or with force, a fresh start.
-    Call it on every process: they all read the checkpoints before the main one changes anything."""
-    from accelerate import PartialState
-
-    ckpt_dir = Path(ckpt_dir)
-    latest = common.latest_trainer_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
-    run = common.read_lineage(ckpt_dir)
-    why = latest and _difference(run, stage, settings, may_grow, parents)
-    if why and not force:
-        raise UserError(f"{ckpt_dir} holds checkpoints of another run ({why}): rerun with that run's flags to "
-                        f"finish it, or pass --force to discard them and start over")
-    finished = False
-    if latest and not why and run["settings"] == settings:
-        done = json.loads((Path(latest) / "trainer_state.json").read_text())
-        finished = done["global_step"] >= done["max_steps"]
-    state = PartialState()  # under a launcher: the process group, so that the processes can wait for each other
-    state.wait_for_everyone()
-    if state.is_main_process:
-        if why:
-            print(f"{ckpt_dir} holds checkpoints of another run ({why}): --force, so starting over", flush=True)
-            shutil.rmtree(ckpt_dir)
-        common.write_lineage(ckpt_dir, stage, settings, **parents)
-    state.wait_for_everyone()
-    return (None, False) if why else (latest, finished)
-
-
-def train_or_finish(trainer, resume, finished):
-    """trainer.train(), resuming from checkpoint `resume`. A checkpoint at the run's last step is only loaded:
-    the Trainer would otherwise train one step past the end before noticing it is done."""
-    if finished:
-        from transformers import TrainerState
-
-        trainer._load_from_checkpoint(resume)
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
-        return
-    trainer.train(resume_from_checkpoint=resume)
 
 
 def checkpoint_epoch(checkpoint):

@@ -8,11 +8,13 @@ Writes: SFT/sft_output/   LoRA adapter (adapter_config.json, adapter_model.safet
                           generation_config.json, history.jsonl (step, loss, lr, eval_loss), lineage.json (the
                           settings and the base it was trained on); with --merge also merged/ (full model +
                           tokenizer + lineage.json, for the RLHF stage)
-        SFT/checkpoints/  Trainer checkpoints + settings.json (the run's training settings)
+        SFT/checkpoints/  Trainer checkpoints + lineage.json (the run's settings and base; a rerun resumes only
+                          checkpoints of the same run: common.checkpoint_to_resume)
         SFT/runs/         TensorBoard logs;  SFT/train.log: the log;  SFT/eval.json: base vs SFT on held-out data
 
 Reruns: the same command on a finished run is a no-op that says so. A killed run rerun with the same command resumes
-from the latest complete checkpoint and logs the same losses as an uninterrupted run. Checkpoints of a run with other
+from the latest complete checkpoint and logs the same losses as an uninterrupted run (killed after saving its final
+checkpoint, it writes its outputs from that checkpoint without training a step more). Checkpoints of a run with other
 training settings (another --max-steps, --lr, data, base, ...) are never resumed from: the run stops and names the
 setting. --force starts over then (deleting those checkpoints), replaces an sft_output that the reward model or GRPO
 were built from (refused without it), and on a finished run rewrites its outputs and evaluation from its last
@@ -469,12 +471,10 @@ def mean_train_loss(log_history):
     return total / max(last, 1), last
 
 
-def train(args, tokenizer, train_conversations, val, settings, resume):
+def train(args, tokenizer, train_conversations, val, settings, resume, finished):
     import datasets
     import torch
-    from peft import LoraConfig, prepare_model_for_kbit_training, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import TrainerState
+    from peft import LoraConfig, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
     four_bit = args.four_bit
@@ -517,20 +517,10 @@ def train(args, tokenizer, train_conversations, val, settings, resume):
         log.info(f"{'4-bit NF4' if four_bit else 'full-precision'} base, LoRA r={args.lora_r} alpha={args.lora_alpha} "
                  f"on {LORA_TARGETS}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M parameters; "
                  f"{len(train_conversations)} training conversations, {trainer.args.world_size} process(es)")
-        if resume is None:
-            common.atomic_write_json(checkpoint_dir / "settings.json", settings)
-    state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")) if resume else None
+        if resume:  # finished: rerun with --force after the run finished, or killed while writing the outputs
+            log.info(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
     t0 = time.time()
-    if state and state.global_step >= state.max_steps:
-        # A finished run (rerun with --force, or killed while writing its outputs): the Trainer would train one step
-        # past the end, so take the final checkpoint as it is.
-        log.info(f"the run finished at step {state.global_step}: writing its outputs from {resume}")
-        set_peft_model_state_dict(trainer.model, load_file(str(Path(resume) / "adapter_model.safetensors")))
-        trainer.state = state
-    else:
-        if resume:
-            log.info(f"resuming from {resume}")
-        trainer.train(resume_from_checkpoint=resume)
+    common.train_or_finish(trainer, resume, finished)
     if trainer.accelerator.is_main_process:
         loss, n_steps = mean_train_loss(trainer.state.log_history)
         log.info(f"trained to step {trainer.state.global_step} ({time.time() - t0:.0f}s); "
@@ -567,45 +557,14 @@ def data_fingerprint(paths):
 
 
 def run_settings(args, processes):
-    """What decides the trained adapter: compared with a checkpoint's run before resuming it, and (with --merge)
-    recorded in the outputs' lineage.json, where an identical rerun finds it finished."""
+    """What decides the trained adapter, with the base (a lineage parent, fingerprinted): compared with the
+    checkpoints' run before resuming it, and (with --merge) recorded in the outputs' lineage.json, where an identical
+    rerun finds it finished."""
     return {**common.settings_of(args, "hf_dataset", "hf_split", "arith_tasks", "max_steps", "epochs", "batch_size",
                                  "grad_accum", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length", "four_bit",
                                  "seed", "val_size"),
             "data_sha256": data_fingerprint(args.data),
-            "dtype": common.dtype_name(allow_fp16=True), "processes": processes,
-            "base": common.output_fingerprint(args.model_dir)}
-
-
-def checkpoint_to_resume(checkpoint_dir, settings, force):
-    """The latest complete checkpoint of this run, or None to start fresh. Checkpoints of a run with other settings
-    would follow neither run's data, base or lr schedule: a UserError, or with --force they are deleted."""
-    import shutil
-
-    from accelerate import PartialState
-
-    resume = common.latest_trainer_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
-    if resume is None:
-        return None
-    try:
-        recorded = json.loads((checkpoint_dir / "settings.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        recorded = {}
-    changed = [k for k in settings if recorded.get(k) != settings[k]]
-    if not changed:
-        return resume
-    what = "; ".join(f"{k} differs" if k in ("base", "data_sha256") else
-                     f"{k}: {recorded.get(k)} there, {settings[k]} now" for k in changed) \
-        if recorded else "its settings.json is missing"
-    if not force:
-        raise UserError(f"{checkpoint_dir} holds checkpoints of a run with other settings ({what}), so it cannot be "
-                        f"resumed: rerun with that run's settings to continue it, or pass --force (or delete "
-                        f"{checkpoint_dir}, or pass another --run-dir) to train from scratch with the new ones")
-    print(f"sft: {checkpoint_dir} holds a run with other settings ({what}): --force deletes it and starts over",
-          flush=True)
-    if PartialState().is_main_process:
-        shutil.rmtree(checkpoint_dir)
-    return None
+            "dtype": common.dtype_name(allow_fp16=True), "processes": processes}
 
 
 def main(argv=None):
@@ -646,8 +605,9 @@ def main(argv=None):
     trainer = report = None
     if not args.eval_only:
         # after the data checks: --force may delete the checkpoints of a run with other settings
-        resume = checkpoint_to_resume(args.checkpoint_dir or args.run_dir / "checkpoints", settings, args.force)
-        trainer = train(args, tokenizer, train_conversations, val, settings, resume)
+        resume, finished = common.checkpoint_to_resume(args.checkpoint_dir or args.run_dir / "checkpoints", "sft",
+                                                       settings, args.force, base=args.model_dir)
+        trainer = train(args, tokenizer, train_conversations, val, settings, resume, finished)
     if state.is_main_process:
         report = evaluate(args, tokenizer, val, chat_prompts)
     return trainer, report

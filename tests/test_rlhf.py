@@ -206,7 +206,7 @@ def test_checkpoints_of_another_run_are_resumed_never_or_discarded_with_force(tm
     common.write_lineage(ckpt, "grpo", {"epochs": 1, "lr": 1e-3}, policy=tiny_model_dir)
 
     def resume(settings, force=False, policy=tiny_model_dir):
-        return rlhf_common.checkpoint_to_resume(ckpt, "grpo", settings, force, ("epochs",), policy=policy)
+        return common.checkpoint_to_resume(ckpt, "grpo", settings, force, ("epochs",), policy=policy)
 
     assert resume({"epochs": 1, "lr": 1e-3}) == (str(ckpt / "checkpoint-3"), False)  # the same run: resume
     assert resume({"epochs": 2, "lr": 1e-3}) == (str(ckpt / "checkpoint-3"), False)  # more epochs: continue

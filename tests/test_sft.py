@@ -3,6 +3,7 @@ both compute dtypes), chat masking, exact resume, reruns and lineage, bad input,
 script."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -269,12 +270,26 @@ def test_rerun_is_a_noop_other_settings_stop_force_redoes_outputs(trained, tmp_p
     assert "already finished with these settings; nothing to do" in capsys.readouterr().out
     assert adapter.stat().st_mtime_ns == mtime and (out / "sft_output" / "merged" / "model.safetensors").is_file()
 
-    # Another --max-steps (or lr, data, ...) than the checkpoints' run: a clear stop, not a run past its schedule.
-    with pytest.raises(common.UserError, match=r"checkpoints of a run with other settings \(max_steps: 24 there, 30 "
-                                               r"now\).*--force .*from scratch"):
+    # Another --max-steps (or lr, data, base, ...) than the checkpoints' run: a clear stop, not a run past its
+    # schedule. The checkpoints' lineage.json records the run's settings and base (common.checkpoint_to_resume).
+    ckpt_lineage = common.read_lineage(out / "checkpoints")
+    assert ckpt_lineage["stage"] == "sft" and ckpt_lineage["settings"]["max_steps"] == 24
+    assert ckpt_lineage["parents"]["base"]["fingerprint"] == common.output_fingerprint(trained["model_dir"])
+    with pytest.raises(common.UserError, match=r"holds checkpoints of another run \(--max-steps 24 there, 30 now\)"
+                                               r".*--force to discard them and start over"):
         sft.main(args + ["--max-steps", "30"])
-    with pytest.raises(common.UserError, match=r"lr: 0.002 there, 0.001 now"):
+    with pytest.raises(common.UserError, match=r"--lr 0.002 there, 0.001 now"):
         sft.main(args + ["--lr", "1e-3"])
+    # A changed base (same path or another, other weights): not finished, and its checkpoints are not resumed.
+    from safetensors.torch import load_file, save_file
+
+    other_base = tmp_path / "other_base"
+    shutil.copytree(trained["model_dir"], other_base)
+    weights = {k: v + 0.01 for k, v in load_file(other_base / "model.safetensors").items()}
+    save_file(weights, other_base / "model.safetensors", metadata={"format": "pt"})
+    why = f"another run (its base was {trained['model_dir']}, now {other_base} (or it changed since))"
+    with pytest.raises(common.UserError, match=re.escape(why)):
+        sft.main([str(other_base) if a == str(trained["model_dir"]) else a for a in args])
 
     # A later stage built from this adapter: replacing it needs --force (the error names the stale output).
     later = tmp_path / "reward_model"
@@ -287,7 +302,8 @@ def test_rerun_is_a_noop_other_settings_stop_force_redoes_outputs(trained, tmp_p
     # --force on the finished run redoes its outputs from the final checkpoint: no step past 24, same adapter.
     trainer, report = sft.main(args + ["--force"])
     assert trainer.state.global_step == 24 and report is not None
-    assert "the run finished at step 24" in (out / "train.log").read_text()
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-24'} (the run's last step: nothing left to train)" \
+        in (out / "train.log").read_text()
     assert adapter.read_bytes() == (trained["out"] / "sft_output" / "adapter_model.safetensors").read_bytes()
     assert (out / "sft_output" / "history.jsonl").read_text() == \
         (trained["out"] / "sft_output" / "history.jsonl").read_text()
@@ -301,9 +317,10 @@ def test_rerun_is_a_noop_other_settings_stop_force_redoes_outputs(trained, tmp_p
     # --force with other settings starts over: the old run's checkpoints go, the new run trains from step 0.
     trainer, _ = sft.main(args + ["--force", "--max-steps", "2"])
     assert trainer.state.global_step == 2 and sorted(losses_by_step(trainer)) == [2]
-    assert "holds a run with other settings (max_steps: 24 there, 2 now): --force deletes it" in capsys.readouterr().out
+    assert "holds checkpoints of another run (--max-steps 24 there, 2 now): --force, so starting over" \
+        in capsys.readouterr().out
     assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
-    assert json.loads((out / "checkpoints" / "settings.json").read_text())["max_steps"] == 2
+    assert common.read_lineage(out / "checkpoints")["settings"]["max_steps"] == 2
     assert common.read_lineage(out / "sft_output")["settings"]["max_steps"] == 2
 
 
