@@ -328,6 +328,19 @@ def stale_if_replaced(path):
     return stale
 
 
+def check_output_dir(out_dir, stage, what):
+    """Before a stage replaces out_dir: it must be missing, empty (but for README.md and hidden work files), or a
+    previous output of this stage (its lineage.json says so); anything else is left alone with one UserError."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output path {out_dir} exists and is not a directory: choose another output directory")
+    names = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".") and p.name != "README.md") \
+        if out_dir.is_dir() else []
+    if names and (read_lineage(out_dir) or {}).get("stage") != stage:
+        raise UserError(f"{out_dir} holds files that are not a previous {what} output ({', '.join(names[:5])}): "
+                        "move them away or choose another output directory; nothing was written")
+
+
 def refuse_to_replace(path, force, what):
     """Before replacing an existing output: UserError unless --force when later stages were built from it."""
     stale = stale_if_replaced(path)

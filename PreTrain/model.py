@@ -490,22 +490,6 @@ def check_resume(state, settings, fingerprints, ckpt_path, ckpt_dir):
                         f"flags to continue it, or {start_over}. Nothing was changed")
 
 
-def check_output_dir(out_dir, force):
-    """--output-dir may only replace a previous output of this script (or hold just README.md), and one that later
-    stages were built from only with --force."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise UserError(f"output path {out_dir} exists and is not a directory: choose another --output-dir")
-    names = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} - {"README.md"}
-    if names and "pretrain_summary.json" not in names:
-        raise UserError(f"{out_dir} holds files that are not a previous pretraining output ({sorted(names)[:5]}): "
-                        "move them away or choose another --output-dir; nothing was written")
-    if names:
-        common.refuse_to_replace(out_dir, force, "pretrained model")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 def token_count(text):
     """A positive whole number of tokens, also written as 2e9 or 524_288."""
@@ -1001,7 +985,8 @@ def main(argv=None):
             if not args.force and common.already_done(args.output_dir, "pretrain", settings, chunks=args.chunks_dir,
                                                       tokenizer=args.tokenizer_dir):
                 return
-        check_output_dir(args.output_dir, args.force)
+        common.check_output_dir(args.output_dir, "pretrain", "pretraining")
+        common.refuse_to_replace(args.output_dir, args.force, "pretrained model")
         if dist.master:
             common.check_writable_dir(args.output_dir.parent)
             common.check_writable_dir(args.checkpoint_dir)

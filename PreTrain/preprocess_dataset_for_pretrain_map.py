@@ -306,18 +306,6 @@ def new_progress(sources):
     }
 
 
-def check_output_dir(out_dir):
-    """Refuse to replace a directory that holds anything but this stage's output (it is swapped out at the end)."""
-    ours = {"README.md", "manifest.json", "train", "val", ".partial", common.LINEAGE}
-    if out_dir.is_dir():
-        other = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
-        if other:
-            raise UserError(f"output directory {out_dir} holds other files ({', '.join(other[:5])}): it would be "
-                            "replaced; choose an empty or new --output-dir")
-    elif out_dir.exists():
-        raise UserError(f"output directory {out_dir} is a file: choose another --output-dir")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", nargs="+", default=["default"], metavar="NAME[:WEIGHT]",
@@ -355,7 +343,7 @@ def main():
     if max_tokens is None and any(s["hub"] or s.get("endless") for s in sources):
         raise UserError("hub datasets and midtrain are streams without end: give --max-tokens (e.g. --max-tokens 2e9)")
     out_dir = Path(args.output_dir)
-    check_output_dir(out_dir)
+    common.check_output_dir(out_dir, "chunks", "chunking")
     settings = {**common.settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
                                      "val_fraction", "shuffle_buffer_mb"), "tokenizer_fingerprint": fingerprint,
                 "format": FORMAT}
