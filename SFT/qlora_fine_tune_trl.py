@@ -517,7 +517,7 @@ def train(args, tokenizer, train_conversations, val, settings, resume, finished)
         log.info(f"{'4-bit NF4' if four_bit else 'full-precision'} base, LoRA r={args.lora_r} alpha={args.lora_alpha} "
                  f"on {LORA_TARGETS}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M parameters; "
                  f"{len(train_conversations)} training conversations, {trainer.args.world_size} process(es)")
-        if resume:  # finished: rerun with --force after the run finished, or killed while writing the outputs
+        if resume:  # finished too when rerun with --force after the run ended, or killed while writing its outputs
             log.info(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
     t0 = time.time()
     common.train_or_finish(trainer, resume, finished)
