@@ -53,6 +53,10 @@ the same mix. Without --max-tokens every source is read to its end and weights a
 
 Rows: each document's tokens are followed by <|endoftext|>, the stream is cut into rows of context_length + 1
 tokens (inputs = row[:-1], targets = row[1:]); the tail of a split that does not fill a row is dropped (logged).
+A generated chat document (midtrain) always starts a row of its own, cut at the row's end, and the rest of that row
+is filled with the text stream: GPT-2's positions are learned, and the worked arithmetic is learned from ~3x fewer
+problems when each one starts at position 0 (measured, see rows_starting_with_chats). Give the text sources enough
+weight to fill those rows (a chat of ~80 tokens in a row of 129 needs ~50 tokens of text).
 Split: a document goes to val when a hash of its text falls under --val-fraction (the same text always lands in the
 same split); a source with more than one document always gets at least one val document (its second one if the
 hash picked none before). Text that spells a special token ("<|endoftext|>") is tokenized as plain text, except in
@@ -89,6 +93,7 @@ import common  # noqa: E402
 from common import UserError  # noqa: E402
 
 FORMAT = 2  # 1: parquet shards (list<int32> rows); 2: flat uint16/uint32 token files
+LAYOUT = "chats-start-rows"  # chunk sets made before chats started their rows (packed anywhere) are made again
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,13 +193,14 @@ MIDTRAIN_SEED = 4242  # SFT draws its problems with other seeds; the train/held-
 
 
 def midtrain_texts():
-    """Endless chat-format documents: three arithmetic conversations for every chatterbot conversation."""
+    """Endless chat-format documents: seven arithmetic conversations for every chatterbot conversation (the
+    arithmetic needs every problem it can get; SFT brings the chatterbot conversations again)."""
     chats = [r["messages"] for r in common.read_jsonl_gz(common.SFT_CHAT_FILE) if r["split"] == "train"]
     render = common.render_messages
     for n, task in enumerate(common.arithmetic_task_stream("train", seed=MIDTRAIN_SEED)):
         yield render([{"role": "user", "content": task["prompt"]}, {"role": "assistant", "content": task["response"]}])
-        if n % 3 == 2:
-            yield render(chats[(n // 3) % len(chats)])
+        if n % 7 == 6:
+            yield render(chats[(n // 7) % len(chats)])
 
 
 def interleave(sources, progress, budgets, bytes_per_token):
@@ -281,6 +287,23 @@ def join_with_eot(values, starts, ends, docs, eot_id):
     return np.concatenate([part for d in docs for part in (values[starts[d]:ends[d]], eot)])
 
 
+def rows_starting_with_chats(values, starts, ends, chats, eot_id, row_length, text):
+    """Rows that each start with one chat document (+ eot; cut at the row's end) and are filled up with the text
+    stream `text`. Returns (the rows, the text not used). GPT-2's positions are learned: a chat document that always
+    starts at position 0 is learned from ~3x fewer examples than one packed at any offset (measured on the worked
+    arithmetic: 29% held-out exact match after 24k problems vs <= 3% through 36k). When the text runs out, the
+    chats left are packed into the stream like text."""
+    rows, used = [], 0
+    for n, k in enumerate(chats):
+        ids = np.append(values[starts[k]:ends[k]], np.int32(eot_id))[:row_length]
+        fill = text[used:used + row_length - len(ids)]
+        if len(ids) + len(fill) < row_length:
+            return rows, np.concatenate([text[used:], join_with_eot(values, starts, ends, chats[n:], eot_id)])
+        used += len(fill)
+        rows.append(np.concatenate([ids, fill]).astype(np.int32))
+    return rows, text[used:]
+
+
 def doc_hash_fraction(text):
     """A stable number in [0, 1) from the document's text: decides its split."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
@@ -346,7 +369,7 @@ def main():
     common.check_output_dir(out_dir, "chunks", "chunking")
     settings = {**common.settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
                                      "val_fraction", "shuffle_buffer_mb"), "tokenizer_fingerprint": fingerprint,
-                "format": FORMAT}
+                "format": FORMAT, "layout": LAYOUT}
     if (out_dir / "manifest.json").is_file():
         if not args.force and common.already_done(out_dir, "chunks", settings):
             return
@@ -376,7 +399,7 @@ def main():
     expected_bytes = sum(min(budget * bpt, s["size"] if s["size"] is not None else float("inf"))
                          for s, budget, bpt in zip(sources, budgets, bytes_per_token))
 
-    config = dict(format=FORMAT, tokenizer_fingerprint=fingerprint, context_length=args.context_length,
+    config = dict(format=FORMAT, layout=LAYOUT, tokenizer_fingerprint=fingerprint, context_length=args.context_length,
                   rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction, max_tokens=max_tokens,
                   shuffle_buffer_mb=args.shuffle_buffer_mb,
                   sources=[(s["name"], s["weight"], s["origin"]) for s in sources])
@@ -417,7 +440,8 @@ def main():
     datasets.logging.set_verbosity_error()
     mean_bytes_per_token = sum(s["weight"] * b for s, b in zip(sources, bytes_per_token)) / total_weight
     batch_bytes = max(args.rows_per_shard * row_length * mean_bytes_per_token, 1 << 16)  # text for about one shard
-    pending = {s: [np.asarray(splits[s]["carry"], dtype=np.int32)] for s in splits}
+    pending = {s: [np.asarray(splits[s]["carry"], dtype=np.int32)] for s in splits}  # the text stream
+    chat_rows = {s: [] for s in splits}  # this batch's rows that start with a chat document
     stream = interleave(sources, progress["sources"], budgets, bytes_per_token)
     bytes_done_before = sum(p["bytes"] for p in progress["sources"])
     bar = tqdm(total=round(expected_bytes) if expected_bytes < float("inf") else None, initial=bytes_done_before,
@@ -428,13 +452,15 @@ def main():
         nonlocal shards_this_run
         for split, info in splits.items():
             stream_ = np.concatenate(pending[split])
-            n_rows = len(stream_) // row_length
+            n_text_rows = len(stream_) // row_length
+            n_rows = n_text_rows + len(chat_rows[split])
             if n_rows:
                 rel = f"{split}/shard_{len(info['shards']):05d}.bin"
-                write_shard(staging / rel, stream_[: n_rows * row_length], dtype)
+                write_shard(staging / rel, np.concatenate([*chat_rows[split], stream_[: n_text_rows * row_length]]),
+                            dtype)
                 info["shards"].append(rel)
                 info["rows"] += n_rows
-                stream_ = stream_[n_rows * row_length:]
+                stream_ = stream_[n_text_rows * row_length:]
                 tqdm.write(f"wrote {rel} ({n_rows:,} rows)")
             pending[split] = [stream_]
             info["carry"] = stream_.tolist()  # less than one row: the only state a resumed run needs besides counts
@@ -473,9 +499,16 @@ def main():
             is_val.append(val)
             n_tokens_made += n_tokens
         for split, in_split in (("train", False), ("val", True)):
+            chat_rows[split] = []
             docs = [k for k, val in enumerate(is_val) if val == in_split]
-            if docs:
-                pending[split].append(join_with_eot(values, starts, ends, docs, eot_id))
+            texts = [k for k in docs if not sources[batch[k][0]].get("chat")]
+            if texts:
+                pending[split].append(join_with_eot(values, starts, ends, texts, eot_id))
+            chats = [k for k in docs if sources[batch[k][0]].get("chat")]
+            if chats:
+                chat_rows[split], rest = rows_starting_with_chats(values, starts, ends, chats, eot_id, row_length,
+                                                                  np.concatenate(pending[split]))
+                pending[split] = [rest]
         n_bytes_read += size
         bar.update(size)
         flush()
@@ -499,7 +532,7 @@ def main():
             "documents": info["documents"],
         }
     manifest = {
-        "format": FORMAT, "tokenizer_fingerprint": fingerprint, "vocab_size": tok.get_vocab_size(),
+        "format": FORMAT, "layout": LAYOUT, "tokenizer_fingerprint": fingerprint, "vocab_size": tok.get_vocab_size(),
         "eot_id": eot_id, "context_length": args.context_length, "row_length": row_length, "dtype": dtype.str,
         "splits": manifest_splits,
         "sources": [{"name": s["name"], "weight": s["weight"], "origin": s["origin"], "documents": p["documents"],
@@ -516,8 +549,8 @@ def main():
 
     for split, info in manifest_splits.items():
         print(f"{split:>5}: {info['documents']:,} documents, {info['rows']:,} rows, {info['tokens']:,} tokens, "
-              f"{info['bytes'] / 1e6:.2f} MB of text, {len(info['shards'])} shards; dropped the last "
-              f"{dropped[split]:,} tokens (less than one row)")
+              f"{info['bytes'] / 1e6:.2f} MB of text, {len(info['shards'])} shards; dropped {dropped[split]:,} "
+              "tokens (the last, less than a row, and chats longer than a row)")
     rate = f"{n_bytes_read / 1e6 / seconds_work:.2f} MB/s, {n_tokens_made / seconds_work:,.0f} tokens/s"
     print(f"tokenized {n_bytes_read / 1e6:.1f} MB into {n_tokens_made:,} tokens in {seconds_work:.1f}s ({rate}); "
           f"total {manifest['seconds']:.1f}s")
