@@ -32,10 +32,10 @@ EVAL_FLAGS :=
 REPORT_FLAGS :=
 else
 TOKENIZER_FLAGS := --vocab-size 8192
-# Four fifths of the pretraining tokens are chats in the template (arithmetic with worked answers, chatterbot):
+# Three fifths of the pretraining tokens are chats in the template (arithmetic with worked answers, some chatterbot):
 # mid-training, so the base knows <|im_start|>/<|im_end|> and the worked-answer format before SFT (LoRA steps in SFT
-# cost ~5x a pretraining step per token on CPU). A 3.4M model needs well over 20k worked problems to answer any.
-CHUNK_FLAGS := --context-length 256 --sources default:1 midtrain:4 --max-tokens 4e6
+# cost ~5x a pretraining step per token on CPU). Each chat starts its own row of 129 tokens, the text fills the rest.
+CHUNK_FLAGS := --context-length 128 --sources default:2 midtrain:3 --max-tokens 5e6
 # Compiled: fewer seconds per step on CPU too, once the ~30 s compile is paid.
 PRETRAIN_FLAGS := --preset cpu --compile
 SFT_FLAGS := --preset cpu
