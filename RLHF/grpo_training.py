@@ -115,10 +115,13 @@ def main():
             with rlhf_common.autocast(device, dtype):
                 completion_ids, texts = rlhf_common.generate_completions(
                     policy, tok, messages, args.max_completion_length, do_sample=True, temperature=args.temperature)
-            # 2. Score them; a reward a prompt has no value for (exact answer on a chat prompt) counts 0.
+            # 2. Score them; a reward a prompt has no value for counts 0: the exact answer on a chat prompt, and (as
+            # in grpo_trl.py) the reward model's score where an exact answer is checked.
             rewards = torch.zeros(len(texts))
             if rm is not None:
-                rewards += args.rm_weight * torch.tensor(rlhf_common.reward_model_scores(rm, rm_tok, messages, texts))
+                chats = [i for i, a in enumerate(answers) if a is None]
+                rewards[chats] += args.rm_weight * torch.tensor(rlhf_common.reward_model_scores(
+                    rm, rm_tok, [messages[i] for i in chats], [texts[i] for i in chats]))
             if args.exact_weight:
                 exact = rlhf_common.exact_answer_reward(texts, answers)
                 rewards += args.exact_weight * torch.tensor([0.0 if r is None else r for r in exact])

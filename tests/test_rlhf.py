@@ -394,10 +394,12 @@ def test_reward_functions_score_known_completions(rlhf_dir, tiny_model_dir):
     assert exact(prompts, completions, answer=[task["answer"], task["answer"], None]) == [1.0, 0.0, None]
     rm = AutoModelForSequenceClassification.from_pretrained(str(rlhf_dir / "reward_model")).eval()
     tok = common.load_chat_tokenizer(rlhf_dir / "reward_model")
-    text = tok.apply_chat_template(prompts[0] + completions[0], tokenize=False)
+    text = tok.apply_chat_template(prompts[2] + completions[2], tokenize=False)
     with torch.no_grad():
-        score = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
-    assert rm_reward(prompts, completions)[0] == pytest.approx(score, abs=1e-5)
+        chat_score = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+    # the reward model scores only the prompts without a checkable answer
+    rewards = rm_reward(prompts, completions, answer=[task["answer"], task["answer"], None])
+    assert rewards[:2] == [None, None] and rewards[2] == pytest.approx(chat_score, abs=1e-5)
 
 
 def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir, tmp_path):
@@ -521,13 +523,32 @@ def test_grpo_trl_two_processes(rlhf_dir, tiny_model_dir, tmp_path):
     assert (out / "eval.json").is_file()
 
 
+def test_grpo_trl_leaves_out_prompts_that_leave_no_room_for_the_completion(rlhf_dir, tiny_model_dir, tmp_path):
+    """TRL generates from the whole prompt: a prompt longer than the context minus --max-completion-length is left
+    out (and counted) instead of generating past GPT-2's last position (IndexError in the position table)."""
+    tok = common.load_chat_tokenizer(tiny_model_dir)
+    prompts = rlhf_common.rlhf_prompts("train", 6, 2, seed=0)  # what --num-prompts 8 trains on
+    lengths = [len(x) for x in rlhf_common.prompt_token_ids(tok, [p["prompt"] for p in prompts])]
+    room = sorted(lengths)[-3]
+    out = tmp_path / "long"
+    out.mkdir()
+    os.symlink(rlhf_dir / "reward_model", out / "reward_model")
+    proc = run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, out, "--epochs", 1, "--max-completion-length",
+                                                     256 - room, "--eval-arithmetic", 4, "--eval-conversation", 0))
+    left_out = sum(n > room for n in lengths)
+    assert left_out >= 2 and f"{8 - left_out} prompts ({left_out} left out: longer than {room} tokens)" in proc.stdout
+    assert (out / "eval.json").is_file()
+
+
 def test_plain_pytorch_grpo_trains(rlhf_dir, tiny_model_dir):
     run_script("RLHF/grpo_training.py", "--sft-dir", tiny_model_dir, "--out-dir", rlhf_dir, "--num-prompts", 4,
-               "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 8, "--lr", 1e-3)
+               "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 8, "--lr", 1e-3,
+               "--epochs", 2)
     logs = [r for r in jsonl(rlhf_dir / "train.log") if r.get("stage") == "grpo_training"]
-    assert [r["step"] for r in logs] == [1, 2]
-    # Before the first update the policy is its own reference (dropout off, as TRL): KL 0; after it, KL > 0.
-    assert abs(logs[0]["kl"]) < 1e-6 and logs[1]["kl"] > 1e-4, logs
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    # Before the first update the policy is its own reference (dropout off, as TRL): KL 0; after an update, KL > 0
+    # (the untrained policy never answers exactly: only the chat prompt's reward-model scores move it).
+    assert abs(logs[0]["kl"]) < 1e-6 and logs[-1]["kl"] > 1e-4, logs
     out = rlhf_dir / "checkpoints" / "grpo_training"
     assert common.read_lineage(out)["parents"]["policy"]["fingerprint"] == common.output_fingerprint(tiny_model_dir)
 
