@@ -482,9 +482,8 @@ def main():
                 break
         if not batch:
             break
-        values, starts, ends = tokenize([text for _, _, text, _ in batch],
-                                        [sources[i].get("chat", False) for i, _, _, _ in batch], tokenizer_path,
-                                        args.num_proc)
+        is_chat = [sources[i].get("chat", False) for i, _, _, _ in batch]
+        values, starts, ends = tokenize([text for _, _, text, _ in batch], is_chat, tokenizer_path, args.num_proc)
         lengths = ends - starts + 1  # + the end-of-text token
         is_val = []
         for (i, index, text, n_bytes), n_tokens in zip(batch, lengths.tolist()):
@@ -501,10 +500,10 @@ def main():
         for split, in_split in (("train", False), ("val", True)):
             chat_rows[split] = []
             docs = [k for k, val in enumerate(is_val) if val == in_split]
-            texts = [k for k in docs if not sources[batch[k][0]].get("chat")]
+            texts = [k for k in docs if not is_chat[k]]
             if texts:
                 pending[split].append(join_with_eot(values, starts, ends, texts, eot_id))
-            chats = [k for k in docs if sources[batch[k][0]].get("chat")]
+            chats = [k for k in docs if is_chat[k]]
             if chats:
                 chat_rows[split], rest = rows_starting_with_chats(values, starts, ends, chats, eot_id, row_length,
                                                                   np.concatenate(pending[split]))
