@@ -162,7 +162,8 @@ def test_gradio_client_chat_streams_and_compare_scores(app_url, smoke_repo):
 
     # the conversation goes on with the history the API returned; a long one drops its oldest messages, with a note
     history, _, note = c.predict("And then?", history, "GRPO", *FREE_SAMPLING, 16, api_name="/chat")
-    assert [m["role"] for m in history] == ["user", "assistant"] * 2 and note.startswith("GRPO:")
+    # (a long sampled first reply may already push the window: the note then starts with what was left out)
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2 and "GRPO: " in note
     for i in range(3):
         history, _, note = c.predict(f"Tell me more about topic number {i}, please.", history, "GRPO",
                                      *FREE_SAMPLING, 64, api_name="/chat")
