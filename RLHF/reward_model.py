@@ -231,8 +231,9 @@ def build_parser():
     parser.add_argument("--max-steps", type=steps, help="(preset) stop after this many steps; -1 = whole --epochs")
     parser.add_argument("--batch-size", type=common.positive_int, help="(preset) pairs per device per step")
     parser.add_argument("--lr", type=common.positive_float, help="(preset)")
-    parser.add_argument("--max-length", type=common.positive_int, default=128,
-                        help="drop pairs longer than this many tokens")
+    parser.add_argument("--max-length", type=common.positive_int, default=None,
+                        help="longer answers keep their last this many tokens (default: the model's context, as "
+                             "scoring does)")
     parser.add_argument("--save-steps", type=common.positive_int, help="(preset)")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0)
     parser.add_argument("--force", action="store_true",
@@ -291,8 +292,15 @@ def main():
         model, tok = init_reward_model(args.sft_dir, args.base_dir, parents, tmp)
     print(f"reward model initialised from {source}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
           f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
-    cols = ("prompt", "chosen", "rejected")
-    train_ds = Dataset.from_list([{k: p[k] for k in cols} for p in train_pairs])
+    # Tokenized here as scoring tokenizes (TRL would drop every pair longer than max_length, a quarter of the
+    # embedded "rambling" pairs, while scoring cuts them from the left: the model never saw what it was judged on).
+    max_len = min(args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
+
+    def input_ids(side):
+        return rlhf_common.reward_model_input_ids(tok, [p["prompt"] + p[side][:-1] for p in train_pairs],
+                                                  [p[side][-1]["content"] for p in train_pairs], max_len)
+
+    train_ds = Dataset.from_dict({"chosen_ids": input_ids("chosen"), "rejected_ids": input_ids("rejected")})
 
     class LogFile(TrainerCallback):
         def on_log(self, a, state, control, logs=None, **kw):
@@ -302,7 +310,7 @@ def main():
     config = RewardConfig(
         output_dir=str(ckpt_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=0.05, weight_decay=0.0, max_length=args.max_length, gradient_checkpointing=False,
+        warmup_steps=0.05, weight_decay=0.0, max_length=None, gradient_checkpointing=False,
         bf16=dtype == "bf16", fp16=dtype == "fp16",  # mixed precision: autocast over fp32 weights
         logging_steps=5, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=2, report_to="none", seed=args.seed, dataloader_num_workers=0,

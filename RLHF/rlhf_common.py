@@ -112,18 +112,24 @@ def render_chat(tokenizer, prompt, completion=None):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=completion is None)
 
 
+def reward_model_input_ids(tokenizer, prompts, completions, max_len):
+    """Token ids the reward model reads for each (prompt messages, completion text): the chat template (no extra
+    special tokens), cut from the left to max_len tokens, since the score is read at the last one. Training
+    (reward_model.py) and scoring use this one function, so a long pair is judged as it was trained on."""
+    texts = [render_chat(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    return [x[-max_len:] for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def reward_model_scores(reward_model, tokenizer, prompts, completions, batch_size=32):
-    """Reward-model score of each (prompt messages, completion text): rendered with the chat template exactly as
-    RewardTrainer and GRPOTrainer render it (no extra special tokens), right-padded (the score is read at the last
-    real token), and cut from the left if longer than the model's context."""
+    """Reward-model score of each (prompt messages, completion text): reward_model_input_ids at the model's
+    context, right-padded (the score is read at the last real token)."""
     import torch
 
     max_len = reward_model.config.max_position_embeddings
     dev = next(reward_model.parameters()).device
     scores = []
     for i in range(0, len(prompts), batch_size):
-        texts = [render_chat(tokenizer, p, c) for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-        ids = [x[-max_len:] for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ids = reward_model_input_ids(tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size], max_len)
         width = max(map(len, ids))
         input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=dev)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)

@@ -3,6 +3,7 @@
 Everything runs on the tiny random GPT-2 of conftest as the "SFT policy" (a full model dir is accepted as --sft-dir)."""
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,30 @@ def test_reward_model_learns_the_pairs(rlhf_dir, tiny_model_dir):
     lineage = common.read_lineage(rlhf_dir / "reward_model")
     assert lineage["stage"] == "reward_model" and lineage["settings"]["max_steps"] == 60
     assert lineage["parents"]["policy"]["fingerprint"] == common.output_fingerprint(tiny_model_dir)
+
+
+def test_reward_model_trains_on_long_pairs_cut_as_scoring_cuts_them(tiny_model_dir, tmp_path):
+    """Pairs longer than the model's context are trained on their last tokens, where the score is read and where
+    scoring cuts them too (TRL itself drops them, so the model was judged on inputs it never saw). Every pair here is
+    longer than the tiny model's 256 positions and differs from its partner only in the last words: learned."""
+    rng = random.Random(0)
+    words = "the cat sat on a mat while rain fell over hills and rivers".split()
+
+    def pair(i):
+        filler = " ".join(rng.choice(words) for _ in range(300))
+        return {"prompt": [{"role": "user", "content": f"Tell me story number {i}."}],
+                "chosen": [{"role": "assistant", "content": f"{filler}. The end, thank you."}],
+                "rejected": [{"role": "assistant", "content": f"{filler} ?? ?? ?? ??"}]}
+
+    for name, n in (("train.jsonl", 64), ("eval.jsonl", 32)):
+        (tmp_path / name).write_text("".join(json.dumps(pair(i)) + "\n" for i in range(n)))
+    out = tmp_path / "out"
+    run_script("RLHF/reward_model.py", "--sft-dir", tiny_model_dir, "--out-dir", out, "--data", tmp_path / "train.jsonl",
+               "--eval-data", tmp_path / "eval.jsonl", "--epochs", 2, "--batch-size", 8, "--lr", 3e-3,
+               "--save-steps", 100)
+    report = json.loads((out / "reward_eval.json").read_text())
+    assert report["steps"] == 16  # every pair trained on: 64 pairs / 8 x 2 epochs
+    assert report["heldout"]["accuracy"] > 0.9, report  # chance 0.5
 
 
 def main_of(script, args):
