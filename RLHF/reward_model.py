@@ -232,7 +232,7 @@ def build_parser():
     parser.add_argument("--batch-size", type=common.positive_int, help="(preset) pairs per device per step")
     parser.add_argument("--lr", type=common.positive_float, help="(preset)")
     parser.add_argument("--max-length", type=common.positive_int, default=None,
-                        help="longer answers keep their last this many tokens (default: the model's context, as "
+                        help="a longer prompt + answer keeps its last this many tokens (default: the model's context, as "
                              "scoring does)")
     parser.add_argument("--save-steps", type=common.positive_int, help="(preset)")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0)
