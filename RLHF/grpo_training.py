@@ -119,9 +119,8 @@ def main():
             # in grpo_trl.py) the reward model's score where an exact answer is checked.
             rewards = torch.zeros(len(texts))
             if rm is not None:
-                chats = [i for i, a in enumerate(answers) if a is None]
-                rewards[chats] += args.rm_weight * torch.tensor(rlhf_common.reward_model_scores(
-                    rm, rm_tok, [messages[i] for i in chats], [texts[i] for i in chats]))
+                scores = rlhf_common.chat_reward_model_scores(rm, rm_tok, messages, texts, answers)
+                rewards += args.rm_weight * torch.tensor([0.0 if r is None else r for r in scores])
             if args.exact_weight:
                 exact = rlhf_common.exact_answer_reward(texts, answers)
                 rewards += args.exact_weight * torch.tensor([0.0 if r is None else r for r in exact])

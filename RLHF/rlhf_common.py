@@ -138,6 +138,15 @@ def reward_model_scores(reward_model, tokenizer, prompts, completions, batch_siz
     return scores
 
 
+def chat_reward_model_scores(reward_model, tokenizer, prompts, completions, answers):
+    """GRPO's reward-model reward: the score of each completion whose prompt has no checkable answer (answer None),
+    None where the exact answer judges it (there the reward model's scores would only add noise to the 0/1)."""
+    judged = [i for i, a in enumerate(answers) if a is None]
+    scores = iter(reward_model_scores(reward_model, tokenizer, [prompts[i] for i in judged],
+                                      [completions[i] for i in judged]))
+    return [next(scores) if a is None else None for a in answers]
+
+
 def exact_answer_reward(completions, answers):
     """1.0 where a completion states the task's exact answer ("The answer is N." / "答案是N。"), else 0.0;
     None for prompts without a verifiable answer (TRL then leaves this reward out for them)."""
