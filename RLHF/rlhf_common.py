@@ -117,7 +117,8 @@ def reward_model_input_ids(tokenizer, prompts, completions, max_len):
     special tokens), cut from the left to max_len tokens, since the score is read at the last one. Training
     (reward_model.py) and scoring use this one function, so a long pair is judged as it was trained on."""
     texts = [render_chat(tokenizer, p, c) for p, c in zip(prompts, completions)]
-    return [x[-max_len:] for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # verbose: no "too long" warning
+    return [x[-max_len:] for x in ids]                                              # for what is cut right here
 
 
 def reward_model_scores(reward_model, tokenizer, prompts, completions, batch_size=32):
