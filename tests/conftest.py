@@ -85,6 +85,24 @@ def free_port():
 BOTH_DTYPES = pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 
 
+# The test files whose tests read the smoke pipeline's outputs (the smoke_repo fixture below).
+SMOKE_REPO_FILES = {"test_eval.py", "test_pipeline.py", "test_webui.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs the tests in 2 processes (pytest-xdist), one test at a time to whichever is free, except
+    the tests of SMOKE_REPO_FILES: they run in one process, so that `make all SCALE=smoke` runs once. (xdist's own
+    --dist loadgroup no longer groups anything under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SmokeRepoTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return "smoke_repo" if Path(nodeid.split("::")[0]).name in SMOKE_REPO_FILES else nodeid
+
+    return SmokeRepoTestsTogether(config, log)
+
+
 @pytest.fixture(scope="session")
 def smoke_repo(tmp_path_factory):
     """A copy of the repo's tracked and untracked-but-not-ignored files, sharing .venv/, after `make all SCALE=smoke`.
