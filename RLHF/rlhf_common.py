@@ -172,8 +172,9 @@ def prompt_token_ids(tokenizer, prompts, room=None):
     """Token ids of each prompt exactly as GRPOTrainer makes them: chat template + generation prompt, no BOS. With
     room, a longer prompt keeps its last `room` tokens (the end, where the answer starts): generation and scoring
     must cut it the same way, or the model would be scored on a context it never saw."""
-    ids = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    return ids if room is None else [x[-room:] for x in ids]
+    ids = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        tokenizer_kwargs={"verbose": False})["input_ids"]  # no "too long" warning:
+    return ids if room is None else [x[-room:] for x in ids]                              # cut right here
 
 
 def prompt_room(model, max_new_tokens):
