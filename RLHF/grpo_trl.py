@@ -67,6 +67,7 @@ PRESETS = {
                   max_completion_length=12, temperature=1.0, lr=2e-4, lora_r=16, save_steps=10, eval_arithmetic=8,
                   eval_conversation=4),
 }
+SAMPLES = 4  # sampled answers per held-out problem in eval.json (the greedy one is the headline number)
 DEFAULT_CHAT_PROMPTS = ["Anna has 12 apples and gets 7 more. How many apples does Anna have now?",
                         "小明有25本书，送给别人8本书。还剩多少本书？", "Hello, how are you?", "你好"]
 
@@ -162,8 +163,9 @@ def rerun_command(args):
 
 
 def evaluate(args, grpo_model, tok):
-    """Held-out prompts: mean reward-model score and exact-answer accuracy (greedy answers) of the SFT policy and
-    the GRPO policy, and the mean per-token KL(GRPO || SFT) on completions sampled from the GRPO policy."""
+    """Held-out prompts: mean reward-model score and exact-answer accuracy (greedy answers, and SAMPLES answers per
+    problem sampled at the training temperature) of the SFT policy and the GRPO policy, and the mean per-token
+    KL(GRPO || SFT) on completions sampled from the GRPO policy."""
     device = rlhf_common.device()
     prompts = rlhf_common.rlhf_prompts("heldout", args.eval_arithmetic, args.eval_conversation, seed=args.seed)
     messages, answers = [p["prompt"] for p in prompts], [p["answer"] for p in prompts]
@@ -172,7 +174,8 @@ def evaluate(args, grpo_model, tok):
     has_rm = (Path(args.reward_model) / "config.json").is_file()
     rm = rlhf_common.load_reward_model(args.reward_model, device) if has_rm else None
     result = {"prompts": len(prompts), "arithmetic_prompts": sum(a is not None for a in answers),
-              "max_new_tokens": args.max_completion_length}
+              "max_new_tokens": args.max_completion_length, "sampling": {"temperature": args.temperature,
+                                                                        "samples_per_problem": SAMPLES}}
     im_end = tok.convert_tokens_to_ids(common.IM_END)
     for name, model in (("sft", sft_model), ("grpo", grpo_model)):
         model.eval()
@@ -190,6 +193,15 @@ def evaluate(args, grpo_model, tok):
         if rm is not None:
             scores = rlhf_common.reward_model_scores(rm[0], rm[1], messages, texts)
             result[name]["reward_model_score"] = sum(scores) / len(scores)
+        # What GRPO optimizes: answers sampled at the training temperature (its reward on the training prompts can
+        # rise by learning those prompts by heart; this is the same measure on held-out ones).
+        torch.manual_seed(args.seed)  # both models sampled alike: the SFT policy against itself gives the same value
+        arithmetic = [(m, a) for m, a in zip(messages, answers) if a is not None]
+        _, sampled = rlhf_common.generate_completions(model, tok, [m for m, _ in arithmetic for _ in range(SAMPLES)],
+                                                      args.max_completion_length, do_sample=True,
+                                                      temperature=args.temperature)
+        rewards = rlhf_common.exact_answer_reward(sampled, [a for _, a in arithmetic for _ in range(SAMPLES)])
+        result[name]["sampled_exact_answer_accuracy"] = sum(rewards) / max(1, len(rewards))
     # KL to the reference on the GRPO policy's own samples: k1 = log p/q is unbiased, k3 is what TRL logs.
     torch.manual_seed(args.seed)  # the same samples on every evaluation of the same model
     ids, _ = rlhf_common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True)
@@ -202,7 +214,8 @@ def evaluate(args, grpo_model, tok):
     result["kl_k3_per_token"] = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum().item() / n.item()
     common.atomic_write_json(args.out_dir / "eval.json", result)
     line = (f"held-out: exact-answer accuracy SFT {result['sft']['exact_answer_accuracy']:.3f} -> GRPO "
-            f"{result['grpo']['exact_answer_accuracy']:.3f}")
+            f"{result['grpo']['exact_answer_accuracy']:.3f} (sampled at temperature {args.temperature}: "
+            f"{result['sft']['sampled_exact_answer_accuracy']:.3f} -> {result['grpo']['sampled_exact_answer_accuracy']:.3f})")
     if rm is not None:
         line += (f"; reward-model score SFT {result['sft']['reward_model_score']:.3f} -> GRPO "
                  f"{result['grpo']['reward_model_score']:.3f}")
@@ -366,7 +379,8 @@ def build_parser():
     parser.add_argument("--max-completion-length", type=common.positive_int,
                         help="(preset) longest completion (a worked arithmetic answer is ~40-50 tokens)")
     parser.add_argument("--temperature", type=common.nonnegative_float,
-                        help="(preset) sampling temperature of the training groups and of --mode inference (0 = greedy)")
+                        help="(preset) sampling temperature of the training groups, of eval.json's sampled answers "
+                        "and of --mode inference (0 = greedy, inference only)")
     parser.add_argument("--lr", type=common.positive_float, help="(preset)")
     parser.add_argument("--lora-r", type=common.positive_int, help="(preset)")
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 policy weights (bitsandbytes) under LoRA")
@@ -391,13 +405,13 @@ def parse_args(argv=None):
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         if not args.rm_weight and not args.exact_weight:
             parser.error("--rm-weight and --exact-weight are both 0: there is nothing to reward")
-        if args.temperature == 0:
-            parser.error("--temperature must be above 0 for training (0 = greedy is for --mode inference)")
         if args.num_generations < 2:
             parser.error("--num-generations must be at least 2: advantages compare completions of the same prompt")
         if args.batch_size * processes % args.num_generations:
             parser.error(f"--batch-size {args.batch_size} x {processes} process(es) must be a multiple of "
                          f"--num-generations {args.num_generations}: a step holds whole groups")
+    if args.mode != "inference" and args.temperature == 0:
+        parser.error("--temperature must be above 0 for training and evaluation (0 = greedy is for --mode inference)")
     if args.mode != "inference" and not args.eval_arithmetic + args.eval_conversation:
         parser.error("--eval-arithmetic and --eval-conversation are both 0: there is nothing to evaluate")
     return args

@@ -178,6 +178,9 @@ def stage_lessons(m):
     for kind in kinds:
         rows.append((f"exact match, {kind}", get(sft, "base", "exact_match_by_kind", kind),
                      get(sft, "sft", "exact_match_by_kind", kind), get(grpo, "grpo", "exact_answer_by_kind", kind)))
+    temperature = get(grpo, "sampling", "temperature")
+    rows.append((f"exact match, answers sampled at temperature {temperature}", None,
+                 get(grpo, "sft", "sampled_exact_answer_accuracy"), get(grpo, "grpo", "sampled_exact_answer_accuracy")))
     rows.append((f"replies ending with {common.IM_END}", get(sft, "base", "ends_with_im_end"),
                  get(sft, "sft", "ends_with_im_end"), get(grpo, "grpo", "ends_with_im_end")))
     rows.append(("reward-model score", None, get(grpo, "sft", "reward_model_score"), get(grpo, "grpo", "reward_model_score")))

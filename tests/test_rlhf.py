@@ -95,6 +95,7 @@ def test_bad_preference_file_exits_2_and_writes_nothing(tmp_path, tiny_model_dir
     ("grpo_trl", ["--num-generations", "1"], "--num-generations must be at least 2"),
     ("grpo_trl", ["--batch-size", "6", "--num-generations", "4"], "must be a multiple of --num-generations 4"),
     ("grpo_trl", ["--rm-weight", "0", "--exact-weight", "0"], "nothing to reward"),
+    ("grpo_trl", ["--mode", "eval", "--temperature", "0"], "--temperature must be above 0 for training and evaluation"),
     ("grpo_training", ["--prompts-per-step", "0"], "--prompts-per-step: must be at least 1"),
 ])
 def test_bad_numbers_are_usage_errors_at_parse_time(script, args, message, monkeypatch, capsys):
@@ -455,6 +456,8 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
     assert ev["kl_k3_per_token"] > 1e-4 and "reward_model_score" in ev["grpo"]
     # The same evaluation of the SFT policy against itself: KL 0.
     trl_script = load_script("RLHF/grpo_trl.py")
+    assert ev["sampling"] == {"temperature": 1.0, "samples_per_problem": trl_script.SAMPLES}  # the smoke preset's
+    assert all(0 <= ev[m]["sampled_exact_answer_accuracy"] <= 1 for m in ("sft", "grpo"))
     args = trl_script.parse_args(list(map(str, grpo_args(tiny_model_dir, tmp_path))))
     sft_model, tok = rlhf_common.load_policy(tiny_model_dir, tiny_model_dir)
     itself = trl_script.evaluate(args, sft_model, tok)
