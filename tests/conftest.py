@@ -103,6 +103,12 @@ def pytest_xdist_make_scheduler(config, log):
     return SmokeRepoTestsTogether(config, log)
 
 
+def pytest_collection_modifyitems(items):
+    stray = {item.path.name for item in items if "smoke_repo" in getattr(item, "fixturenames", ())} - SMOKE_REPO_FILES
+    if stray:  # their tests would build the smoke pipeline once more, in the other process
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(stray)} to SMOKE_REPO_FILES (they use smoke_repo)")
+
+
 @pytest.fixture(scope="session")
 def smoke_repo(tmp_path_factory):
     """A copy of the repo's tracked and untracked-but-not-ignored files, sharing .venv/, after `make all SCALE=smoke`.
