@@ -177,6 +177,9 @@ def evaluate(args, grpo_model, tok):
               "max_new_tokens": args.max_completion_length, "sampling": {"temperature": args.temperature,
                                                                         "samples_per_problem": SAMPLES}}
     im_end = tok.convert_tokens_to_ids(common.IM_END)
+    # each arithmetic problem SAMPLES times, for the sampled exact answers
+    sample_messages = [m for m, a in zip(messages, answers) if a is not None for _ in range(SAMPLES)]
+    sample_answers = [a for a in answers if a is not None for _ in range(SAMPLES)]
     for name, model in (("sft", sft_model), ("grpo", grpo_model)):
         model.eval()
         ids, texts = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length, do_sample=False)
@@ -196,11 +199,9 @@ def evaluate(args, grpo_model, tok):
         # What GRPO optimizes: answers sampled at the training temperature (its reward on the training prompts can
         # rise by learning those prompts by heart; this is the same measure on held-out ones).
         torch.manual_seed(args.seed)  # both models sampled alike: the SFT policy against itself gives the same value
-        arithmetic = [(m, a) for m, a in zip(messages, answers) if a is not None]
-        _, sampled = rlhf_common.generate_completions(model, tok, [m for m, _ in arithmetic for _ in range(SAMPLES)],
-                                                      args.max_completion_length, do_sample=True,
-                                                      temperature=args.temperature)
-        rewards = rlhf_common.exact_answer_reward(sampled, [a for _, a in arithmetic for _ in range(SAMPLES)])
+        _, sampled = rlhf_common.generate_completions(model, tok, sample_messages, args.max_completion_length,
+                                                      do_sample=True, temperature=args.temperature)
+        rewards = rlhf_common.exact_answer_reward(sampled, sample_answers)
         result[name]["sampled_exact_answer_accuracy"] = sum(rewards) / max(1, len(rewards))
     # KL to the reference on the GRPO policy's own samples: k1 = log p/q is unbiased, k3 is what TRL logs.
     torch.manual_seed(args.seed)  # the same samples on every evaluation of the same model
