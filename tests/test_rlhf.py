@@ -400,8 +400,8 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
 # GRPO runs
 def grpo_args(tiny_model_dir, out, *extra):
     return ["--preset", "smoke", "--sft-dir", tiny_model_dir, "--out-dir", out, "--num-prompts", 8,
-            "--num-generations", 4, "--batch-size", 8, "--max-completion-length", 12, "--lr", 5e-3, "--save-steps", 2,
-            "--eval-arithmetic", 8, "--eval-conversation", 4, *extra]
+            "--num-generations", 4, "--batch-size", 8, "--max-completion-length", 12, "--lr", 5e-3, "--warmup-steps", 3,
+            "--save-steps", 2, "--eval-arithmetic", 8, "--eval-conversation", 4, *extra]
 
 
 def test_reward_functions_score_known_completions(rlhf_dir, tiny_model_dir):
@@ -443,6 +443,8 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
         assert all(key in h for h in steps), key
     # Step 1 measures the untrained policy against itself (the LoRA update starts at zero); then it moves away.
     assert abs(steps[0]["kl"]) < 1e-6 and steps[-1]["kl"] > 1e-4, [h["kl"] for h in steps]
+    lrs = [h["learning_rate"] for h in steps]  # 3 warm-up steps (the first at lr 0), then constant
+    assert lrs == pytest.approx([0, 5e-3 / 3, 1e-2 / 3] + [5e-3] * 5), lrs
     assert list((rlhf_dir / "runs" / "grpo").glob("events.out.tfevents.*"))
 
     # The merged model is the SFT policy changed by GRPO; the adapter is saved next to it.
