@@ -170,8 +170,10 @@ def rerun_command(args):
 def evaluate(args, grpo_model, tok):
     """Held-out prompts: mean reward-model score and exact-answer accuracy (greedy answers, and SAMPLES answers per
     problem sampled at the training temperature) of the SFT policy and the GRPO policy, and the mean per-token
-    KL(GRPO || SFT) on completions sampled from the GRPO policy."""
+    KL(GRPO || SFT) on completions sampled from the GRPO policy. Answers are generated under the compute dtype's
+    autocast, as in training, SFT's evaluation and Eval/evaluate.py (bf16 and fp32 greedy answers can differ)."""
     device = rlhf_common.device()
+    dtype = common.dtype_name(allow_fp16=True)
     prompts = rlhf_common.rlhf_prompts("heldout", args.eval_arithmetic, args.eval_conversation, seed=args.seed)
     messages, answers = [p["prompt"] for p in prompts], [p["answer"] for p in prompts]
     sft_model = rlhf_common.load_policy(args.sft_dir, args.base_dir)[0].to(device)
@@ -187,7 +189,9 @@ def evaluate(args, grpo_model, tok):
     sample_answers = [a for a in answers if a is not None for _ in range(SAMPLES)]
     for name, model in (("sft", sft_model), ("grpo", grpo_model)):
         model.eval()
-        ids, texts = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length, do_sample=False)
+        with rlhf_common.autocast(device, dtype):
+            ids, texts = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length,
+                                                          do_sample=False)
         rewards = rlhf_common.exact_answer_reward(texts, answers)
         exact = [r for r in rewards if r is not None]
         by_kind = {}
@@ -204,15 +208,17 @@ def evaluate(args, grpo_model, tok):
         # What GRPO optimizes: answers sampled at the training temperature (its reward on the training prompts can
         # rise by learning those prompts by heart; this is the same measure on held-out ones).
         torch.manual_seed(args.seed)  # both models sampled alike: the SFT policy against itself gives the same value
-        _, sampled = rlhf_common.generate_completions(model, tok, sample_messages, args.max_completion_length,
-                                                      do_sample=True, temperature=args.temperature)
+        with rlhf_common.autocast(device, dtype):
+            _, sampled = rlhf_common.generate_completions(model, tok, sample_messages, args.max_completion_length,
+                                                          do_sample=True, temperature=args.temperature)
         rewards = rlhf_common.exact_answer_reward(sampled, sample_answers)
         result[name]["sampled_exact_answer_accuracy"] = sum(rewards) / max(1, len(rewards))
     # KL to the reference on the GRPO policy's own samples: k1 = log p/q is unbiased, k3 is what TRL logs.
     torch.manual_seed(args.seed)  # the same samples on every evaluation of the same model
-    ids, _ = rlhf_common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True)
+    with rlhf_common.autocast(device, dtype):
+        ids, _ = rlhf_common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True)
     prompt_ids = rlhf_common.prompt_token_ids(tok, messages, rlhf_common.prompt_room(grpo_model, args.max_completion_length))
-    with torch.no_grad():
+    with torch.no_grad():  # scored in fp32: bf16 logits would blur a KL of ~0.001/token
         logp, mask = rlhf_common.completion_logps(grpo_model, prompt_ids, ids)
         ref_logp, _ = rlhf_common.completion_logps(sft_model, prompt_ids, ids)
     n = mask.sum().clamp(min=1)

@@ -2,7 +2,6 @@
 per byte equals PreTrain/model.py's val_bpb on the same text, and its arithmetic replies and exact match equal the
 SFT and GRPO evaluations' on the same items. The models are those of the smoke pipeline, whose `make all` ran
 `make eval` (--limit 8 --max-new-tokens 12); nothing is mocked and nothing comes from the hub."""
-import contextlib
 import json
 import math
 import os
@@ -49,7 +48,8 @@ def stage_val_loss(root, all_rows):
     batches = math.ceil(len(rows) / batch) if all_rows else int(state["args"]["eval_batches"])
     val = stage.evaluate(types.SimpleNamespace(eval_batches=batches, batch_size=batch),
                          types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")),
-                         types.SimpleNamespace(train_model=model.eval(), autocast=contextlib.nullcontext()), rows, 0,
+                         types.SimpleNamespace(train_model=model.eval(), autocast=torch.autocast(  # the run's dtype
+                             "cpu", dtype=torch.bfloat16, enabled=state["args"]["dtype"] == "bf16")), rows, 0,
                          manifest["splits"]["val"]["tokens"] / manifest["splits"]["val"]["bytes"])
     return val["val_loss"], val["val_bpb"]
 
@@ -137,7 +137,9 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
                 common.load_chat_tokenizer(path)
             policy.generation_config.eos_token_id = [tok.convert_tokens_to_ids(common.IM_END),
                                                      tok.convert_tokens_to_ids(common.EOT)]
-        _, texts = rlhf.generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"], do_sample=False)
+        with rlhf.autocast(torch.device("cpu"), common.dtype_name(allow_fp16=True)):  # as grpo_trl.py evaluates
+            _, texts = rlhf.generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"],
+                                                 do_sample=False)
         replies = dict(zip((t["prompt"] for t in items), texts))
         assert by_kind(items, replies) == {k: round(v, 4) for k, v in rlhf_eval[name]["exact_answer_by_kind"].items()}
         assert lm_eval_replies(root, name, items) == replies
