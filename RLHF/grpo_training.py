@@ -112,9 +112,9 @@ def main():
             answers = [p["answer"] for p in batch for _ in range(G)]
 
             # 1. Sample a group of completions per prompt from the current policy.
-            with rlhf_common.autocast(device, dtype):
-                completion_ids, texts = rlhf_common.generate_completions(
-                    policy, tok, messages, args.max_completion_length, do_sample=True, temperature=args.temperature)
+            completion_ids, texts = rlhf_common.generate_completions(
+                policy, tok, messages, args.max_completion_length, do_sample=True, temperature=args.temperature,
+                dtype=dtype)
             # 2. Score them; a reward a prompt has no value for counts 0: the exact answer on a chat prompt, and (as
             # in grpo_trl.py) the reward model's score where an exact answer is checked.
             rewards = torch.zeros(len(texts))

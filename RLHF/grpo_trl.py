@@ -189,9 +189,8 @@ def evaluate(args, grpo_model, tok):
     sample_answers = [a for a in answers if a is not None for _ in range(SAMPLES)]
     for name, model in (("sft", sft_model), ("grpo", grpo_model)):
         model.eval()
-        with rlhf_common.autocast(device, dtype):
-            ids, texts = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length,
-                                                          do_sample=False)
+        ids, texts = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length,
+                                                      do_sample=False, dtype=dtype)
         rewards = rlhf_common.exact_answer_reward(texts, answers)
         exact = [r for r in rewards if r is not None]
         by_kind = {}
@@ -208,15 +207,14 @@ def evaluate(args, grpo_model, tok):
         # What GRPO optimizes: answers sampled at the training temperature (its reward on the training prompts can
         # rise by learning those prompts by heart; this is the same measure on held-out ones).
         torch.manual_seed(args.seed)  # both models sampled alike: the SFT policy against itself gives the same value
-        with rlhf_common.autocast(device, dtype):
-            _, sampled = rlhf_common.generate_completions(model, tok, sample_messages, args.max_completion_length,
-                                                          do_sample=True, temperature=args.temperature)
+        _, sampled = rlhf_common.generate_completions(model, tok, sample_messages, args.max_completion_length,
+                                                      do_sample=True, temperature=args.temperature, dtype=dtype)
         rewards = rlhf_common.exact_answer_reward(sampled, sample_answers)
         result[name]["sampled_exact_answer_accuracy"] = sum(rewards) / max(1, len(rewards))
     # KL to the reference on the GRPO policy's own samples: k1 = log p/q is unbiased, k3 is what TRL logs.
     torch.manual_seed(args.seed)  # the same samples on every evaluation of the same model
-    with rlhf_common.autocast(device, dtype):
-        ids, _ = rlhf_common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True)
+    ids, _ = rlhf_common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True,
+                                              dtype=dtype)
     prompt_ids = rlhf_common.prompt_token_ids(tok, messages, rlhf_common.prompt_room(grpo_model, args.max_completion_length))
     with torch.no_grad():  # scored in fp32: bf16 logits would blur a KL of ~0.001/token
         logp, mask = rlhf_common.completion_logps(grpo_model, prompt_ids, ids)
@@ -256,7 +254,8 @@ def inference(args):
     model, tok = load_grpo_model(args, common.recorded_parents(args.out_dir / "grpo_output"))
     prompts = [[{"role": "user", "content": p}] for p in (args.prompt or DEFAULT_CHAT_PROMPTS)]
     _, texts = rlhf_common.generate_completions(model, tok, prompts, args.max_new_tokens,
-                                                do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5))
+                                                do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5),
+                                                dtype=common.dtype_name(allow_fp16=True))  # as evaluated
     for p, t in zip(prompts, texts):
         print(f"user: {p[-1]['content']}\nassistant: {t}\n")
 
@@ -277,7 +276,8 @@ def train(args):
     dtype = common.dtype_name(allow_fp16=True)
     settings = {**common.settings_of(args, "rm_weight", "exact_weight", "num_prompts", "epochs", "num_generations",
                                      "batch_size", "max_completion_length", "temperature", "lr", "warmup_steps",
-                                     "lora_r", "qlora", "seed"), "dtype": dtype, "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+                                     "lora_r", "qlora", "seed"),
+                "dtype": dtype, "processes": int(os.environ.get("WORLD_SIZE", "1"))}
     if not args.force and (args.out_dir / "eval.json").is_file() and common.already_done(
             grpo_dir, STAGE, settings, **parents):
         return

@@ -182,9 +182,11 @@ def prompt_room(model, max_new_tokens):
     return max(model.config.n_positions - max_new_tokens, 1)
 
 
-def generate_completions(model, tokenizer, prompts, max_new_tokens, do_sample, temperature=1.0, batch_size=32):
+def generate_completions(model, tokenizer, prompts, max_new_tokens, do_sample, temperature=1.0, batch_size=32,
+                         dtype="fp32"):
     """(completion token ids, completion texts) for each prompt (list of messages). Stops at <|im_end|>;
-    the ids include the stop token, the text leaves special tokens out. (generate() runs without autograd.)"""
+    the ids include the stop token, the text leaves special tokens out. (generate() runs without autograd.)
+    dtype: the compute dtype name ('bf16' generates under autocast over the fp32 weights, as the Trainers do)."""
     import torch
 
     dev = next(model.parameters()).device
@@ -194,11 +196,12 @@ def generate_completions(model, tokenizer, prompts, max_new_tokens, do_sample, t
         width = max(map(len, ids))
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=dev)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=do_sample, temperature=temperature if do_sample else None,
-                             top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
-                             eos_token_id=model.generation_config.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)[:, width:].tolist()
+        with autocast(dev, dtype):
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, temperature=temperature if do_sample else None,
+                                 top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
+                                 eos_token_id=model.generation_config.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)[:, width:].tolist()
         for seq in out:
             stops = [j for j, t in enumerate(seq) if t in model.generation_config.eos_token_id]
             seq = seq[:stops[0] + 1] if stops else seq

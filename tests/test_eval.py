@@ -137,9 +137,8 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
                 common.load_chat_tokenizer(path)
             policy.generation_config.eos_token_id = [tok.convert_tokens_to_ids(common.IM_END),
                                                      tok.convert_tokens_to_ids(common.EOT)]
-        with rlhf.autocast(torch.device("cpu"), common.dtype_name(allow_fp16=True)):  # as grpo_trl.py evaluates
-            _, texts = rlhf.generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"],
-                                                 do_sample=False)
+        _, texts = rlhf.generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"], do_sample=False,
+                                             dtype=common.dtype_name(allow_fp16=True))  # as grpo_trl.py evaluates
         replies = dict(zip((t["prompt"] for t in items), texts))
         assert by_kind(items, replies) == {k: round(v, 4) for k, v in rlhf_eval[name]["exact_answer_by_kind"].items()}
         assert lm_eval_replies(root, name, items) == replies
