@@ -449,6 +449,16 @@ def checkpoint_to_resume(ckpt_dir, stage, settings, force, may_grow=(), **parent
     return (None, False) if why else (latest, finished)
 
 
+def end_distributed():
+    """Destroy the process group, if any (each rank, after its last collective). A rank that exits with its gloo
+    group alive while another still works can abort in gloo's threads ("terminate called without an active
+    exception", seen once in the 2-process GRPO test)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def train_or_finish(trainer, resume, finished):
     """trainer.train(), resuming from checkpoint `resume`. A checkpoint at the run's last step is only loaded:
     the Trainer would otherwise train one step past the end before noticing it is done."""

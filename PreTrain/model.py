@@ -618,11 +618,6 @@ def setup_distributed(args):
     return dist
 
 
-def teardown_distributed():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def read_inputs(args):
     """The chunks manifest and the tokenizer, checked against each other and the flags before anything is written:
     (manifest, tokenizer, vocab_size (the tokenizer's), padded_vocab_size (embedding rows), fingerprints of the
@@ -1055,7 +1050,7 @@ def main(argv=None):
             sys.exit(2)
         raise
     finally:
-        teardown_distributed()
+        common.end_distributed()
 
 
 if __name__ == "__main__":

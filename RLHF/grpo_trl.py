@@ -347,6 +347,7 @@ def train(args):
             f.write(json.dumps({"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()}) + "\n")
     t0 = time.time()
     common.train_or_finish(trainer, resume, finished)
+    common.end_distributed()  # rank 0 goes on alone: saving and evaluating use no collectives
     if not trainer.accelerator.is_main_process:
         return
     print(f"trained {trainer.state.global_step} steps in {time.time() - t0:.0f} s")

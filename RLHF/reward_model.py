@@ -327,6 +327,7 @@ def main():
         log_line(log_file, {"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()})
     t0 = time.time()
     common.train_or_finish(trainer, resume, finished)
+    common.end_distributed()  # rank 0 goes on alone: saving and evaluating use no collectives
     train_seconds = time.time() - t0
 
     if trainer.accelerator.is_main_process:
