@@ -83,7 +83,9 @@ def grpo_trainer_class():
     - The log-probabilities of the loss (policy, old and reference) are computed at the positions generate()
       sampled the completions at. TRL passes no position_ids, so the model numbered a left-padded row 0, 1, ...
       from its first pad token, while generate() numbers it from its first real token: GPT-2's learned positions
-      differed between sampling and training by the padding of each prompt.
+      differed between sampling and training by the padding of each prompt. They are a plain log-softmax of the
+      completion positions: TRL's chunked LM-head kernel scores every prompt and pad position off CUDA (2.8x slower
+      in bf16, bench/bench_grpo.py).
     - Each epoch's prompt order is drawn from a generator seeded by (seed + epoch). TRL's RepeatSampler draws every
       epoch from one generator, so a run resumed in a later epoch got the first epoch's order again.
     """
@@ -103,12 +105,22 @@ def grpo_trainer_class():
     class GRPOTrainerFixed(GRPOTrainer):
         first_epoch = 0  # the epoch a resumed run starts in (rlhf_common.checkpoint_epoch)
 
-        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, *args, **kwargs):
-            def at_sampling_positions(**inputs):
-                return model(**inputs, position_ids=rlhf_common.position_ids(inputs["attention_mask"]))
-
-            return super()._get_per_token_logps_and_entropies(at_sampling_positions, input_ids, attention_mask,
-                                                              *args, **kwargs)
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, **kwargs):
+            logps, entropies = [], []
+            for start in range(0, input_ids.size(0), batch_size or input_ids.size(0)):
+                ids = input_ids[start:start + (batch_size or input_ids.size(0))]
+                mask = attention_mask[start:start + len(ids)]
+                with self.accelerator.autocast():
+                    logits = model(input_ids=ids, attention_mask=mask, position_ids=rlhf_common.position_ids(mask),
+                                   logits_to_keep=logits_to_keep + 1, use_cache=False).logits[:, :-1]
+                logits = logits.float() / self.temperature
+                token_logps = torch.log_softmax(logits, dim=-1)
+                completion_mask = mask[:, -logits_to_keep:]  # 0 after a completion's end, as TRL's labels -100
+                logps.append(token_logps.gather(-1, ids[:, -logits_to_keep:, None]).squeeze(-1) * completion_mask)
+                if compute_entropy:
+                    entropies.append(-(token_logps.exp() * token_logps).sum(-1) * completion_mask)
+            return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
         def _get_train_sampler(self, dataset=None):
             sampler = super()._get_train_sampler(dataset)

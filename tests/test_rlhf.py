@@ -349,7 +349,8 @@ def record_sampling_logits(model):
 def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
     """For left-padded prompts of different lengths, the per-token log-probabilities that enter the loss equal those
     the tokens were sampled with, in grpo_training.py (completion_logps) and in grpo_trl.py's trainer. Scored at
-    arange positions (what TRL does without the fix), the padded rows differ."""
+    arange positions (what TRL does without the fix), the padded rows differ. grpo_trl.py's plain log-softmax of the
+    completion positions (in chunks of rows) gives TRL's chunked kernel's log-probs and entropies."""
     from trl import GRPOTrainer
 
     temperature = 0.7
@@ -389,11 +390,20 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
     expected = torch.zeros_like(cmask, dtype=torch.float32)
     expected[cmask] = torch.tensor([x for row in sampled(steps, ids) for x in row])
     with torch.no_grad():
-        policy = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention, n)[0]
+        policy, entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention, n,
+                                                                        batch_size=3, compute_entropy=True)
         unfixed = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, attention, n)[0]
+
+        def at_sampling_positions(**inputs):  # TRL's own (chunked) log-probs and entropies at the right positions
+            return trainer.model(**inputs, position_ids=rlhf_common.position_ids(inputs["attention_mask"]))
+
+        trl_logps, trl_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, at_sampling_positions, input_ids, attention, n, compute_entropy=True)
     assert torch.allclose(policy[cmask], expected[cmask], atol=1e-4)
     assert torch.allclose(batch["ref_per_token_logps"][cmask], expected[cmask], atol=1e-4)
     assert (unfixed[cmask] - expected[cmask]).abs().max() > 0.05  # the bug the fix removes
+    assert torch.allclose(policy, trl_logps, atol=1e-4) and torch.allclose(entropy, trl_entropy, atol=1e-4)
+    assert entropy[cmask].min() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
