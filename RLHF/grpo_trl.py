@@ -112,18 +112,16 @@ def grpo_trainer_class():
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, **kwargs):
             logps, entropies = [], []
-            for start in range(0, input_ids.size(0), batch_size or input_ids.size(0)):
-                ids = input_ids[start:start + (batch_size or input_ids.size(0))]
-                mask = attention_mask[start:start + len(ids)]
+            rows = batch_size or input_ids.size(0)
+            for start in range(0, input_ids.size(0), rows):
+                ids, mask = input_ids[start:start + rows], attention_mask[start:start + rows]
                 with self.accelerator.autocast():
-                    logits = model(input_ids=ids, attention_mask=mask, position_ids=rlhf_common.position_ids(mask),
-                                   logits_to_keep=logits_to_keep + 1, use_cache=False).logits[:, :-1]
-                logits = logits.float() / self.temperature
-                token_logps = torch.log_softmax(logits, dim=-1)
+                    token_logps, log_softmax = rlhf_common.last_token_logps(model, ids, mask, logits_to_keep,
+                                                                            self.temperature)
                 completion_mask = mask[:, -logits_to_keep:]  # 0 after a completion's end, as TRL's labels -100
-                logps.append(token_logps.gather(-1, ids[:, -logits_to_keep:, None]).squeeze(-1) * completion_mask)
+                logps.append(token_logps * completion_mask)
                 if compute_entropy:
-                    entropies.append(-(token_logps.exp() * token_logps).sum(-1) * completion_mask)
+                    entropies.append(-(log_softmax.exp() * log_softmax).sum(-1) * completion_mask)
             return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
         def _get_train_sampler(self, dataset=None):

@@ -231,10 +231,19 @@ def completion_logps(model, prompt_ids, completion_ids, temperature=1.0):
         cmask.append([1] * len(c) + [0] * (width_c - len(c)))
     input_ids, attention_mask = torch.tensor(rows, device=dev), torch.tensor(masks, device=dev)
     cmask = torch.tensor(cmask, device=dev, dtype=torch.float32)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits[:, width_p - 1:-1].float() / temperature
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, width_p:, None]).squeeze(-1)
-    return logps * cmask, cmask
+    return last_token_logps(model, input_ids, attention_mask, width_c, temperature)[0] * cmask, cmask
+
+
+def last_token_logps(model, input_ids, attention_mask, n, temperature=1.0):
+    """(log-probabilities of the last n tokens of each row, (B, n); the whole log-softmax at those positions,
+    (B, n, vocab)) of a left-padded batch, at generate()'s positions, logits divided by the sampling temperature and
+    taken in fp32. Only the n positions that predict them go through the LM head."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
+    log_softmax = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return log_softmax.gather(-1, input_ids[:, -n:, None]).squeeze(-1), log_softmax
 
 
 # ---------------------------------------------------------------------------------------------------------------

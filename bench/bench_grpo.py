@@ -14,7 +14,6 @@ the two ways alternate for --rounds rounds and the medians are compared. They gi
 (tests/test_rlhf.py::test_logps_of_the_loss_are_those_of_the_sampling_pass).
 """
 import argparse
-import json
 import statistics
 import sys
 import tempfile
