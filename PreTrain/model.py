@@ -392,12 +392,13 @@ def gpu_peak_flops(device):
 
 def cpu_peak_flops(dtype):
     """Nominal peak of the cores torch uses: per core 0.335e12 bf16 with AMX (measured, 2-core Sapphire Rapids
-    VM), else fp32 FMA: 64 FLOP/cycle with AVX-512, 32 with AVX2 (e.g. AMD EPYC Zen 3), at ~3 GHz."""
+    VM), else fp32 FMA: 64 FLOP/cycle with AVX-512, 32 with AVX2 (e.g. AMD EPYC Zen 3), at ~3 GHz. The vector width
+    is the one torch's kernels use, so ATEN_CPU_CAPABILITY=avx2 (emulating an AVX2-only CPU) counts AVX2's peak."""
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
     if dtype == "bf16" and "amx_bf16" in flags:
         per_core = 0.335e12
     else:
-        per_core = (64 if "avx512f" in flags else 32) * 3e9
+        per_core = (64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 32) * 3e9
     return torch.get_num_threads() * per_core
 
 
