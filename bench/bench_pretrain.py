@@ -10,7 +10,8 @@ Writes: bench/results/bench_pretrain.json
 1. Step speed: our training step (the same train_step(), GPT module and fused AdamW that model.py runs, in the dtype
    model.py picks: --dtype, else $LLM_TRAIN_DTYPE, else bf16 autocast where the CPU has bf16 units and fp32
    otherwise) vs the reference's plain eager step at the same sizes, dtype and batch, each in a fresh subprocess,
-   interleaved A/B/A/B for --rounds rounds; the ratio of medians of tokens/s is reported (goal >= 1.3x).
+   interleaved A/B/A/B for --rounds rounds; the ratio of medians of tokens/s is reported (goal >= 1.3x). At the cpu
+   preset's sizes twice: our step eager, and compiled as `make all` runs it (--compile; compile time not counted).
 2. Data loading: our step fed by model.py's Batches over real chunk rows vs a fixed synthetic tensor, interleaved;
    the real-data step time should be within 5% of the synthetic one.
 3. fp32 and bf16 matmul rates of this machine (what model.py measures for MFU on CPU).
@@ -39,10 +40,12 @@ def worker(a):
 
     m = common.load_script("PreTrain/model.py")
     torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as model.py trains on CPU
     model = m.GPT(a.vocab, a.ctx, a.layers, a.dim, a.heads)
     args = argparse.Namespace(grad_accum=1, debug_nan_step=-1, grad_clip=1.0, weight_decay=0.1, lr=3e-4,
                               beta1=0.9, beta2=0.95)
     optimizer = m.make_optimizer(model, args, torch.device("cpu"))
+    step_model = torch.compile(model) if a.compile else model  # the first (warm-up) step pays the compile
     if a.chunks:  # real chunk rows through model.py's data path, read from disk as it reads them
         manifest = json.loads((Path(a.chunks) / "manifest.json").read_text(encoding="utf-8"))
         rows = common.chunk_rows(a.chunks, manifest, "train", min(a.ctx, manifest["context_length"]), a.vocab)
@@ -60,7 +63,7 @@ def worker(a):
     times = []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        loss, _ = m.train_step(model, optimizer, batches, i, args, torch.device("cpu"), autocast)
+        loss, _ = m.train_step(step_model, optimizer, batches, i, args, torch.device("cpu"), autocast)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
@@ -82,8 +85,8 @@ def size_args(c):
             c["batch"], "--vocab", c["vocab"], "--steps", c["steps"], "--warmup", c["warmup"], "--dtype", c["dtype"]]
 
 
-def compare(name, c, rounds):
-    ours_cmd = [sys.executable, __file__, "--worker", *map(str, size_args(c))]
+def compare(name, c, rounds, ours_flags=()):
+    ours_cmd = [sys.executable, __file__, "--worker", *map(str, size_args(c)), *ours_flags]
     ref_cmd = [sys.executable, str(REFERENCE), *map(str, size_args(c))]
     ours, ref = [], []
     for r in range(rounds):
@@ -141,6 +144,7 @@ def main():
     ap.add_argument("--dtype", choices=common.DTYPES, default=None,
                     help=f"compute dtype of both steps (default: ${common.DTYPE_ENV}, else what model.py picks here)")
     ap.add_argument("--chunks", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # worker: torch.compile our step
     ap.add_argument("--rounds", type=common.positive_int, default=3)
     ap.add_argument("--skip-124m", action="store_true")
     a = ap.parse_args()
@@ -163,6 +167,9 @@ def main():
               "steps are compared in fp32, the dtype model.py uses on this machine")
     if REFERENCE.is_file():
         results["cpu_preset"] = compare("cpu preset", cpu_cfg, a.rounds)
+        # more steps: a compiled step is short, and 4 would be mostly timer noise
+        results["cpu_preset_compiled"] = compare("cpu preset, ours compiled", {**cpu_cfg, "steps": 20, "warmup": 2},
+                                                 a.rounds, ["--compile"])
         if not a.skip_124m:
             big = {"layers": 12, "dim": 768, "heads": 12, "ctx": 1024, "batch": 1, "vocab": 50304, "steps": 2,
                    "warmup": 1, "dtype": dtype}
