@@ -137,7 +137,7 @@ def train_rank_rss(chunks, tokenizer, run_dir, steps, env):
     """Peak RSS (MB) of PreTrain/model.py, one process, training a tiny model for `steps` steps on `chunks`."""
     cmd = [sys.executable, str(STAGE3), "--preset", "smoke", "--context-length", "256",
            "--global-batch-tokens", "2048", "--max-steps", str(steps),
-           "--eval-interval", str(steps), "--eval-batches", "4", "--checkpoint-interval", str(10 * steps),
+           "--eval-interval", str(steps), "--eval-rows", "32", "--checkpoint-interval", str(10 * steps),
            "--tokenizer-dir", str(tokenizer), "--chunks-dir", str(chunks), "--output-dir", str(run_dir / "output"),
            "--checkpoint-dir", str(run_dir / "ckpt"), "--log-file", str(run_dir / "train.log"),
            "--tensorboard-dir", str(run_dir / "runs")]

@@ -91,7 +91,7 @@ PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); p
 run_stage pretrain env DS_ACCELERATOR=cpu "$DEEPSPEED" --num_gpus="$RANKS" --master_port "$PORT" PreTrain/model.py \
   --deepspeed PreTrain/ds_config.json --preset gpt2-100m --context-length "$CONTEXT" --batch-size 1 \
   --global-batch-tokens "$GLOBAL_BATCH_TOKENS" --max-steps "$PRETRAIN_STEPS" --log-interval 1 \
-  --eval-interval "$PRETRAIN_STEPS" --eval-batches 2 --checkpoint-interval "$PRETRAIN_STEPS" \
+  --eval-interval "$PRETRAIN_STEPS" --eval-rows 2 --checkpoint-interval "$PRETRAIN_STEPS" \
   --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" --output-dir "$WORK/output" \
   --checkpoint-dir "$WORK/ckpt/pretrain" --log-file "$WORK/pretrain_train.log" --tensorboard-dir "$WORK/runs/pretrain" \
   "${PRETRAIN_EXTRA[@]}"

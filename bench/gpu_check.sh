@@ -204,7 +204,7 @@ run_stage chunks "$PY" PreTrain/preprocess_dataset_for_pretrain_map.py --tokeniz
 run_stage pretrain "$PY" -m deepspeed.launcher.runner --num_gpus="$NGPU" PreTrain/model.py \
   --deepspeed PreTrain/ds_config.json --preset gpt2-100m --max-steps "$STEPS" --batch-size "$BATCH" \
   --global-batch-tokens $((BATCH * 1024 * NGPU)) --warmup-steps 20 --log-interval 10 --eval-interval 100000 \
-  --eval-batches 4 --checkpoint-interval 100000 --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" \
+  --eval-rows $((BATCH * 4)) --checkpoint-interval 100000 --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" \
   --output-dir "$WORK/output" --checkpoint-dir "$WORK/ckpt/pretrain" --log-file "$WORK/pretrain_train.log" \
   --tensorboard-dir "$WORK/runs/pretrain" "${PRETRAIN_EXTRA[@]}"
 

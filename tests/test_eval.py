@@ -31,7 +31,7 @@ def run_eval(root, *args, env=None):
 
 def stage_val_loss(root, all_rows):
     """PreTrain/model.py's own evaluate() on the run's final checkpoint (its own GPT class and val rows): the mean
-    loss per token over the rows the run validated on (--eval-batches x --batch-size), or over every val row."""
+    loss per token over the rows the run validated on (--eval-rows), or over every val row."""
     import torch
     from safetensors.torch import load_file
 
@@ -44,9 +44,8 @@ def stage_val_loss(root, all_rows):
     model = stage.GPT(**config)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     rows = stage.load_rows(chunks, manifest, "val", config["context_length"], config["vocab_size"])
-    batch = int(state["args"]["batch_size"])
-    batches = math.ceil(len(rows) / batch) if all_rows else int(state["args"]["eval_batches"])
-    val = stage.evaluate(types.SimpleNamespace(eval_batches=batches, batch_size=batch),
+    eval_rows = len(rows) if all_rows else int(state["args"]["eval_rows"])
+    val = stage.evaluate(types.SimpleNamespace(eval_rows=eval_rows, batch_size=int(state["args"]["batch_size"])),
                          types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")),
                          types.SimpleNamespace(train_model=model.eval(), autocast=torch.autocast(  # the run's dtype
                              "cpu", dtype=torch.bfloat16, enabled=state["args"]["dtype"] == "bf16")), rows, 0,

@@ -23,7 +23,7 @@ import common
 
 CTX = 32
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context-length", CTX, "--batch-size", "4",
-        "--global-batch-tokens", 4 * CTX, "--warmup-steps", "2", "--eval-interval", "4", "--eval-batches", "2",
+        "--global-batch-tokens", 4 * CTX, "--warmup-steps", "2", "--eval-interval", "4", "--eval-rows", "6",
         "--log-interval", "1"]
 # The shared schedule: 6 steps of 8 rows (global batch), checkpoints (and validation) after steps 3 and 6.
 SCHEDULE = ["--max-steps", 6, "--global-batch-tokens", 8 * CTX, "--checkpoint-interval", 3, "--eval-interval", 3]
@@ -96,15 +96,15 @@ def summary(out_dir):
 
 
 def assert_same_curve(out_dir, reference_out):
-    """The train loss and the gradient norm (before clipping) of every step equal the reference run's, to
-    CURVE_ATOL. The norm catches a wrong loss scale that the loss cannot show: Adam is blind to the gradient's scale
-    and clipping rescales it. (Not the val loss: validation reads --eval-batches micro batches of --batch-size rows,
-    so other batch sizes validate on other rows.)"""
-    for key in ("loss", "grad_norm"):
-        ours, ref = ({h["step"]: h[key] for h in history(d) if "loss" in h} for d in (out_dir, reference_out))
-        assert sorted(ours) == sorted(ref) == list(range(1, 7))
-        np.testing.assert_allclose([ours[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=0,
-                                   atol=CURVE_ATOL, err_msg=key)
+    """The train loss and the gradient norm (before clipping) of every step, and the val loss of steps 3 and 6, equal
+    the reference run's, to CURVE_ATOL. The norm catches a wrong loss scale that the loss cannot show: Adam is blind
+    to the gradient's scale and clipping rescales it. The val loss: the same --eval-rows rows at any micro batch size
+    and number of ranks."""
+    for key, steps in (("loss", range(1, 7)), ("grad_norm", range(1, 7)), ("val_loss", (3, 6))):
+        ours, ref = ({h["step"]: h[key] for h in history(d) if key in h} for d in (out_dir, reference_out))
+        assert sorted(ours) == sorted(ref) == list(steps)
+        np.testing.assert_allclose([ours[s] for s in steps], [ref[s] for s in steps], rtol=0, atol=CURVE_ATOL,
+                                   err_msg=key)
 
 
 def launch(launcher, nproc, args, env=None, check=True):
@@ -584,8 +584,8 @@ def test_deepspeed_grad_accum_and_resume(reference, tiny_tokenizer_dir, chunks_d
     hf = AutoModelForCausalLM.from_pretrained(str(full / "output"))
     m = load_script("PreTrain/model.py")
     tok = common.load_tokenizer(tiny_tokenizer_dir)
-    val = torch.from_numpy(m.load_rows(chunks_dir, m.read_manifest(chunks_dir, tiny_tokenizer_dir), "val", CTX,
-                                       len(tok))[:2 * 2].astype(np.int64))  # --eval-batches 2 x --batch-size 2
+    rows = m.load_rows(chunks_dir, m.read_manifest(chunks_dir, tiny_tokenizer_dir), "val", CTX, len(tok))
+    val = torch.from_numpy(rows[m.val_row_indices(len(rows), 6)].astype(np.int64))  # --eval-rows 6
     with torch.no_grad():
         logits = hf(val[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[:, 1:].reshape(-1)).item()
