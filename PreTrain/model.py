@@ -119,9 +119,12 @@ PRESETS = {
     # position 0 of a row of its own (filled up with text): a 3.4M model needs ~20k worked problems before it answers
     # any, and ~3x more when they sit anywhere in a row (measured). At a fixed number of problems, batch 16 beat 32
     # (12% vs 4% held-out exact match after 16k problems): the number of updates counts too. bench/sweep_pretrain.py
-    # on these chunks, 500k tokens per run, val loss: batch 16 at lr 1.5e-3 / 3e-3 / 6e-3: 5.01 / 4.95 / 5.87,
-    # batch 32: 5.31 / 5.72 / 6.30. The arithmetic comes late: fp32 with AVX2 kernels, 900 steps (what would fit make
-    # all into 15 min there) answered 21% (base) / 38% (after SFT) of the held-out problems, 1,500 steps 73% / 89.5%.
+    # on these chunks, 500k tokens per run, val loss (of the first 320 val rows, as validation read then): batch 16 at
+    # lr 1.5e-3 / 3e-3 / 6e-3: 5.01 / 4.95 / 5.87, batch 32: 5.31 / 5.72 / 6.30. The arithmetic comes late: fp32 with
+    # AVX2 kernels, 900 steps (what would fit make all into 15 min there) answered 21% (base) / 38% (after SFT) of the
+    # held-out problems, 1,500 steps 73% / 89.5%;
+    # bf16 on the AMX Xeon: 1,000 steps 32% / 50%, the same 16k rows as 2,000 steps of batch 8 31% / 47% (and 16%
+    # slower there), 1,500 steps 89% / 94.5%.
     "cpu": dict(n_layer=4, n_embd=192, n_head=4, context_length=128, vocab_size=None, batch_size=16,
                 global_batch_tokens=16 * 128, max_tokens=1500 * 16 * 128, lr=3e-3, warmup_steps=20),
     # Seconds: proves the pipeline end to end (30 steps of 8 rows).
