@@ -122,9 +122,8 @@ PRESETS = {
     # on these chunks, 500k tokens per run, val loss (of the first 320 val rows, as validation read then): batch 16 at
     # lr 1.5e-3 / 3e-3 / 6e-3: 5.01 / 4.95 / 5.87, batch 32: 5.31 / 5.72 / 6.30. The arithmetic comes late: fp32 with
     # AVX2 kernels, 900 steps (what would fit make all into 15 min there) answered 21% (base) / 38% (after SFT) of the
-    # held-out problems, 1,500 steps 73% / 89.5%;
-    # bf16 on the AMX Xeon: 1,000 steps 32% / 50%, the same 16k rows as 2,000 steps of batch 8 31% / 47% (and 16%
-    # slower there), 1,500 steps 89% / 94.5%.
+    # held-out problems, 1,500 steps 73% / 89.5%; bf16 on the AMX Xeon: 1,000 steps 32% / 50%, the same 16k rows as
+    # 2,000 steps of batch 8 31% / 47% (and 16% slower there), 1,500 steps 89% / 94.5%.
     "cpu": dict(n_layer=4, n_embd=192, n_head=4, context_length=128, vocab_size=None, batch_size=16,
                 global_batch_tokens=16 * 128, max_tokens=1500 * 16 * 128, lr=3e-3, warmup_steps=20),
     # Seconds: proves the pipeline end to end (30 steps of 8 rows).
@@ -858,7 +857,6 @@ def optimizer_step(args, dist, engine, batches, step):
     return loss.item(), lr, float(grad_norm) if grad_norm is not None else float("nan")
 
 
-@torch.no_grad()
 def val_row_indices(n_rows, eval_rows):
     """The val rows a validation reads: eval_rows of them at even spacing over the split (every row when it has
     fewer). The same rows at any batch size and number of ranks, so runs compare; and spread, because the split holds
@@ -868,6 +866,7 @@ def val_row_indices(n_rows, eval_rows):
     return np.linspace(0, n_rows - 1, eval_rows).round().astype(np.int64)  # spacing >= 1: no row twice
 
 
+@torch.no_grad()
 def evaluate(args, dist, engine, val_rows, step, tokens_per_byte):
     """Mean loss per token over the --eval-rows rows of val_row_indices, shared out over the ranks."""
     engine.train_model.eval()

@@ -702,6 +702,30 @@ def test_smaller_context_uses_windows(model_module, tiny_tokenizer_dir, chunks_d
     np.testing.assert_array_equal(half[len(full):], full[:, CTX // 2:])
 
 
+def test_validation_reads_the_spread_rows_and_builds_no_graph(model_module):
+    """evaluate() scores exactly the val_row_indices rows, in micro batches, with autograd off (a graph over the
+    val batches would cost memory and time in every validation)."""
+    rows = np.random.default_rng(0).integers(0, 50, size=(23, 9))
+    scored, grad_enabled = [], []
+
+    class Recording(model_module.GPT):
+        def forward(self, idx, targets=None):
+            scored.append(idx[:, 0].tolist())
+            grad_enabled.append(torch.is_grad_enabled())
+            return super().forward(idx, targets)
+
+    model = Recording(vocab_size=50, context_length=8, n_layer=1, n_embd=8, n_head=2)
+    args = Namespace(eval_rows=7, batch_size=3)
+    engine = Namespace(train_model=model, autocast=torch.autocast("cpu", enabled=False))
+    dist = Namespace(rank=0, world_size=1, device=torch.device("cpu"))
+    val = model_module.evaluate(args, dist, engine, rows, 0, 0.5)
+    picked = model_module.val_row_indices(len(rows), 7)
+    assert picked.tolist() == [0, 4, 7, 11, 15, 18, 22]
+    assert sum(scored, []) == rows[picked, 0].tolist() and [len(b) for b in scored] == [3, 3, 1]
+    assert grad_enabled == [False] * 3 and model.training and math.isfinite(val["val_loss"])
+    assert model_module.val_row_indices(5, 7).tolist() == [0, 1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # inference.py
 def test_inference_runs_on_output(tiny_model_dir):
