@@ -452,7 +452,7 @@ def checkpoint_to_resume(ckpt_dir, stage, settings, force, may_grow=(), **parent
 def end_distributed():
     """Destroy the process group, if any (each rank, after its last collective). A rank that exits with its gloo
     group alive while another still works can abort in gloo's threads ("terminate called without an active
-    exception", seen once in the 2-process GRPO test)."""
+    exception", seen once each in the 2-process GRPO and SFT tests)."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():

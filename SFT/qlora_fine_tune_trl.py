@@ -610,6 +610,7 @@ def main(argv=None):
         resume, finished = common.checkpoint_to_resume(args.checkpoint_dir or args.run_dir / "checkpoints", "sft",
                                                        settings, args.force, base=args.model_dir)
         trainer = train(args, tokenizer, train_conversations, val, settings, resume, finished)
+    common.end_distributed()  # before rank 1 exits (else gloo may abort it); rank 0's evaluation uses no collectives
     if state.is_main_process:
         report = evaluate(args, tokenizer, val, chat_prompts)
     return trainer, report
