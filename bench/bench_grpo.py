@@ -39,6 +39,7 @@ def build_trainer(tmp, dtype):
     tok = common.load_chat_tokenizer(Path(tmp) / "tokenizer")
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=128, n_embd=192, n_layer=4, n_head=4,
+                               activation_function="gelu_pytorch_tanh",  # as PreTrain/model.py exports
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)).save_pretrained(Path(tmp) / "model")
     model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model")  # TRL loads its reference model from the path

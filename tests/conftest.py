@@ -63,6 +63,7 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
     tok = common.load_tokenizer(tiny_tokenizer_dir)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
+                        activation_function="gelu_pytorch_tanh",  # as PreTrain/model.py exports
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = GPT2LMHeadModel(config)
     out = tmp_path_factory.mktemp("output") / "output"
