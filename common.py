@@ -124,12 +124,21 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Call main(); turn a UserError into one clear line on stderr and exit status 2."""
+    """Call main(); turn a UserError into one clear line on stderr and exit status 2.
+
+    A rank other than 0 of a multi-process launch ends with os._exit(0) once main() has returned: it has nothing
+    left to write, and skipping the interpreter's finalization skips the teardown of gloo's C++ threads, which can
+    abort the process ("terminate called without an active exception", the 2-process GRPO and SFT tests, about
+    one run in twenty, also after the process group was destroyed)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,12 +459,12 @@ def checkpoint_to_resume(ckpt_dir, stage, settings, force, may_grow=(), **parent
 
 
 def end_distributed():
-    """Destroy the process group, if any (each rank, after its last collective). A rank that exits with its gloo
-    group alive while another still works can abort in gloo's threads ("terminate called without an active
-    exception", seen once each in the 2-process GRPO and SFT tests)."""
+    """Wait for every rank, then destroy the process group, if any (each rank, after its last collective), so no
+    rank leaves with collective work in flight while rank 0 goes on alone (see run_main for how the others exit)."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -1059,14 +1059,14 @@ def main(argv=None):
         log(f"done: {run.step} steps, final train loss {summary['final_train_loss']}, val loss {val['val_loss']:.4f}, "
             f"val bits/byte {val['val_bpb']:.4f}, wrote {args.output_dir} in {summary['wall_seconds']:.0f}s")
         log.close()
-        if dist.world_size > 1:
-            torch.distributed.barrier()  # the other ranks wait for rank 0's export
+        common.end_distributed()  # the other ranks wait for rank 0's export
     except UserError:
         if not dist.master:  # every check runs alike on every rank: rank 0 says it, the others stop with its code
             sys.exit(2)
         raise
-    finally:
-        common.end_distributed()
+    finally:  # after an error too (no barrier: the other ranks may never get there), so a caller can start again
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
