@@ -319,7 +319,8 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
     (inference.py: fp32 weights under bf16 autocast on the bf16 path), gives our model's logits under the same
     precision. The model trains with its embedding padded to a multiple of 64 rows (600 tokens -> 640): the export
     has the tokenizer's 600, loads with AutoModelForCausalLM, and its logits are the padded model's first 600 (the
-    padding's are -inf). A Conv1D weight left untransposed must fail the same comparison."""
+    padding's are -inf). A Conv1D weight left untransposed must fail the same comparison. Its MLP activation is
+    the training's fused tanh GELU, bit for bit."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv(common.DTYPE_ENV, dtype)
@@ -358,6 +359,10 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
     assert torch.equal(hf.transformer.wte.weight, model.transformer.wte.weight[:600])
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied
     assert all(t.dtype == torch.float32 for t in hf.state_dict().values())
+    # the MLP runs the fused tanh GELU the model trained with, not GPT-2's "gelu_new" (same formula in separate ops,
+    # other roundings, 1.7-1.9x slower steps in every later stage: bench/bench_activation.py)
+    x = torch.randn(4096) * 4
+    assert torch.equal(hf.transformer.h[0].mlp.act(x), torch.nn.functional.gelu(x, approximate="tanh"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
