@@ -135,7 +135,7 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+    if int(os.environ.get("RANK", "0")) > 0:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -458,13 +458,15 @@ def checkpoint_to_resume(ckpt_dir, stage, settings, force, may_grow=(), **parent
     return (None, False) if why else (latest, finished)
 
 
-def end_distributed():
-    """Wait for every rank, then destroy the process group, if any (each rank, after its last collective), so no
-    rank leaves with collective work in flight while rank 0 goes on alone (see run_main for how the others exit)."""
+def end_distributed(wait=True):
+    """Wait for every rank (unless wait=False: after an error, when the others may never come), then destroy the
+    process group, if any (each rank, after its last collective), so no rank leaves with collective work in flight
+    while rank 0 goes on alone (see run_main for how the others exit)."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if wait:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

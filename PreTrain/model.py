@@ -1064,9 +1064,8 @@ def main(argv=None):
         if not dist.master:  # every check runs alike on every rank: rank 0 says it, the others stop with its code
             sys.exit(2)
         raise
-    finally:  # after an error too (no barrier: the other ranks may never get there), so a caller can start again
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    finally:  # after an error too, so that a caller can start again (a no-op after the success path's)
+        common.end_distributed(wait=False)
 
 
 if __name__ == "__main__":

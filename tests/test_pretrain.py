@@ -360,7 +360,7 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied
     assert all(t.dtype == torch.float32 for t in hf.state_dict().values())
     # the MLP runs the fused tanh GELU the model trained with, not GPT-2's "gelu_new" (same formula in separate ops,
-    # other roundings, 1.7-1.9x slower steps in every later stage: bench/bench_activation.py)
+    # other roundings, slower: bench/bench_activation.py)
     x = torch.randn(4096) * 4
     assert torch.equal(hf.transformer.h[0].mlp.act(x), torch.nn.functional.gelu(x, approximate="tanh"))
 
