@@ -164,6 +164,37 @@ def test_reward_model_trains_on_long_pairs_cut_as_scoring_cuts_them(tiny_model_d
     assert report["heldout"]["accuracy"] > 0.9, report  # chance 0.5
 
 
+def final_sentence_split(text):
+    """(worked columns, final sentence) of a worked arithmetic answer."""
+    at = max(text.rfind("The answer is"), text.rfind("答案是"))
+    return text[:at], text[at:]
+
+
+def test_wrong_worked_answers_get_the_number_wrong_and_the_embedded_data_has_a_contradiction_per_problem():
+    """Every slip changes the final number; a "final" slip keeps the right columns and changes only the final
+    sentence. The committed training pairs hold one such contradiction for every arithmetic problem (the reward
+    model's weakest case), the held-out pairs none beyond the 1-in-5 mix."""
+    build = load_script("RLHF/data/build_preference_data.py")
+    rng = random.Random(0)
+    for task in common.arithmetic_tasks(60, "train", seed=3):
+        for slip in ("carry", "column", "final", None):
+            wrong = build.wrong_worked_answer(rng, task, slip)
+            assert common.extract_answer(wrong) not in (None, task["answer"]), (slip, wrong)
+            if slip == "final":
+                assert final_sentence_split(wrong)[0] == final_sentence_split(task["response"])[0]
+
+    def contradictions(rows):
+        return {json.dumps(r["prompt"], ensure_ascii=False) for r in rows if r["kind"] == "wrong_number" and
+                final_sentence_split(r["rejected"][0]["content"])[0] ==
+                final_sentence_split(r["chosen"][0]["content"])[0]}
+
+    train = list(common.read_jsonl_gz(DATA / "preference_train.jsonl.gz"))
+    problems = {json.dumps(r["prompt"], ensure_ascii=False) for r in train if r["source"] == "arithmetic"}
+    assert len(problems) == 1200 and contradictions(train) == problems
+    heldout = list(common.read_jsonl_gz(DATA / "preference_heldout.jsonl.gz"))
+    assert len(contradictions(heldout)) < 20
+
+
 def main_of(script, args):
     """Run a stage script's main() in this process with these command-line args; returns what it printed."""
     import contextlib

@@ -114,15 +114,16 @@ def truncate(rng, text, lang):
     return text[:cut].rstrip("。！？，.!?,")
 
 
-def wrong_worked_answer(rng, task):
+def wrong_worked_answer(rng, task, slip=None):
     """The worked answer with the kind of slip a small model makes, so the final number is wrong: a dropped carry or
-    borrow, a wrong column sum, or a final sentence that does not match the worked columns."""
+    borrow ("carry"), a wrong column sum ("column"), or a final sentence that does not match the worked columns
+    ("final"); a random one unless `slip` says which."""
     import re
 
     right, a = task["response"], task["answer"]
     final = right.rfind("The answer is") if task["lang"] == "en" else right.rfind("答案是")
     steps, tail = right[:final], right[final:]
-    slip = rng.choice(["carry", "column", "final"])
+    slip = slip or rng.choice(["carry", "column", "final"])
     m = re.search(r"(\d+) \+ (\d+) \+ 1 = (\d+)|(\d+) - 1 - (\d+) = (-?\d+)", steps)
     if slip == "carry" and m:  # forget the carry / borrow in the tens column
         if m.group(1):
@@ -212,6 +213,11 @@ def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
     # 322 steps: one kind per prompt, 2 epochs 0.871 held-out accuracy; two kinds, 1 epoch 0.902 (wrong number 0.57 ->
     # 0.70, wrong reply 0.48 -> 0.63); three 0.899, all five 0.885-0.899 in 1.6-2.5x the steps.
     more_rng = random.Random(seed + 1)
+    # And every training problem one more "wrong number" pair whose final sentence contradicts its right columns: the
+    # copy check the reward model missed most (3/8 of the held-out ones right, against 22/32 of wrong columns). With it
+    # (6,344 pairs, 397 steps, lr 2e-4) the same policy's reward model scored 0.899 / 0.894 held-out, 0.70 / 0.75 on
+    # wrong numbers (seeds 0 / 1), against 0.876 / 0.53 without; random slips instead 0.876 / 0.60.
+    contradiction_rng = random.Random(seed + 2)
 
     def kinds(i, split):
         first = KINDS[i % len(KINDS)]
@@ -225,6 +231,9 @@ def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
                 label = "wrong_number" if kind == "wrong" else kind  # reported on its own: the reward model's hard case
                 out[split].append(row(prompt, task["response"], arithmetic_rejected(kind_rng, task, kind), label,
                                       "arithmetic", task["lang"], task["answer"]))
+            if split == "train":
+                out[split].append(row(prompt, task["response"], wrong_worked_answer(contradiction_rng, task, "final"),
+                                      "wrong_number", "arithmetic", task["lang"], task["answer"]))
     examples = conversation_examples(conversations)
     pools = {lang: {"replies": sorted({e["reply"] for e in examples if e["lang"] == lang}),
                     "pairs": [(e["prompt"][-1]["content"], e["reply"]) for e in examples
