@@ -56,7 +56,9 @@ STAGE = "reward_model"
 # rejected answers are drawn moves the total by +-0.013 and "wrong number" by +-0.09. Plus one final-sentence
 # contradiction per arithmetic problem (6,344 pairs, 397 steps; one policy, bf16): lr 1e-4 0.879 / 0.68, 2e-4 0.899 /
 # 0.70 and 0.894 / 0.75 (seeds 0, 1), 3e-4 0.876 / 0.55; the errors left are wrong replies to chat prompts (~0.6: it
-# takes knowledge of the world) and cut-off one-word replies ("Mex" for "Mexico").
+# takes knowledge of the world) and cut-off one-word replies ("Mex" for "Mexico"). Batches of pairs of like length
+# (the Trainer's group_by_length: 55% of the padded tokens are real in random batches) train 30% faster (134 -> 88-96
+# s) but scored 0.885 / 0.60 and 0.888 / 0.70 (seeds 0, 1): less mixed batches, left out.
 PRESETS = {
     "gpu": dict(epochs=1.0, max_steps=-1, batch_size=32, lr=5e-5, save_steps=100),
     "cpu": dict(epochs=1.0, max_steps=-1, batch_size=16, lr=2e-4, save_steps=100),
