@@ -68,6 +68,8 @@ STAGE = "grpo"
 # 23 steps (this preset: ~40 s less) 94.0%, and training only on the problems the policy is least sure of (the 12.5%
 # with the least likely reference token, which held all its greedy errors) 89.0%: what changes between the SFT and
 # GRPO answers is mostly one digit one higher ("13 - 6 = 8", "4 + 1 = 6"), a shift of all digits, not a fixed fact.
+# Partial credit for a wrong answer (half the share of the reference worked answer it matches before its first wrong
+# character), on an 89.5% bf16 policy (sampled 67.5%): 88.0% (68.4%), as the 0/1 reward's 88.5% (68.4%).
 PRESETS = {
     "gpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=2048, epochs=3.0, num_generations=8, batch_size=64,
                 warmup_steps=0, max_completion_length=64, temperature=1.0, lr=5e-5, lora_r=16, save_steps=100,
