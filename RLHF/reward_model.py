@@ -55,7 +55,8 @@ STAGE = "reward_model"
 # 0.885-0.899 / 0.60-0.70; lr 2e-4 0.891 / 0.53; LoRA r=32 lr 3e-4 0.899 / 0.62, lr 1e-3 0.874 / 0.47. Which
 # rejected answers are drawn moves the total by +-0.013 and "wrong number" by +-0.09. Plus one final-sentence
 # contradiction per arithmetic problem (6,344 pairs, 397 steps; one policy, bf16): lr 1e-4 0.879 / 0.68, 2e-4 0.899 /
-# 0.70 and 0.894 / 0.75 (seeds 0, 1), 3e-4 0.876 / 0.55; the errors left are wrong replies to chat prompts (~0.6: it
+# 0.70 and 0.894 / 0.75 (seeds 0, 1), 3e-4 0.876 / 0.55 (random slips instead of contradictions: 0.879 / 0.65 at
+# 1e-4, 0.876 / 0.60 at 2e-4); the errors left are wrong replies to chat prompts (~0.6: it
 # takes knowledge of the world) and cut-off one-word replies ("Mex" for "Mexico"). Batches of pairs of like length
 # (the Trainer's group_by_length: 55% of the padded tokens are real in random batches) train 30% faster (134 -> 88-96
 # s) but scored 0.885 / 0.60 and 0.888 / 0.70 (seeds 0, 1): less mixed batches, left out.

@@ -214,9 +214,8 @@ def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
     # 0.70, wrong reply 0.48 -> 0.63); three 0.899, all five 0.885-0.899 in 1.6-2.5x the steps.
     more_rng = random.Random(seed + 1)
     # And every training problem one more "wrong number" pair whose final sentence contradicts its right columns: the
-    # copy check the reward model missed most (3/8 of the held-out ones right, against 22/32 of wrong columns). With it
-    # (6,344 pairs, 397 steps, lr 2e-4) the same policy's reward model scored 0.899 / 0.894 held-out, 0.70 / 0.75 on
-    # wrong numbers (seeds 0 / 1), against 0.876 / 0.53 without; random slips instead 0.876 / 0.60.
+    # copy check the reward model missed most (3/8 of the held-out ones right, against 22/32 of wrong columns); what
+    # it gained is measured in the preset comment of RLHF/reward_model.py.
     contradiction_rng = random.Random(seed + 2)
 
     def kinds(i, split):
