@@ -526,7 +526,8 @@ def train(args, tokenizer, train_conversations, val, settings, resume, finished)
     if trainer.accelerator.is_main_process:
         loss, n_steps = mean_train_loss(trainer.state.log_history)
         log.info(f"trained to step {trainer.state.global_step} ({time.time() - t0:.0f}s); "
-                 f"mean train loss over steps 1-{n_steps}: {loss:.4f}")
+                 + (f"mean train loss over steps 1-{n_steps}: {loss:.4f}" if n_steps else
+                    f"no train loss logged yet (it is logged every {trainer.args.logging_steps} steps)"))
         save_outputs(trainer, tokenizer, args, {**settings, "merge": args.merge})
     return trainer
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check of the full-size path in one call, inside 8 minutes on one H100/H200: a 50k tokenizer and chunks at
 # context 1024 (a small --max-tokens), gpt2-100m pretraining under DeepSpeed ZeRO-2 on ALL GPUs for $STEPS steps
-# (tokens/s, MFU against the GPU's dense bf16 peak, peak memory), then QLoRA SFT, the reward model and GRPO for a
-# few steps each on CUDA (--preset gpu). Each stage's wall time and peak GPU memory go into a summary.
+# (tokens/s, MFU against the GPU's dense bf16 peak, peak memory), the shared plain reference step at the same sizes
+# (REFERENCE, default ../shared/bench/reference_gpt2_step.py; skipped if missing) for our tokens/s over its, then QLoRA
+# SFT, the reward model and GRPO for a few steps each on CUDA (--preset gpu). Each stage's wall time and peak GPU
+# memory go into a summary.
 #
 # Reads:  the embedded corpus and data; wheels/ (git-ignored) when DeepSpeed, TRL, bitsandbytes or datasets are
 #         missing. Writes: $WORK (default /tmp/gpu_check; the packages from wheels/ go to $WORK/site, on PYTHONPATH,
@@ -29,7 +31,8 @@
 # archive, built there without network: no ops are compiled, ds_config.json uses torch's fused AdamW.)
 #
 # Testing this script without a GPU: CPU_CHECK=1 runs the same stages on CPU (DeepSpeed's CPU accelerator, RANKS
-# processes, default 1) with the sizes you give: VOCAB, CHUNK_TOKENS, STEPS, BATCH, SFT_STEPS, RM_STEPS, GRPO_PROMPTS
+# processes, default 1) with the sizes you give: VOCAB, CHUNK_TOKENS, STEPS, BATCH, REFERENCE_STEPS, SFT_STEPS, RM_STEPS,
+# GRPO_PROMPTS
 # and extra flags split at spaces: TOKENIZER_EXTRA, PRETRAIN_EXTRA (e.g. --no-compile), SFT_EXTRA, RM_EXTRA,
 # GRPO_EXTRA. WHEELS (default wheels/) and INSTALL=1 (install wheels/ even if the packages import) test the install.
 set -euo pipefail
@@ -44,6 +47,8 @@ BATCH=${BATCH:-16}
 SFT_STEPS=${SFT_STEPS:-20}
 RM_STEPS=${RM_STEPS:-10}
 GRPO_PROMPTS=${GRPO_PROMPTS:-16}
+REFERENCE=${REFERENCE:-../shared/bench/reference_gpt2_step.py}
+REFERENCE_STEPS=${REFERENCE_STEPS:-30}
 BUDGET_S=${BUDGET_S:-470}
 read -r -a TOKENIZER_EXTRA <<< "${TOKENIZER_EXTRA:-}"
 read -r -a PRETRAIN_EXTRA <<< "${PRETRAIN_EXTRA:-}"
@@ -124,6 +129,12 @@ if s:
                        "peak_mem_mb_rank0": max((h["peak_mem_mb"] for h in hist), default=None),
                        "final_train_loss": s["final_train_loss"], "val_loss": s["final_val_loss"],
                        "wall_s": s["wall_seconds"], "dtype": s["dtype"]}
+reference = [json.loads(line) for line in Path(work / "logs" / "reference.log").read_text().splitlines()
+             if line.startswith("{")] if (work / "logs" / "reference.log").is_file() else []
+if reference and "pretrain" in out:
+    out["reference_tokens_per_s"] = reference[-1]["tokens_per_s"]
+    if out["pretrain"]["tokens_per_s"]:
+        out["pretrain"]["over_reference"] = round(out["pretrain"]["tokens_per_s"] / reference[-1]["tokens_per_s"], 3)
 sft_eval, rm, grpo_eval = read_json(work / "sft" / "eval.json"), read_json(work / "rlhf" / "reward_eval.json"), \
     read_json(work / "rlhf" / "eval.json")
 grpo_steps = [h["step_time"] for h in jsonl(work / "rlhf" / "grpo_output" / "history.jsonl") if "step_time" in h]
@@ -145,6 +156,9 @@ if p:
               f"{p['tokens_per_s']:,.0f} tokens/s, MFU {mfu} of the dense bf16 peak, peak memory "
               f"{p['peak_mem_mb_rank0']:,.0f} MB allocated (rank 0), {p['steps']} steps of {p['global_batch_tokens']:,} "
               f"tokens, final train loss {p['final_train_loss']:.3f}, val loss {p['val_loss']:.3f}", ""]
+    if "over_reference" in p:
+        lines += [f"the shared reference step (plain eager PyTorch, bf16 autocast, one GPU, micro batch of the same size): "
+                  f"{out['reference_tokens_per_s']:,.0f} tokens/s; ours / reference = {p['over_reference']:.2f}x", ""]
 lines += ["| stage | exit | wall | peak GPU memory (nvidia-smi, max over GPUs) |", "| --- | --- | --- | --- |"]
 for name, st in stages.items():
     mem = f"{st['gpu_mem_peak_mb']:,.0f} MB" if st["gpu_mem_peak_mb"] is not None else "-"
@@ -207,6 +221,15 @@ run_stage pretrain "$PY" -m deepspeed.launcher.runner --num_gpus="$NGPU" PreTrai
   --eval-rows $((BATCH * 4)) --checkpoint-interval 100000 --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" \
   --output-dir "$WORK/output" --checkpoint-dir "$WORK/ckpt/pretrain" --log-file "$WORK/pretrain_train.log" \
   --tensorboard-dir "$WORK/runs/pretrain" "${PRETRAIN_EXTRA[@]}"
+
+# The yardstick: the shared plain eager GPT-2 step (torch AdamW, bf16 autocast, no compile, no DeepSpeed) at the
+# same sizes and micro batch on one GPU, so the summary can give our tokens/s over its tokens/s.
+if [ -f "$REFERENCE" ]; then
+  run_stage reference "$PY" "$REFERENCE" --layers 12 --dim 768 --heads 12 --ctx 1024 --batch "$BATCH" --vocab 50048 \
+    --steps "$REFERENCE_STEPS" --warmup 5 --dtype bf16
+else
+  echo "== reference skipped: $REFERENCE not found"
+fi
 
 run_stage sft "$PY" SFT/qlora_fine_tune_trl.py --preset gpu --merge --model-dir "$WORK/output" \
   --output-dir "$WORK/sft/sft_output" --run-dir "$WORK/sft" --checkpoint-dir "$WORK/ckpt/sft" \
