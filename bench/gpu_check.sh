@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of the full-size path in one call, inside 8 minutes on one H100/H200: a 50k tokenizer and chunks at
 # context 1024 (a small --max-tokens), gpt2-100m pretraining under DeepSpeed ZeRO-2 on ALL GPUs for $STEPS steps
-# (tokens/s, MFU against the GPU's dense bf16 peak, peak memory), the shared plain reference step at the same sizes
-# (REFERENCE, default ../shared/bench/reference_gpt2_step.py; skipped if missing) for our tokens/s over its, then QLoRA
+# (tokens/s, MFU against the GPU's dense bf16 peak, peak memory), the same for $DDP_STEPS steps under torchrun
+# (plain or DDP, no DeepSpeed), the shared plain reference step at the same sizes (REFERENCE, default
+# ../shared/bench/reference_gpt2_step.py; skipped if missing) for our tokens/s per GPU over its, then QLoRA
 # SFT, the reward model and GRPO for a few steps each on CUDA (--preset gpu). Each stage's wall time and peak GPU
 # memory go into a summary.
 #
@@ -14,25 +15,29 @@
 #
 #   bash bench/gpu_check.sh                      # from anywhere; ~5-7 minutes on one H200
 #   STEPS=100 BATCH=8 bash bench/gpu_check.sh
+#   ACCUM=8 STEPS=40 DDP_STEPS=40 bash bench/gpu_check.sh    # 8 micro batches per optimizer step, as a real run has
 #
 # Needs: a CUDA machine whose python (PY, default python3) has torch, transformers, accelerate, peft, tokenizers,
 # pyarrow, numpy, pandas. What such a machine lacks comes from wheels/, filled beforehand on any machine with
-# internet by this one command (for the GPU machine's python: 3.12 on this project's H200; change --python-version
-# and --abi to match yours), ~49 MB:
+# internet by these commands (for the GPU machine's python: 3.12 on this project's H200; change --python-version
+# and --abi to match yours), ~27 MB:
 #
 #   pip download --no-deps -d wheels --python-version 3.12 --implementation cp --abi cp312 \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 deepspeed==0.19.8 trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 \
-#     peft==0.21.2 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+#     peft==0.21.2 transformers==5.23.0 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 #     typing-inspection==0.4.5 dill==0.4.1 multiprocess==0.70.19
+#   zip -d wheels/bitsandbytes-*.whl 'bitsandbytes/*cuda11*' 'bitsandbytes/*cuda12*' 'bitsandbytes/*rocm*' \
+#     'bitsandbytes/*xpu*'    # optional: the CUDA 11/12, ROCm and XPU libraries are 36 of its 43 MB; CUDA 13 stays
 #
-# (our pins from requirements.txt, plus what deepspeed and datasets need beyond such a machine's packages; peft is
-# pinned so the adapters match the CPU runs. bitsandbytes is its x86_64 CUDA wheel; deepspeed comes as its source
-# archive, built there without network: no ops are compiled, ds_config.json uses torch's fused AdamW.)
+# (our pins from requirements.txt, plus what deepspeed and datasets need beyond such a machine's packages; peft and
+# transformers are pinned so the code runs as tested: with the H200 image's transformers 5.17, SFTConfig has no
+# activation_checkpointing. bitsandbytes is its x86_64 CUDA wheel; deepspeed comes as its source archive, built there
+# without network: no ops are compiled, ds_config.json uses torch's fused AdamW.)
 #
 # Testing this script without a GPU: CPU_CHECK=1 runs the same stages on CPU (DeepSpeed's CPU accelerator, RANKS
-# processes, default 1) with the sizes you give: VOCAB, CHUNK_TOKENS, STEPS, BATCH, REFERENCE_STEPS, SFT_STEPS, RM_STEPS,
-# GRPO_PROMPTS
+# processes, default 1) with the sizes you give: VOCAB, CHUNK_TOKENS, STEPS, BATCH, DDP_STEPS, REFERENCE_STEPS,
+# SFT_STEPS, RM_STEPS, GRPO_PROMPTS
 # and extra flags split at spaces: TOKENIZER_EXTRA, PRETRAIN_EXTRA (e.g. --no-compile), SFT_EXTRA, RM_EXTRA,
 # GRPO_EXTRA. WHEELS (default wheels/) and INSTALL=1 (install wheels/ even if the packages import) test the install.
 set -euo pipefail
@@ -44,11 +49,13 @@ VOCAB=${VOCAB:-50000}
 CHUNK_TOKENS=${CHUNK_TOKENS:-2e6}
 STEPS=${STEPS:-300}
 BATCH=${BATCH:-16}
+ACCUM=${ACCUM:-1}
 SFT_STEPS=${SFT_STEPS:-20}
 RM_STEPS=${RM_STEPS:-10}
 GRPO_PROMPTS=${GRPO_PROMPTS:-16}
 REFERENCE=${REFERENCE:-../shared/bench/reference_gpt2_step.py}
 REFERENCE_STEPS=${REFERENCE_STEPS:-30}
+DDP_STEPS=${DDP_STEPS:-150}
 BUDGET_S=${BUDGET_S:-470}
 read -r -a TOKENIZER_EXTRA <<< "${TOKENIZER_EXTRA:-}"
 read -r -a PRETRAIN_EXTRA <<< "${PRETRAIN_EXTRA:-}"
@@ -60,7 +67,7 @@ RESULTS=${OUT:-bench/results}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
-rm -rf "$WORK/logs" "$WORK/tokenizer" "$WORK/chunks" "$WORK/output" "$WORK/sft" "$WORK/rlhf" "$WORK/ckpt" "$WORK/runs"
+rm -rf "$WORK/logs" "$WORK/tokenizer" "$WORK/chunks" "$WORK/output" "$WORK/output_ddp" "$WORK/sft" "$WORK/rlhf" "$WORK/ckpt" "$WORK/runs"
 mkdir -p "$WORK/logs" "$RESULTS"
 
 if [ "${CPU_CHECK:-0}" = 1 ]; then
@@ -74,9 +81,12 @@ fi
 # The packages a bare GPU machine lacks, from wheels/ into $WORK/site (first on PYTHONPATH, so the pinned versions win).
 SITE="$WORK/site"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-if [ "${INSTALL:-0}" = 1 ] || ! "$PY" -c "import deepspeed, trl, bitsandbytes, datasets" 2>/dev/null; then
+TRANSFORMERS_PIN=$(sed -n 's/^transformers==\([^ ]*\).*/\1/p' requirements.txt)
+if [ "${INSTALL:-0}" = 1 ] || ! "$PY" -c "import deepspeed, trl, bitsandbytes, datasets, transformers
+assert transformers.__version__ == '$TRANSFORMERS_PIN'" 2>/dev/null; then
   if ! compgen -G "$WHEELS/*" > /dev/null; then
-    echo "deepspeed, trl, bitsandbytes or datasets is missing and $WHEELS/ is empty: fill it with the pip download" \
+    echo "deepspeed, trl, bitsandbytes or datasets is missing, or transformers is not $TRANSFORMERS_PIN, and $WHEELS/" \
+         "is empty: fill it with the pip download" \
          "command in the header of $0" >&2
     exit 2
   fi
@@ -94,11 +104,11 @@ EOF
 
 # The summary, also after a failed or timed-out stage: what ran, how long, how much memory.
 summary() {
-  "$PY" - "$WORK" "$RESULTS" "$NGPU" "$STEPS" <<'EOF' || true
+  "$PY" - "$WORK" "$RESULTS" "$NGPU" <<'EOF' || true
 import json, statistics, sys, tarfile
 from pathlib import Path
 
-work, results, ngpu, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+work, results, ngpu = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 def read_json(path):
     try:
         return json.loads(Path(path).read_text())
@@ -118,23 +128,30 @@ def text(path, default):
     return Path(path).read_text().strip() if Path(path).is_file() else default
 out = {"gpus": text(work / "logs" / "gpus.txt", "cpu"), "versions": text(work / "logs" / "versions.txt", "?"),
        "ngpu": ngpu, "stages": stages}
-s = read_json(work / "output" / "pretrain_summary.json")
-if s:
-    hist = [h for h in jsonl(work / "output" / "history.jsonl") if "tokens_per_s" in h]
-    steady = [h for h in hist if h["step"] > min(50, steps // 2)] or hist  # after compile and warm-up
-    out["pretrain"] = {"device": s["device"], "params_m": round(s["params"] / 1e6, 1), "steps": s["steps"],
-                       "global_batch_tokens": s["global_batch_tokens"], "world_size": s["world_size"],
-                       "tokens_per_s": statistics.median(h["tokens_per_s"] for h in steady) if steady else None,
-                       "mfu": statistics.median(h["mfu"] for h in steady) if steady and steady[0]["mfu"] else None,
-                       "peak_mem_mb_rank0": max((h["peak_mem_mb"] for h in hist), default=None),
-                       "final_train_loss": s["final_train_loss"], "val_loss": s["final_val_loss"],
-                       "wall_s": s["wall_seconds"], "dtype": s["dtype"]}
+def pretrain_stats(out_dir):
+    s = read_json(out_dir / "pretrain_summary.json")
+    if not s:
+        return None
+    hist = [h for h in jsonl(out_dir / "history.jsonl") if "tokens_per_s" in h]
+    steady = [h for h in hist if h["step"] > min(50, s["steps"] // 2)] or hist  # after compile and warm-up
+    return {"device": s["device"], "params_m": round(s["params"] / 1e6, 1), "steps": s["steps"],
+            "global_batch_tokens": s["global_batch_tokens"], "world_size": s["world_size"],
+            "tokens_per_s": statistics.median(h["tokens_per_s"] for h in steady) if steady else None,
+            "mfu": statistics.median(h["mfu"] for h in steady) if steady and steady[0]["mfu"] else None,
+            "peak_mem_mb_rank0": max((h["peak_mem_mb"] for h in hist), default=None),
+            "final_train_loss": s["final_train_loss"], "val_loss": s["final_val_loss"],
+            "wall_s": s["wall_seconds"], "dtype": s["dtype"]}
+for key, out_dir in (("pretrain", "output"), ("pretrain_ddp", "output_ddp")):
+    if stats := pretrain_stats(work / out_dir):
+        out[key] = stats
 reference = [json.loads(line) for line in Path(work / "logs" / "reference.log").read_text().splitlines()
              if line.startswith("{")] if (work / "logs" / "reference.log").is_file() else []
-if reference and "pretrain" in out:
+if reference:
     out["reference_tokens_per_s"] = reference[-1]["tokens_per_s"]
-    if out["pretrain"]["tokens_per_s"]:
-        out["pretrain"]["over_reference"] = round(out["pretrain"]["tokens_per_s"] / reference[-1]["tokens_per_s"], 3)
+    for key in ("pretrain", "pretrain_ddp"):  # per GPU: the reference runs on one
+        if out.get(key, {}).get("tokens_per_s"):
+            out[key]["over_reference"] = round(out[key]["tokens_per_s"] / out[key]["world_size"]
+                                               / reference[-1]["tokens_per_s"], 3)
 sft_eval, rm, grpo_eval = read_json(work / "sft" / "eval.json"), read_json(work / "rlhf" / "reward_eval.json"), \
     read_json(work / "rlhf" / "eval.json")
 grpo_steps = [h["step_time"] for h in jsonl(work / "rlhf" / "grpo_output" / "history.jsonl") if "step_time" in h]
@@ -149,16 +166,19 @@ if grpo_eval:
 (results / "gpu_check.json").write_text(json.dumps(out, indent=1, default=str))
 
 lines = [f"# GPU check: {out['gpus']}", "", out["versions"], ""]
-p = out.get("pretrain")
-if p:
-    mfu = f"{100 * p['mfu']:.1f}%" if p["mfu"] else "n/a"
-    lines += [f"gpt2-100m ({p['params_m']}M params) DeepSpeed ZeRO-2 x{p['world_size']} {p['dtype']} on {p['device']}: "
-              f"{p['tokens_per_s']:,.0f} tokens/s, MFU {mfu} of the dense bf16 peak, peak memory "
-              f"{p['peak_mem_mb_rank0']:,.0f} MB allocated (rank 0), {p['steps']} steps of {p['global_batch_tokens']:,} "
-              f"tokens, final train loss {p['final_train_loss']:.3f}, val loss {p['val_loss']:.3f}", ""]
-    if "over_reference" in p:
-        lines += [f"the shared reference step (plain eager PyTorch, bf16 autocast, one GPU, micro batch of the same size): "
-                  f"{out['reference_tokens_per_s']:,.0f} tokens/s; ours / reference = {p['over_reference']:.2f}x", ""]
+for key, how in (("pretrain", "DeepSpeed ZeRO-2"), ("pretrain_ddp", "torchrun (DDP when several GPUs)")):
+    p = out.get(key)
+    if p:
+        mfu = f"{100 * p['mfu']:.1f}%" if p["mfu"] else "n/a"
+        ratio = f", {p['over_reference']:.2f}x the reference per GPU" if "over_reference" in p else ""
+        lines += [f"gpt2-100m ({p['params_m']}M params) {how} x{p['world_size']} {p['dtype']} on {p['device']}: "
+                  f"{p['tokens_per_s']:,.0f} tokens/s{ratio}, MFU {mfu} of the dense bf16 peak, peak memory "
+                  f"{p['peak_mem_mb_rank0']:,.0f} MB allocated (rank 0), {p['steps']} steps of "
+                  f"{p['global_batch_tokens']:,} tokens, final train loss {p['final_train_loss']:.3f}, val loss "
+                  f"{p['val_loss']:.3f}", ""]
+if "reference_tokens_per_s" in out:
+    lines += [f"the shared reference step (plain eager PyTorch, bf16 autocast, one GPU, the same micro batch): "
+              f"{out['reference_tokens_per_s']:,.0f} tokens/s", ""]
 lines += ["| stage | exit | wall | peak GPU memory (nvidia-smi, max over GPUs) |", "| --- | --- | --- | --- |"]
 for name, st in stages.items():
     mem = f"{st['gpu_mem_peak_mb']:,.0f} MB" if st["gpu_mem_peak_mb"] is not None else "-"
@@ -170,7 +190,7 @@ if rm:
 (results / "gpu_check.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 with tarfile.open(results / "logs.tar.gz", "w:gz") as tar:  # every stage's log, for a failure's details
-    for f in [*(work / "logs").glob("*"), work / "pretrain_train.log", work / "sft" / "train.log",
+    for f in [*(work / "logs").glob("*"), work / "pretrain_train.log", work / "pretrain_ddp_train.log", work / "sft" / "train.log",
               work / "rlhf" / "train.log", work / "sft" / "eval.json", work / "rlhf" / "eval.json"]:
         if f.is_file():
             tar.add(f, arcname=str(f.relative_to(work)))
@@ -214,13 +234,22 @@ run_stage tokenizer "$PY" PreTrain/train_byte_level_bpe_tokenizer.py --vocab-siz
 run_stage chunks "$PY" PreTrain/preprocess_dataset_for_pretrain_map.py --tokenizer-dir "$WORK/tokenizer" \
   --output-dir "$WORK/chunks" --context-length 1024 --max-tokens "$CHUNK_TOKENS"
 
-# One micro batch per rank per step: the global batch grows with the GPUs, so tokens/s per GPU is comparable.
+# ACCUM (default 1) micro batches per rank per step: the global batch grows with the GPUs, so tokens/s per GPU is
+# comparable.
 run_stage pretrain "$PY" -m deepspeed.launcher.runner --num_gpus="$NGPU" PreTrain/model.py \
   --deepspeed PreTrain/ds_config.json --preset gpt2-100m --max-steps "$STEPS" --batch-size "$BATCH" \
-  --global-batch-tokens $((BATCH * 1024 * NGPU)) --warmup-steps 20 --log-interval 10 --eval-interval 100000 \
+  --global-batch-tokens $((BATCH * 1024 * NGPU * ACCUM)) --warmup-steps 20 --log-interval 10 --eval-interval 100000 \
   --eval-rows $((BATCH * 4)) --checkpoint-interval 100000 --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" \
   --output-dir "$WORK/output" --checkpoint-dir "$WORK/ckpt/pretrain" --log-file "$WORK/pretrain_train.log" \
   --tensorboard-dir "$WORK/runs/pretrain" "${PRETRAIN_EXTRA[@]}"
+
+# The same steps without DeepSpeed: torchrun, so DDP when there are several GPUs, one plain process on one GPU.
+run_stage pretrain_ddp "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" PreTrain/model.py \
+  --preset gpt2-100m --max-steps "$DDP_STEPS" --batch-size "$BATCH" --global-batch-tokens $((BATCH * 1024 * NGPU * ACCUM)) \
+  --warmup-steps 20 --log-interval 10 --eval-interval 100000 --eval-rows $((BATCH * 4)) --checkpoint-interval 100000 \
+  --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" --output-dir "$WORK/output_ddp" \
+  --checkpoint-dir "$WORK/ckpt/pretrain_ddp" --log-file "$WORK/pretrain_ddp_train.log" \
+  --tensorboard-dir "$WORK/runs/pretrain_ddp" "${PRETRAIN_EXTRA[@]}"
 
 # The yardstick: the shared plain eager GPT-2 step (torch AdamW, bf16 autocast, no compile, no DeepSpeed) at the
 # same sizes and micro batch on one GPU, so the summary can give our tokens/s over its tokens/s.
