@@ -8,7 +8,7 @@
 # memory go into a summary.
 #
 # Reads:  the embedded corpus and data; wheels/ (git-ignored) when DeepSpeed, TRL, bitsandbytes or datasets are
-#         missing. Writes: $WORK (default /tmp/gpu_check; the packages from wheels/ go to $WORK/site, on PYTHONPATH,
+#         missing or transformers is not requirements.txt's. Writes: $WORK (default /tmp/gpu_check; the packages from wheels/ go to $WORK/site, on PYTHONPATH,
 #         never into the machine's python) and the summary gpu_check.md + gpu_check.json + logs.tar.gz to $OUT if set
 #         (the device tool copies $OUT back), else to bench/results/. The summary is written even when a stage fails
 #         or runs out of time (BUDGET_S, default 470 s for all stages together).
@@ -67,7 +67,8 @@ RESULTS=${OUT:-bench/results}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
-rm -rf "$WORK/logs" "$WORK/tokenizer" "$WORK/chunks" "$WORK/output" "$WORK/output_ddp" "$WORK/sft" "$WORK/rlhf" "$WORK/ckpt" "$WORK/runs"
+rm -rf "$WORK/logs" "$WORK/tokenizer" "$WORK/chunks" "$WORK/output" "$WORK/output_ddp" "$WORK/sft" "$WORK/rlhf" \
+  "$WORK/ckpt" "$WORK/runs"
 mkdir -p "$WORK/logs" "$RESULTS"
 
 if [ "${CPU_CHECK:-0}" = 1 ]; then
