@@ -8,8 +8,9 @@
 # memory go into a summary.
 #
 # Reads:  the embedded corpus and data; wheels/ (git-ignored) when DeepSpeed, TRL, bitsandbytes or datasets are
-#         missing or transformers is not requirements.txt's. Writes: $WORK (default /tmp/gpu_check; the packages from wheels/ go to $WORK/site, on PYTHONPATH,
-#         never into the machine's python) and the summary gpu_check.md + gpu_check.json + logs.tar.gz to $OUT if set
+#         missing or transformers is not requirements.txt's.
+# Writes: $WORK (default /tmp/gpu_check; the packages from wheels/ go to $WORK/site, on PYTHONPATH, never into the
+#         machine's python) and the summary gpu_check.md + gpu_check.json + logs.tar.gz to $OUT if set
 #         (the device tool copies $OUT back), else to bench/results/. The summary is written even when a stage fails
 #         or runs out of time (BUDGET_S, default 470 s for all stages together).
 #
