@@ -237,27 +237,26 @@ run_stage chunks "$PY" PreTrain/preprocess_dataset_for_pretrain_map.py --tokeniz
   --output-dir "$WORK/chunks" --context-length 1024 --max-tokens "$CHUNK_TOKENS"
 
 # ACCUM (default 1) micro batches per rank per step: the global batch grows with the GPUs, so tokens/s per GPU is
-# comparable.
+# comparable. The same flags for the DeepSpeed run and the torchrun one.
+PRETRAIN_ARGS=(--preset gpt2-100m --batch-size "$BATCH" --global-batch-tokens $((BATCH * 1024 * NGPU * ACCUM))
+  --warmup-steps 20 --log-interval 10 --eval-interval 100000 --eval-rows $((BATCH * 4)) --checkpoint-interval 100000
+  --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" "${PRETRAIN_EXTRA[@]}")
 run_stage pretrain "$PY" -m deepspeed.launcher.runner --num_gpus="$NGPU" PreTrain/model.py \
-  --deepspeed PreTrain/ds_config.json --preset gpt2-100m --max-steps "$STEPS" --batch-size "$BATCH" \
-  --global-batch-tokens $((BATCH * 1024 * NGPU * ACCUM)) --warmup-steps 20 --log-interval 10 --eval-interval 100000 \
-  --eval-rows $((BATCH * 4)) --checkpoint-interval 100000 --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" \
-  --output-dir "$WORK/output" --checkpoint-dir "$WORK/ckpt/pretrain" --log-file "$WORK/pretrain_train.log" \
-  --tensorboard-dir "$WORK/runs/pretrain" "${PRETRAIN_EXTRA[@]}"
+  --deepspeed PreTrain/ds_config.json --max-steps "$STEPS" "${PRETRAIN_ARGS[@]}" --output-dir "$WORK/output" \
+  --checkpoint-dir "$WORK/ckpt/pretrain" --log-file "$WORK/pretrain_train.log" --tensorboard-dir "$WORK/runs/pretrain"
 
 # The same steps without DeepSpeed: torchrun, so DDP when there are several GPUs, one plain process on one GPU.
 run_stage pretrain_ddp "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" PreTrain/model.py \
-  --preset gpt2-100m --max-steps "$DDP_STEPS" --batch-size "$BATCH" --global-batch-tokens $((BATCH * 1024 * NGPU * ACCUM)) \
-  --warmup-steps 20 --log-interval 10 --eval-interval 100000 --eval-rows $((BATCH * 4)) --checkpoint-interval 100000 \
-  --tokenizer-dir "$WORK/tokenizer" --chunks-dir "$WORK/chunks" --output-dir "$WORK/output_ddp" \
+  --max-steps "$DDP_STEPS" "${PRETRAIN_ARGS[@]}" --output-dir "$WORK/output_ddp" \
   --checkpoint-dir "$WORK/ckpt/pretrain_ddp" --log-file "$WORK/pretrain_ddp_train.log" \
-  --tensorboard-dir "$WORK/runs/pretrain_ddp" "${PRETRAIN_EXTRA[@]}"
+  --tensorboard-dir "$WORK/runs/pretrain_ddp"
 
 # The yardstick: the shared plain eager GPT-2 step (torch AdamW, bf16 autocast, no compile, no DeepSpeed) at the
-# same sizes and micro batch on one GPU, so the summary can give our tokens/s over its tokens/s.
+# same sizes (the embedding padded to a multiple of 64 rows, as model.py pads it) and micro batch on one GPU, so the
+# summary can give our tokens/s over its tokens/s.
 if [ -f "$REFERENCE" ]; then
-  run_stage reference "$PY" "$REFERENCE" --layers 12 --dim 768 --heads 12 --ctx 1024 --batch "$BATCH" --vocab 50048 \
-    --steps "$REFERENCE_STEPS" --warmup 5 --dtype bf16
+  run_stage reference "$PY" "$REFERENCE" --layers 12 --dim 768 --heads 12 --ctx 1024 --batch "$BATCH" \
+    --vocab $(((VOCAB + 63) / 64 * 64)) --steps "$REFERENCE_STEPS" --warmup 5 --dtype bf16
 else
   echo "== reference skipped: $REFERENCE not found"
 fi
