@@ -89,7 +89,9 @@ def column(rows, key):
 
 def generate_samples(max_new_tokens, seed=0):
     """Continuations of the same prompts by the base, SFT and GRPO models (those that exist): greedy, and sampled at
-    temperature 0.8 (top-k 50, fixed seed), since greedy decoding of a small model loops."""
+    temperature 0.8 (top-k 50, fixed seed), since greedy decoding of a small model loops. The base continues the
+    plain text, and answers it as a user message through the chat template too (it was mid-trained on chats); the
+    SFT and GRPO models answer through the chat template."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -101,19 +103,24 @@ def generate_samples(max_new_tokens, seed=0):
             continue
         tok = common.load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
-        samples[name] = {}
-        for prompt in PROMPTS:
-            text = prompt if name == "pretrained" else common.render_messages([{"role": "user", "content": prompt}], True)
-            ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-            stops = [tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id]
-            samples[name][prompt] = {}
-            for mode, sampling in (("greedy", dict(do_sample=False)),
-                                   ("sampled", dict(do_sample=True, temperature=0.8, top_k=50, top_p=1.0))):
-                torch.manual_seed(seed)
-                with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=stops, **sampling)
-                samples[name][prompt][mode] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        stops = [tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id]
+        for chat in ([False, True] if name == "pretrained" else [True]):
+            label = "pretrained, chat template" if name == "pretrained" and chat else name
+            samples[label] = {}
+            for prompt in PROMPTS:
+                text = common.render_messages([{"role": "user", "content": prompt}], True) if chat else prompt
+                ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+                samples[label][prompt] = {}
+                for mode, sampling in (("greedy", dict(do_sample=False)),
+                                       ("sampled", dict(do_sample=True, temperature=0.8, top_k=50, top_p=1.0))):
+                    torch.manual_seed(seed)
+                    with torch.no_grad():
+                        new = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                             eos_token_id=stops, **sampling)[0, ids.shape[1]:]
+                    reply = tok.decode(new, skip_special_tokens=True)
+                    # an empty line would read as a failure to generate: say which token ended it
+                    samples[label][prompt][mode] = reply if reply.strip() else \
+                        f"(nothing: its first token is {tok.decode(new[:1])})"
     return samples
 
 

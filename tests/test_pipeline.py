@@ -39,7 +39,7 @@ def test_report_numbers_come_from_the_stage_outputs(smoke_repo):
     assert "| llm_train_bpb_en | bits_per_byte | " + " | ".join(f"{v:.3f}" for v in bpb.values()) + " |" in report
     for png in metrics["plots"].values():
         assert png and (root / "report" / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in report
-    assert set(metrics["samples"]) == {"pretrained", "sft", "grpo"}
+    assert set(metrics["samples"]) == {"pretrained", "pretrained, chat template", "sft", "grpo"}
 
 
 def test_second_run_skips_every_stage(smoke_repo):
