@@ -1,4 +1,4 @@
-"""common.py: atomic directories, lineage fingerprints and the dtype switch."""
+"""common.py: atomic directories, lineage fingerprints and the dtype switch; every script's --help."""
 import json
 
 import pytest
@@ -70,3 +70,20 @@ def test_dtype_switch(monkeypatch):
     import torch
 
     assert common.dtype_name() == ("bf16" if torch.cuda.is_available() or common.cpu_has_fast_bf16() else "fp32")
+
+
+SCRIPTS = sorted(str(p.relative_to(common.REPO)) for p in common.REPO.glob("*/**/*.py")
+                 if not p.is_relative_to(common.REPO / ".venv") and not p.is_relative_to(common.REPO / "tests")
+                 and 'if __name__ == "__main__"' in p.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_help_that_does_nothing_else(script):
+    """--help prints the usage and exits 0 before any work (a data builder once downloaded and rewrote its output)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=common.REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (proc.stdout[-500:], proc.stderr[-2000:])
+    assert "Looking in indexes" not in proc.stdout + proc.stderr  # no pip download ran
