@@ -95,32 +95,32 @@ def generate_samples(max_new_tokens, seed=0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    # full models only: SFT's merged/ copy, GRPO's output dir (it saves the merged policy there)
-    models = {"pretrained": common.OUTPUT_DIR, "sft": common.SFT_OUTPUT_DIR / "merged", "grpo": common.GRPO_OUTPUT_DIR}
-    samples = {}
-    for name, path in models.items():
+    # full models only: SFT's merged/ copy, GRPO's output dir (it saves the merged policy there); the base twice
+    runs = [("pretrained", common.OUTPUT_DIR, False), ("pretrained, chat template", common.OUTPUT_DIR, True),
+            ("sft", common.SFT_OUTPUT_DIR / "merged", True), ("grpo", common.GRPO_OUTPUT_DIR, True)]
+    samples, loaded = {}, None
+    for label, path, chat in runs:
         if not (Path(path) / "config.json").is_file():
             continue
-        tok = common.load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
-        stops = [tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id]
-        for chat in ([False, True] if name == "pretrained" else [True]):
-            label = "pretrained, chat template" if name == "pretrained" and chat else name
-            samples[label] = {}
-            for prompt in PROMPTS:
-                text = common.render_messages([{"role": "user", "content": prompt}], True) if chat else prompt
-                ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-                samples[label][prompt] = {}
-                for mode, sampling in (("greedy", dict(do_sample=False)),
-                                       ("sampled", dict(do_sample=True, temperature=0.8, top_k=50, top_p=1.0))):
-                    torch.manual_seed(seed)
-                    with torch.no_grad():
-                        new = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                             eos_token_id=stops, **sampling)[0, ids.shape[1]:]
-                    reply = tok.decode(new, skip_special_tokens=True)
-                    # an empty line would read as a failure to generate: say which token ended it
-                    samples[label][prompt][mode] = reply if reply.strip() else \
-                        f"(nothing: its first token is {tok.decode(new[:1])})"
+        if path != loaded:
+            tok = common.load_tokenizer(path)
+            model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+            stops, loaded = [tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id], path
+        samples[label] = {}
+        for prompt in PROMPTS:
+            text = common.render_messages([{"role": "user", "content": prompt}], True) if chat else prompt
+            ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+            samples[label][prompt] = {}
+            for mode, sampling in (("greedy", dict(do_sample=False)),
+                                   ("sampled", dict(do_sample=True, temperature=0.8, top_k=50, top_p=1.0))):
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    new = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=stops, **sampling)[0, ids.shape[1]:]
+                reply = tok.decode(new, skip_special_tokens=True)
+                # an empty line would read as a failure to generate: say which token ended it
+                samples[label][prompt][mode] = reply if reply.strip() else \
+                    f"(nothing: its first token is {tok.decode(new[:1])})"
     return samples
 
 

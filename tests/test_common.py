@@ -1,5 +1,7 @@
 """common.py: atomic directories, lineage fingerprints and the dtype switch; every script's --help."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -72,17 +74,14 @@ def test_dtype_switch(monkeypatch):
     assert common.dtype_name() == ("bf16" if torch.cuda.is_available() or common.cpu_has_fast_bf16() else "fp32")
 
 
-SCRIPTS = sorted(str(p.relative_to(common.REPO)) for p in common.REPO.glob("*/**/*.py")
-                 if not p.is_relative_to(common.REPO / ".venv") and not p.is_relative_to(common.REPO / "tests")
-                 and 'if __name__ == "__main__"' in p.read_text(encoding="utf-8"))
+SCRIPTS = sorted(str(p.relative_to(common.REPO)) for d in common.REPO.iterdir()  # the stage folders, not .venv/
+                 if d.is_dir() and not d.name.startswith(".") and d.name != "tests" for p in d.rglob("*.py")
+                 if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_has_help_that_does_nothing_else(script):
     """--help prints the usage and exits 0 before any work (a data builder once downloaded and rewrote its output)."""
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, script, "--help"], cwd=common.REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (proc.stdout[-500:], proc.stderr[-2000:])
