@@ -233,6 +233,8 @@ def main():
                          [("train loss", *column(sft_hist, "loss"), 0),
                           ("eval loss", *column(sft_hist, "eval_loss"), 0)], "SFT loss (assistant tokens)"),
         "grpo": plot(REPORT_DIR / "grpo.png", [("reward", *column(grpo_hist, "reward"), 0),
+                                               ("held-out exact answer", *column(grpo_hist, "heldout/exact_answer"), 0),
+                                               ("held-out, sampled", *column(grpo_hist, "heldout/sampled_exact_answer"), 0),
                                                ("KL", *column(grpo_hist, "kl"), 1)], "GRPO reward and KL"),
         "eval": eval_chart(REPORT_DIR / "eval.png", metrics["eval"]),
     }

@@ -475,10 +475,13 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
     second epoch's prompt order, the sampling RNG and the optimizer restored) and saves the same model."""
     from safetensors.torch import load_file
 
-    run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, rlhf_dir, "--epochs", 2))
+    run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, rlhf_dir, "--epochs", 2, "--eval-every", 4))
     history = jsonl(rlhf_dir / "grpo_output" / "history.jsonl")
     steps = [h for h in history if "reward" in h]
     assert [h["step"] for h in steps] == list(range(1, 9))  # 8 prompts x 4 completions / 8 per step, 2 epochs
+    heldout = [h for h in history if "heldout/exact_answer" in h]  # before the first step, then every 4th
+    assert [h["step"] for h in heldout] == [0, 4, 8]
+    assert all(0 <= h[k] <= 1 for h in heldout for k in ("heldout/exact_answer", "heldout/sampled_exact_answer"))
     for key in ("reward", "reward_std", "kl", "completions/mean_length", "step_time",
                 "rewards/reward_model_score/mean", "rewards/exact_answer/mean"):
         assert all(key in h for h in steps), key
@@ -515,9 +518,12 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
     os.symlink(rlhf_dir / "reward_model", killed / "reward_model")
     shutil.copytree(rlhf_dir / "checkpoints" / "grpo", killed / "checkpoints" / "grpo")
     shutil.rmtree(killed / "checkpoints" / "grpo" / "checkpoint-8")
-    resumed = run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, killed, "--epochs", 2))
+    # resumed with a held-out evaluation after every step: it samples too, and leaves training's samples as they were
+    resumed = run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, killed, "--epochs", 2, "--eval-every", 1))
     assert "resuming from" in resumed.stdout and "checkpoint-6" in resumed.stdout
-    mine = [h for h in jsonl(killed / "grpo_output" / "history.jsonl") if "reward" in h]
+    resumed_history = jsonl(killed / "grpo_output" / "history.jsonl")
+    assert [h["step"] for h in resumed_history if "heldout/exact_answer" in h] == [0, 4, 7, 8]  # 0, 4: copied
+    mine = [h for h in resumed_history if "reward" in h]
     for key in ("reward", "loss", "kl", "completions/mean_length"):
         assert [h[key] for h in mine] == [h[key] for h in steps], key
     assert (killed / "grpo_output" / "model.safetensors").read_bytes() == \
@@ -585,11 +591,13 @@ def test_grpo_trl_two_processes(rlhf_dir, tiny_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={free_port()}", str(REPO / "RLHF" / "grpo_trl.py"),
-                           *map(str, grpo_args(tiny_model_dir, out, "--epochs", 1, "--batch-size", 4))],
+                           *map(str, grpo_args(tiny_model_dir, out, "--epochs", 1, "--batch-size", 4,
+                                               "--eval-every", 2))],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = jsonl(out / "grpo_output" / "history.jsonl")
     assert len([h for h in steps if "reward" in h]) == 4  # 32 completions / (4 per process x 2 processes)
+    assert [h["step"] for h in steps if "heldout/exact_answer" in h] == [0, 2, 4]  # by rank 0 alone
     assert common.read_lineage(out / "grpo_output")["settings"]["processes"] == 2
     assert (out / "eval.json").is_file()
 
