@@ -200,25 +200,34 @@ def rerun_command(args):
                                      base_dir=(args.base_dir, common.OUTPUT_DIR), out_dir=(args.out_dir, RLHF_DIR))
 
 
+def sampled_exact_answer_accuracy(args, model, tok, messages, answers, batch_size=32):
+    """Exact-answer accuracy of SAMPLES answers per problem, sampled at the training temperature from args.seed
+    (a smoother measure than one greedy answer each): eval.json's, and the --eval-every curve's."""
+    torch.manual_seed(args.seed)
+    _, sampled = rlhf_common.generate_completions(model, tok, [m for m in messages for _ in range(SAMPLES)],
+                                                  args.max_completion_length, do_sample=True,
+                                                  temperature=args.temperature, batch_size=batch_size,
+                                                  dtype=common.dtype_name(allow_fp16=True))
+    rewards = rlhf_common.exact_answer_reward(sampled, [a for a in answers for _ in range(SAMPLES)])
+    return sum(rewards) / max(1, len(rewards))
+
+
 def heldout_exact_answers(args, model, tok, arithmetic):
-    """(greedy, sampled) exact-answer accuracy of model on the held-out arithmetic prompts, the sampled one over
-    SAMPLES answers per problem at the training temperature (a smoother measure than 200 greedy answers): the curve
-    --eval-every logs during training. The global RNG is left as it was, so training samples what it would without."""
+    """(greedy, sampled) exact-answer accuracy of model on the held-out arithmetic prompts during training (the
+    --eval-every curve), in batches of 128 (faster than eval.json's 32). The global RNG is left as it was, so
+    training samples what it would without."""
     messages, answers = [p["prompt"] for p in arithmetic], [p["answer"] for p in arithmetic]
-    dtype, dev = common.dtype_name(allow_fp16=True), next(model.parameters()).device
+    dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(args.seed)
         _, greedy = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length,
-                                                     do_sample=False, batch_size=128, dtype=dtype)
-        _, sampled = rlhf_common.generate_completions(model, tok, messages * SAMPLES, args.max_completion_length,
-                                                      do_sample=True, temperature=args.temperature, batch_size=128,
-                                                      dtype=dtype)
+                                                     do_sample=False, batch_size=128,
+                                                     dtype=common.dtype_name(allow_fp16=True))
+        sampled = sampled_exact_answer_accuracy(args, model, tok, messages, answers, batch_size=128)
     model.train(was_training)
-    greedy, sampled = (rlhf_common.exact_answer_reward(greedy, answers),
-                       rlhf_common.exact_answer_reward(sampled, answers * SAMPLES))
-    return sum(greedy) / len(greedy), sum(sampled) / len(sampled)
+    greedy = rlhf_common.exact_answer_reward(greedy, answers)
+    return sum(greedy) / len(greedy), sampled
 
 
 def evaluate(args, grpo_model, tok):
@@ -238,9 +247,7 @@ def evaluate(args, grpo_model, tok):
               "max_new_tokens": args.max_completion_length, "sampling": {"temperature": args.temperature,
                                                                         "samples_per_problem": SAMPLES}}
     im_end = tok.convert_tokens_to_ids(common.IM_END)
-    # each arithmetic problem SAMPLES times, for the sampled exact answers
-    sample_messages = [m for m, a in zip(messages, answers) if a is not None for _ in range(SAMPLES)]
-    sample_answers = [a for a in answers if a is not None for _ in range(SAMPLES)]
+    arithmetic = [(m, a) for m, a in zip(messages, answers) if a is not None]
     for name, model in (("sft", sft_model), ("grpo", grpo_model)):
         model.eval()
         ids, texts = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length,
@@ -259,12 +266,10 @@ def evaluate(args, grpo_model, tok):
             scores = rlhf_common.reward_model_scores(rm[0], rm[1], messages, texts)
             result[name]["reward_model_score"] = sum(scores) / len(scores)
         # What GRPO optimizes: answers sampled at the training temperature (its reward on the training prompts can
-        # rise by learning those prompts by heart; this is the same measure on held-out ones).
-        torch.manual_seed(args.seed)  # both models sampled alike: the SFT policy against itself gives the same value
-        _, sampled = rlhf_common.generate_completions(model, tok, sample_messages, args.max_completion_length,
-                                                      do_sample=True, temperature=args.temperature, dtype=dtype)
-        rewards = rlhf_common.exact_answer_reward(sampled, sample_answers)
-        result[name]["sampled_exact_answer_accuracy"] = sum(rewards) / max(1, len(rewards))
+        # rise by learning those prompts by heart; this is the same measure on held-out ones). Both models are
+        # sampled from the same seed: the SFT policy against itself gives the same value.
+        result[name]["sampled_exact_answer_accuracy"] = sampled_exact_answer_accuracy(
+            args, model, tok, [m for m, _ in arithmetic], [a for _, a in arithmetic])
     # KL to the reference on the GRPO policy's own samples: k1 = log p/q is unbiased, k3 is what TRL logs.
     torch.manual_seed(args.seed)  # the same samples on every evaluation of the same model
     ids, _ = rlhf_common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True,
@@ -378,8 +383,7 @@ def train(args):
         kept = [line for line in history_file.read_text().splitlines() if json.loads(line).get("step", 0) <= done]
         common.atomic_write_bytes(history_file, "".join(line + "\n" for line in kept).encode())
 
-    heldout = [p for p in rlhf_common.rlhf_prompts("heldout", args.eval_arithmetic, 0, seed=args.seed)
-               if p["answer"] is not None]
+    heldout = rlhf_common.rlhf_prompts("heldout", args.eval_arithmetic, 0, seed=args.seed) if args.eval_every else []
 
     class Logs(TrainerCallback):  # train.log (all stages) and history.jsonl (this run, for the report card)
         def on_log(self, a, state, control, logs=None, **kw):
@@ -396,7 +400,7 @@ def train(args):
                 self.on_step_end(a, state, control, model=model)
 
         def on_step_end(self, a, state, control, model=None, **kw):
-            if args.eval_every and heldout and state.global_step % args.eval_every == 0 and state.is_world_process_zero:
+            if heldout and state.global_step % args.eval_every == 0 and state.is_world_process_zero:
                 greedy, sampled = heldout_exact_answers(args, model, tok, heldout)
                 print(f"step {state.global_step}: held-out exact answers {greedy:.3f} (sampled at temperature "
                       f"{args.temperature}: {sampled:.3f})")
