@@ -8,6 +8,9 @@ SHELL := bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Scripts import this checkout's llm_train/ even where .venv/ was installed from another checkout (a copy that shares it).
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+LIBRARY := $(wildcard llm_train/*.py)
 NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 SCALE ?= $(if $(filter 0,$(NGPU)),cpu,gpu)
 
@@ -63,7 +66,7 @@ FORCE:
 setup: $(VENV)/.installed
 
 # Reinstalled only when requirements.txt changes; a second `make setup` does nothing.
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
@@ -101,7 +104,7 @@ chat: setup
 	  if [ -n "$$old" ]; then echo "== SCALE changed from $$old to $(SCALE): rebuilding the outputs; checkpoints/$$old/ is kept"; fi; \
 	  echo $(SCALE) > $@; rm -rf report/timings; fi
 
-tokenizer/tokenizer.json: PreTrain/train_byte_level_bpe_tokenizer.py common.py $(wildcard data/default_corpus/*.jsonl.gz) .scale | setup
+tokenizer/tokenizer.json: PreTrain/train_byte_level_bpe_tokenizer.py $(LIBRARY) $(wildcard data/default_corpus/*.jsonl.gz) .scale | setup
 	$(call timed,tokenizer,$(PY) PreTrain/train_byte_level_bpe_tokenizer.py --force $(TOKENIZER_FLAGS))
 
 pretrain_data_chunks/manifest.json: PreTrain/preprocess_dataset_for_pretrain_map.py tokenizer/tokenizer.json
@@ -113,10 +116,10 @@ output/pretrain_summary.json: PreTrain/model.py pretrain_data_chunks/manifest.js
 SFT/eval.json: SFT/qlora_fine_tune_trl.py output/pretrain_summary.json
 	$(call timed,sft,$(PY) SFT/qlora_fine_tune_trl.py --force --merge --checkpoint-dir checkpoints/$(SCALE)/sft $(SFT_FLAGS))
 
-RLHF/reward_eval.json: RLHF/reward_model.py RLHF/rlhf_common.py SFT/eval.json
+RLHF/reward_eval.json: RLHF/reward_model.py SFT/eval.json
 	$(call timed,reward_model,$(PY) RLHF/reward_model.py --force --checkpoint-dir checkpoints/$(SCALE)/reward_model $(RM_FLAGS))
 
-RLHF/eval.json: RLHF/grpo_trl.py RLHF/rlhf_common.py RLHF/reward_eval.json
+RLHF/eval.json: RLHF/grpo_trl.py RLHF/reward_eval.json
 	$(call timed,grpo,$(PY) RLHF/grpo_trl.py --force --checkpoint-dir checkpoints/$(SCALE)/grpo $(GRPO_FLAGS))
 
 # lm-eval on every model, the same tasks (the offline ones of Eval/tasks/): the report card's comparison table.

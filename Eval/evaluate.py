@@ -34,15 +34,18 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+from llm_train.atomic import atomic_write_bytes, atomic_write_json, check_writable_dir
+from llm_train.cli import positive_int
+from llm_train.errors import UserError, run_main
+from llm_train.lineage import check_lineage, recorded_parents
+from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, SFT_OUTPUT_DIR
+from llm_train.runtime import compute_dtype, dtype_name
+from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
 
-EVAL_DIR = common.REPO / "Eval"
+EVAL_DIR = REPO / "Eval"
 TASKS_DIR = EVAL_DIR / "tasks"
 MODELS = ("base", "sft", "grpo")
 # lm-eval warns about every task with a custom dataset, about every model with "chat" in its path, and about every
@@ -57,14 +60,14 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="llm_train",
                    help="comma-separated lm-eval task, group or tag names; llm_train = the offline tasks")
     p.add_argument("--models", nargs="+", choices=MODELS, help="which models (not given: every one that exists)")
-    p.add_argument("--limit", type=common.positive_int, help="only the first N documents of each task (not given: all)")
-    p.add_argument("--batch-size", type=common.positive_int, default=32, help="sequences per forward pass")
+    p.add_argument("--limit", type=positive_int, help="only the first N documents of each task (not given: all)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward pass")
     p.add_argument("--device", help="cuda, cuda:N or cpu (not given: cuda when there is a GPU, else cpu)")
-    p.add_argument("--max-new-tokens", type=common.positive_int, default=64,
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="reply length of the offline generation tasks (SFT's --max-new-tokens, for the same numbers)")
-    p.add_argument("--base-dir", type=Path, default=common.OUTPUT_DIR, help="the pretrained model")
-    p.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="the SFT LoRA adapter (on --base-dir)")
-    p.add_argument("--grpo-dir", type=Path, default=common.GRPO_OUTPUT_DIR, help="the merged GRPO policy")
+    p.add_argument("--base-dir", type=Path, default=OUTPUT_DIR, help="the pretrained model")
+    p.add_argument("--sft-dir", type=Path, default=SFT_OUTPUT_DIR, help="the SFT LoRA adapter (on --base-dir)")
+    p.add_argument("--grpo-dir", type=Path, default=GRPO_OUTPUT_DIR, help="the merged GRPO policy")
     p.add_argument("--output-dir", type=Path, default=EVAL_DIR, help="results.json and samples/ go here")
     return p.parse_args(argv)
 
@@ -90,10 +93,10 @@ def find_models(args):
             raise UserError(f"no {name} model in {where[name][0]}: run its stage first (make all), or pass "
                             f"{where[name][1]}")
     if "sft" in wanted:
-        common.check_lineage(sft, f"python SFT/qlora_fine_tune_trl.py --force --model-dir {base} --output-dir {sft}",
+        check_lineage(sft, f"python SFT/qlora_fine_tune_trl.py --force --model-dir {base} --output-dir {sft}",
                              base=base)
     if "grpo" in wanted:  # against the parents its lineage names that still exist (as RLHF/grpo_trl.py does)
-        common.check_lineage(grpo, "python RLHF/grpo_trl.py --force", **common.recorded_parents(grpo))
+        check_lineage(grpo, "python RLHF/grpo_trl.py --force", **recorded_parents(grpo))
     return {name: found[name] for name in wanted}
 
 
@@ -134,15 +137,15 @@ def load_model(model_dir, adapter_dir, tokenizer_dir, args):
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    dtype = common.compute_dtype(allow_fp16=True)
-    tokenizer = common.load_chat_tokenizer(tokenizer_dir)
+    dtype = compute_dtype(allow_fp16=True)
+    tokenizer = load_chat_tokenizer(tokenizer_dir)
     lm = HFLM(pretrained=str(model_dir), peft=str(adapter_dir) if adapter_dir else None, tokenizer=tokenizer,
               device=args.device, batch_size=args.batch_size, dtype=torch.float32, trust_remote_code=False,
               mixed_precision_dtype=None if dtype == torch.float32 else dtype, softmax_dtype=torch.float32)
     # A reply ends at <|im_end|> (or <|endoftext|>), as in SFT's and GRPO's own evaluations: the rows of a batch that
     # are done get pad tokens while the others finish, not the text after the end of their turn.
-    lm.model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(common.IM_END),
-                                               tokenizer.convert_tokens_to_ids(common.EOT)]
+    lm.model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(IM_END),
+                                               tokenizer.convert_tokens_to_ids(EOT)]
     return lm
 
 
@@ -195,7 +198,7 @@ def sample_rows(task, samples, output_type):
 
 def write_samples(path, rows):
     text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
-    common.atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def table(results):
@@ -217,7 +220,7 @@ def main(argv=None):
     if not names:
         raise UserError("--tasks is empty: give task names, e.g. --tasks llm_train")
     models = find_models(args)
-    common.check_writable_dir(args.output_dir)
+    check_writable_dir(args.output_dir)
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -230,11 +233,11 @@ def main(argv=None):
     manager, offline, hub = resolve_tasks(names)
     print(f"eval: {', '.join(models)} on {', '.join(offline + [n for n, _ in hub])}"
           f"{f' (first {args.limit} documents each)' if args.limit else ''}, {args.device}, "
-          f"{common.dtype_name(allow_fp16=True)}", flush=True)
+          f"{dtype_name(allow_fp16=True)}", flush=True)
 
     results = {"lm_eval_version": lm_eval.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "settings": {"tasks": names, "limit": args.limit, "batch_size": args.batch_size, "device": args.device,
-                            "dtype": common.dtype_name(allow_fp16=True), "max_new_tokens": args.max_new_tokens},
+                            "dtype": dtype_name(allow_fp16=True), "max_new_tokens": args.max_new_tokens},
                "tasks": {}, "models": {}}
     t_start = time.time()
     for name, (model_dir, adapter_dir, tokenizer_dir) in models.items():
@@ -257,10 +260,10 @@ def main(argv=None):
         print(f"eval: {name} done in {entry['seconds']:.1f}s", flush=True)
         del lm
     results["seconds"] = round(time.time() - t_start, 1)
-    common.atomic_write_json(args.output_dir / "results.json", results)
+    atomic_write_json(args.output_dir / "results.json", results)
     print(table(results))
     print(f"eval: wrote {args.output_dir / 'results.json'} in {results['seconds']:.0f}s")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

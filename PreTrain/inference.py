@@ -15,13 +15,14 @@ autocast on CUDA and on CPUs with bf16 matmul units (AMX / AVX512-BF16); fp32 el
 bf16 matmuls are ~12x slower than fp32 (measured). Prints each continuation and its tokens/s.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+from llm_train.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
+from llm_train.errors import UserError, run_main
+from llm_train.paths import OUTPUT_DIR
+from llm_train.runtime import DTYPE_ENV, DTYPES, dtype_name
+from llm_train.tokenizer import load_tokenizer
 
 DEFAULT_PROMPTS = [
     "The President said that the nation",
@@ -53,15 +54,15 @@ def generate(model, ids, max_new_tokens, eos_token_id, **gen_kwargs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, default=common.OUTPUT_DIR)
+    p.add_argument("--model-dir", type=Path, default=OUTPUT_DIR)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: English, Chinese and code")
-    p.add_argument("--max-new-tokens", type=common.positive_int, default=100)
-    p.add_argument("--temperature", type=common.nonnegative_float, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=common.nonnegative_int, default=50, help="0 disables top-k")
-    p.add_argument("--top-p", type=common.positive_float, default=0.95, help="1.0 disables nucleus sampling")
-    p.add_argument("--seed", type=common.nonnegative_int, default=None)
-    p.add_argument("--dtype", choices=common.DTYPES, default=None,
-                   help=f"bf16 autocast or fp32 (default: ${common.DTYPE_ENV}, else auto: bf16 on CUDA and on CPUs "
+    p.add_argument("--max-new-tokens", type=positive_int, default=100)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=nonnegative_int, default=50, help="0 disables top-k")
+    p.add_argument("--top-p", type=positive_float, default=0.95, help="1.0 disables nucleus sampling")
+    p.add_argument("--seed", type=nonnegative_int, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help=f"bf16 autocast or fp32 (default: ${DTYPE_ENV}, else auto: bf16 on CUDA and on CPUs "
                         "with AMX/AVX512-BF16)")
     args = p.parse_args(argv)
     if args.top_p > 1:
@@ -74,7 +75,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = common.load_tokenizer(args.model_dir)
+    tokenizer = load_tokenizer(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), use_safetensors=True).to(device).eval()
     if model.config.n_positions < 2:
         raise UserError(f"{args.model_dir}: a context of {model.config.n_positions} position leaves no room to "
@@ -87,7 +88,7 @@ def main(argv=None):
         gen_kwargs.update(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     else:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=common.dtype_name(args.dtype) == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name(args.dtype) == "bf16")
     context = model.config.n_positions
     for prompt in args.prompt or DEFAULT_PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
@@ -103,4 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

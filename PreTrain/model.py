@@ -2,7 +2,7 @@
 
 Reads:  pretrain_data_chunks/ (manifest.json + flat token files of fixed-length rows, from
         PreTrain/preprocess_dataset_for_pretrain_map.py) and tokenizer/ (its fingerprint must match the manifest's).
-        Rows are read from disk as batches need them (common.ChunkRows): a rank's memory does not grow with the chunk set.
+        Rows are read from disk as batches need them (ChunkRows): a rank's memory does not grow with the chunk set.
 Writes: output/ a Hugging Face GPT-2 checkpoint (config.json, model.safetensors, generation_config.json, tokenizer
         files with model_max_length = the context, history.jsonl, pretrain_summary.json, lineage.json) that
         AutoModelForCausalLM.from_pretrained("./output") loads; checkpoints/pretrain/step_NNNNNN/ (every
@@ -90,14 +90,19 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+from llm_train.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable_dir
+from llm_train.chunks import chunk_rows
+from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
+from llm_train.errors import UserError, run_main
+from llm_train.lineage import LINEAGE, already_done, check_output_dir, read_lineage, refuse_to_replace, write_lineage
+from llm_train.paths import CHUNKS_DIR, OUTPUT_DIR, REPO, TOKENIZER_DIR
+from llm_train.runtime import DTYPE_ENV, DTYPES, dtype_name, end_distributed
+from llm_train.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 # DeepSpeed's ZeRO code calls a torch collective that torch has deprecated: nothing a user of this script can act on.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -282,11 +287,11 @@ def save_hf(model_state, model_config, tokenizer, tokenizer_dir, out_dir):
                                             top_k=50)
     hf.save_pretrained(str(out_dir), safe_serialization=True)
     for f in Path(tokenizer_dir).iterdir():  # the tokenizer as stage 1 wrote it (chat template included)
-        if f.is_file() and f.name not in ("README.md", "report.json", common.LINEAGE):
+        if f.is_file() and f.name not in ("README.md", "report.json", LINEAGE):
             shutil.copy2(f, Path(out_dir) / f.name)
     tokenizer_config = Path(out_dir) / "tokenizer_config.json"
     settings = json.loads(tokenizer_config.read_text(encoding="utf-8")) if tokenizer_config.is_file() else {}
-    common.atomic_write_json(tokenizer_config, {**settings, "model_max_length": c["context_length"]})
+    atomic_write_json(tokenizer_config, {**settings, "model_max_length": c["context_length"]})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,9 +310,9 @@ def read_manifest(chunks_dir, tokenizer_dir):
         raise UserError(f"{path}: chunks in format {manifest.get('format')!r}, this script reads format 2 (flat token "
                         "files): re-run `python PreTrain/preprocess_dataset_for_pretrain_map.py --force` with your "
                         "settings")
-    fingerprint = common.tokenizer_fingerprint(tokenizer_dir)
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
     if manifest.get("tokenizer_fingerprint") != fingerprint:
-        made_with = (common.read_lineage(chunks_dir) or {}).get("parents", {}).get("tokenizer", {}).get("path")
+        made_with = (read_lineage(chunks_dir) or {}).get("parents", {}).get("tokenizer", {}).get("path")
         use = f"pass --tokenizer-dir {made_with} (the tokenizer they were made with), or " if made_with else ""
         raise UserError(f"{path} was made with another tokenizer than {tokenizer_dir} (fingerprint mismatch): {use}"
                         f"re-run `python PreTrain/preprocess_dataset_for_pretrain_map.py --tokenizer-dir "
@@ -315,7 +320,7 @@ def read_manifest(chunks_dir, tokenizer_dir):
     return manifest
 
 
-load_rows = common.chunk_rows  # a split's rows, read from disk as batches need them
+load_rows = chunk_rows  # a split's rows, read from disk as batches need them
 
 
 class Batches:
@@ -474,7 +479,7 @@ def run_settings(args, vocab_size, padded_vocab_size):
     """What decides the trained model: compared with a checkpoint's run before resuming it, and recorded in
     output/lineage.json, where an identical rerun finds the run finished. Not paths or logging, and not how the
     rows of a step are split into ranks and micro batches (any split of the same rows_per_step trains the same)."""
-    return {**common.settings_of(args, "n_layer", "n_embd", "n_head", "context_length", "max_steps", "lr",
+    return {**settings_of(args, "n_layer", "n_embd", "n_head", "context_length", "max_steps", "lr",
                                  "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
                                  "dtype"),
             "vocab_size": vocab_size, "padded_vocab_size": padded_vocab_size,
@@ -507,7 +512,7 @@ def check_resume(state, settings, fingerprints, ckpt_path, ckpt_dir):
 # ---------------------------------------------------------------------------------------------------------------
 def token_count(text):
     """A positive whole number of tokens, also written as 2e9 or 524_288."""
-    value = common.positive_float(text)
+    value = positive_float(text)
     if value != int(value):
         raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text}")
     return int(value)
@@ -515,8 +520,8 @@ def token_count(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    pos_int, nonneg_int = common.positive_int, common.nonnegative_int
-    pos_float, nonneg_float = common.positive_float, common.nonnegative_float
+    pos_int, nonneg_int = positive_int, nonnegative_int
+    pos_float, nonneg_float = positive_float, nonnegative_float
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size and schedule (default: gpt2-100m with CUDA, cpu without)")
     p.add_argument("--n-layer", type=pos_int)
@@ -544,8 +549,8 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=nonneg_float, default=0.95)
     p.add_argument("--grad-clip", type=pos_float, default=1.0)
     p.add_argument("--seed", type=nonneg_int, default=1337)
-    p.add_argument("--dtype", choices=common.DTYPES, default=None,
-                   help=f"bf16 autocast or fp32 (default: ${common.DTYPE_ENV}, else auto: bf16 on CUDA and on CPUs "
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help=f"bf16 autocast or fp32 (default: ${DTYPE_ENV}, else auto: bf16 on CUDA and on CPUs "
                         "with AMX/AVX512-BF16)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -558,12 +563,12 @@ def parse_args(argv=None):
     p.add_argument("--keep-checkpoints", type=pos_int, default=2)
     p.add_argument("--peak-flops", type=pos_float, default=None,
                    help="peak FLOP/s for MFU on CPU (default: a nominal peak from the CPU flags, see cpu_peak_flops)")
-    p.add_argument("--chunks-dir", type=Path, default=common.CHUNKS_DIR)
-    p.add_argument("--tokenizer-dir", type=Path, default=common.TOKENIZER_DIR)
-    p.add_argument("--output-dir", type=Path, default=common.OUTPUT_DIR)
-    p.add_argument("--checkpoint-dir", type=Path, default=common.REPO / "checkpoints" / "pretrain")
-    p.add_argument("--log-file", type=Path, default=common.REPO / "train.log")
-    p.add_argument("--tensorboard-dir", type=Path, default=common.REPO / "runs" / "pretrain")
+    p.add_argument("--chunks-dir", type=Path, default=CHUNKS_DIR)
+    p.add_argument("--tokenizer-dir", type=Path, default=TOKENIZER_DIR)
+    p.add_argument("--output-dir", type=Path, default=OUTPUT_DIR)
+    p.add_argument("--checkpoint-dir", type=Path, default=REPO / "checkpoints" / "pretrain")
+    p.add_argument("--log-file", type=Path, default=REPO / "train.log")
+    p.add_argument("--tensorboard-dir", type=Path, default=REPO / "runs" / "pretrain")
     p.add_argument("--deepspeed", type=Path, default=None, metavar="DS_CONFIG", help="train with DeepSpeed (ZeRO-2)")
     p.add_argument("--force", action="store_true",
                    help="replace an output/ that later stages were built from, and redo a finished run's export")
@@ -577,8 +582,8 @@ def parse_args(argv=None):
     if args.min_lr_ratio > 1:
         p.error(f"--min-lr-ratio must be at most 1, got {args.min_lr_ratio}")
     args.warmup_from_preset = args.warmup_steps is None  # then shortened for a short run (resolve_schedule)
-    common.apply_preset(args, PRESETS, "gpt2-100m" if torch.cuda.is_available() else "cpu")
-    args.dtype = common.dtype_name(args.dtype)
+    apply_preset(args, PRESETS, "gpt2-100m" if torch.cuda.is_available() else "cpu")
+    args.dtype = dtype_name(args.dtype)
     return args
 
 
@@ -630,7 +635,7 @@ def read_inputs(args):
     (manifest, tokenizer, vocab_size (the tokenizer's), padded_vocab_size (embedding rows), fingerprints of the
     tokenizer and the chunk set)."""
     manifest = read_manifest(args.chunks_dir, args.tokenizer_dir)
-    tokenizer = common.load_tokenizer(args.tokenizer_dir)
+    tokenizer = load_tokenizer(args.tokenizer_dir)
     vocab_size = len(tokenizer)
     padded_vocab_size = args.vocab_size or padded_vocab(vocab_size)
     if padded_vocab_size < vocab_size:
@@ -648,7 +653,7 @@ def read_inputs(args):
 
 
 def load_data(args, manifest, vocab_size, dist):
-    """(train rows, val rows): common.ChunkRows readers of context_length + 1 tokens per row."""
+    """(train rows, val rows): ChunkRows readers of context_length + 1 tokens per row."""
     train_rows = load_rows(args.chunks_dir, manifest, "train", args.context_length, vocab_size)
     val_rows = load_rows(args.chunks_dir, manifest, "val", args.context_length, vocab_size)
     if len(val_rows) == 0:
@@ -800,15 +805,15 @@ def save_checkpoint(args, dist, engine, run):
     if engine.ds is not None:
         engine.ds.save_checkpoint(str(args.checkpoint_dir), tag=tag, save_latest=False)
         if dist.master:  # every rank has written its part (save_checkpoint ends in a barrier): now point at it
-            common.atomic_write_json(args.checkpoint_dir / tag / "trainer_state.json", state)
-            common.atomic_write_bytes(args.checkpoint_dir / "latest", tag.encode())
+            atomic_write_json(args.checkpoint_dir / tag / "trainer_state.json", state)
+            atomic_write_bytes(args.checkpoint_dir / "latest", tag.encode())
             prune_checkpoints(args.checkpoint_dir, args.keep_checkpoints)
         torch.distributed.barrier()
         return
     if dist.master:
         from safetensors.torch import save_file
 
-        with common.atomic_dir(args.checkpoint_dir / tag) as tmp:
+        with atomic_dir(args.checkpoint_dir / tag) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in engine.model.state_dict().items()},
                       str(tmp / "model.safetensors"))
             extra = {"optimizer": engine.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
@@ -983,11 +988,11 @@ def export(args, dist, engine, run, tokenizer, summary):
         model = engine.model
     if not dist.master:
         return
-    with common.atomic_dir(args.output_dir) as tmp:
+    with atomic_dir(args.output_dir) as tmp:
         save_hf(hf_state_dict(model), run.model_config, tokenizer, args.tokenizer_dir, tmp)
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
-        common.atomic_write_json(tmp / "pretrain_summary.json", summary)
-        common.write_lineage(tmp, "pretrain", run.settings, tokenizer_dir=args.tokenizer_dir, chunks=args.chunks_dir,
+        atomic_write_json(tmp / "pretrain_summary.json", summary)
+        write_lineage(tmp, "pretrain", run.settings, tokenizer_dir=args.tokenizer_dir, chunks=args.chunks_dir,
                              tokenizer=args.tokenizer_dir)
 
 
@@ -1001,14 +1006,14 @@ def main(argv=None):
         schedule = resolve_schedule(args, train_rows, dist.world_size)
         settings = run_settings(args, vocab_size, padded_vocab_size)
         with nullcontext() if dist.master else contextlib.redirect_stdout(io.StringIO()):  # said once, by rank 0
-            if not args.force and common.already_done(args.output_dir, "pretrain", settings, chunks=args.chunks_dir,
+            if not args.force and already_done(args.output_dir, "pretrain", settings, chunks=args.chunks_dir,
                                                       tokenizer=args.tokenizer_dir):
                 return
-        common.check_output_dir(args.output_dir, "pretrain", "pretraining")
-        common.refuse_to_replace(args.output_dir, args.force, "pretrained model")
+        check_output_dir(args.output_dir, "pretrain", "pretraining")
+        refuse_to_replace(args.output_dir, args.force, "pretrained model")
         if dist.master:
-            common.check_writable_dir(args.output_dir.parent)
-            common.check_writable_dir(args.checkpoint_dir)
+            check_writable_dir(args.output_dir.parent)
+            check_writable_dir(args.checkpoint_dir)
 
         torch.manual_seed(args.seed)
         if dist.device.type == "cpu":  # compiled kernels otherwise add in a racing order: two runs of one command
@@ -1059,14 +1064,14 @@ def main(argv=None):
         log(f"done: {run.step} steps, final train loss {summary['final_train_loss']}, val loss {val['val_loss']:.4f}, "
             f"val bits/byte {val['val_bpb']:.4f}, wrote {args.output_dir} in {summary['wall_seconds']:.0f}s")
         log.close()
-        common.end_distributed()  # the other ranks wait for rank 0's export
+        end_distributed()  # the other ranks wait for rank 0's export
     except UserError:
         if not dist.master:  # every check runs alike on every rank: rank 0 says it, the others stop with its code
             sys.exit(2)
         raise
     finally:  # after an error too, so that a caller can start again (a no-op after the success path's)
-        common.end_distributed(wait=False)
+        end_distributed(wait=False)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -35,13 +35,13 @@ Sources (--sources NAME[:WEIGHT] ...):
                    answers: [{answer_id, author, author_id, author_profile, pm_score, selected, text}]}
                    -> question + answers (highest pm_score first, downvoted ones left out), HTML made plain text
                    (entities unescaped, tags dropped, <pre>/<code> contents kept)
-                   Named sources (ids, cleaners) live in common.py: the tokenizer stage takes the same names.
+                   Named sources (ids, cleaners) live in py: the tokenizer stage takes the same names.
   midtrain         generated chat-format documents (mid-training, as nanochat does between base and SFT): the
-                   arithmetic word problems of common.py with worked answers (training split only, another seed than
+                   arithmetic word problems of py with worked answers (training split only, another seed than
                    SFT's) and the embedded chatterbot training conversations, rendered with the chat template, their
                    <|im_start|>/<|im_end|> as the real special tokens; endless, so it needs --max-tokens. The base
                    model then knows the chat format and the digits before SFT.
-  To add a dataset, add an entry to common.NAMED_SOURCES. --data-files NAME=GLOB reads a named source from local
+  To add a dataset, add an entry to NAMED_SOURCES. --data-files NAME=GLOB reads a named source from local
   .json[l][.gz] / .parquet files of the same schema instead of the hub (offline use, and how the tests run these
   paths). A named source is read shuffled: up to 10 of its files at a time, in a seeded random order, through a
   buffer of --shuffle-buffer-mb of text, so a --max-tokens budget samples the whole dataset, not its first files
@@ -82,22 +82,27 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from llm_train.arithmetic import arithmetic_task_stream
+from llm_train.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable_dir
+from llm_train.cli import nonnegative_float, positive_float, positive_int, settings_of
+from llm_train.corpus import default_corpus_files, read_jsonl_gz, read_text_file
+from llm_train.errors import UserError, run_main
+from llm_train.lineage import already_done, check_output_dir, refuse_to_replace, write_lineage
+from llm_train.paths import CHUNKS_DIR, DATA_DIR, REPO, SFT_CHAT_FILE, TOKENIZER_DIR
+from llm_train.sources import NAMED_SOURCES, SHUFFLE_BUFFER_MB, named_source, named_texts, parse_data_files
+from llm_train.tokenizer import EOT, render_messages, tokenizer_fingerprint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+import numpy as np
 
 FORMAT = 2  # 1: parquet shards (list<int32> rows); 2: flat uint16/uint32 token files
 LAYOUT = "chats-start-rows"  # chunk sets made before chats started their rows (packed anywhere) are made again
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Local files: read with common.read_text_file (the same formats and errors as the tokenizer stage).
+# Local files: read with read_text_file (the same formats and errors as the tokenizer stage).
 def gzip_text_size(path):
     """Uncompressed size of a .gz file (< 4 GB), from its trailer: the corpus mix without reading the files."""
     with open(path, "rb") as f:
@@ -119,7 +124,7 @@ def local_files(path):
     if path.is_file():
         return [path]
     raise UserError(f"input {path} does not exist (and is not a named source: "
-                    f"{', '.join(['default', 'midtrain', *common.NAMED_SOURCES])})")
+                    f"{', '.join(['default', 'midtrain', *NAMED_SOURCES])})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,17 +138,17 @@ def skip_docs(texts, progress):
 def open_named(source, shuffle_mb, progress=None):
     """A named source's documents; with the progress of a killed run, its stream resumes where that run stopped
     (datasets' state_dict, saved in progress["state"]), instead of being read again up to there."""
-    rows, where = common.named_source(source["name"], source["files"], shuffle_mb if progress is not None else 0)
+    rows, where = named_source(source["name"], source["files"], shuffle_mb if progress is not None else 0)
     if progress and progress.get("state"):
         rows.load_state_dict(progress["state"])
     if progress is not None:
         source["rows"] = rows  # its state_dict is saved with every shard
-    return common.named_texts(rows, source["name"], where)
+    return named_texts(rows, source["name"], where)
 
 
 def parse_sources(specs, data_files, shuffle_mb):
     """--sources NAME[:WEIGHT] ... -> list of sources; 'default' expands into one source per embedded corpus file."""
-    overrides = common.parse_data_files(data_files)
+    overrides = parse_data_files(data_files)
     sources = []
     for spec in specs:
         name, weight = spec, 1.0
@@ -156,22 +161,22 @@ def parse_sources(specs, data_files, shuffle_mb):
         if not weight > 0:
             raise UserError(f"--sources {spec}: the weight must be a positive number")
         if name == "default":
-            files = common.default_corpus_files("train")
+            files = default_corpus_files("train")
             if not files:
-                raise UserError(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
+                raise UserError(f"embedded corpus missing in {DATA_DIR}: run python data/build_default_corpus.py")
             sizes = [gzip_text_size(f) for f in files]
             for f, size in zip(files, sizes):
                 sources.append(dict(name=f"default/{f.name.split('.')[0]}", weight=weight * size / sum(sizes),
-                                    origin=str(f.relative_to(common.REPO)), hub=False, size=size,
-                                    open=lambda p=None, f=f: skip_docs((d["text"] for d in common.read_jsonl_gz(f)
+                                    origin=str(f.relative_to(REPO)), hub=False, size=size,
+                                    open=lambda p=None, f=f: skip_docs((d["text"] for d in read_jsonl_gz(f)
                                                                         if d["text"]), p)))
         elif name == "midtrain":
             sources.append(dict(name=name, weight=weight, origin="generated chats (arithmetic + chatterbot)",
                                 hub=False, endless=True, chat=True, size=None,
                                 open=lambda p=None: skip_docs(midtrain_texts(), p)))
-        elif name in common.NAMED_SOURCES:
+        elif name in NAMED_SOURCES:
             files = overrides.get(name)
-            origin = f"files {' '.join(files)}" if files else f"hub {common.NAMED_SOURCES[name]['hub']}"
+            origin = f"files {' '.join(files)}" if files else f"hub {NAMED_SOURCES[name]['hub']}"
             size = sum(text_size(f) for pattern in files or [] for f in glob.glob(os.path.expanduser(pattern))) or None
             source = dict(name=name, weight=weight, origin=origin, hub=not files, files=files, size=size)
             source["open"] = lambda p=None, source=source: open_named(source, shuffle_mb, p)
@@ -180,7 +185,7 @@ def parse_sources(specs, data_files, shuffle_mb):
             files = local_files(Path(name).expanduser())
             sources.append(dict(name=name, weight=weight, origin=name, hub=False, size=sum(map(text_size, files)),
                                 open=lambda p=None, files=files: skip_docs(
-                                    (t for f in files for t in common.read_text_file(f)), p)))
+                                    (t for f in files for t in read_text_file(f)), p)))
     if len({s["name"] for s in sources}) != len(sources):
         raise UserError(f"--sources {' '.join(specs)}: a source is given twice")
     unused = set(overrides) - {s["name"] for s in sources}
@@ -195,9 +200,9 @@ MIDTRAIN_SEED = 4242  # SFT draws its problems with other seeds; the train/held-
 def midtrain_texts():
     """Endless chat-format documents: seven arithmetic conversations for every chatterbot conversation (the
     arithmetic needs every problem it can get; SFT brings the chatterbot conversations again)."""
-    chats = [r["messages"] for r in common.read_jsonl_gz(common.SFT_CHAT_FILE) if r["split"] == "train"]
-    render = common.render_messages
-    for n, task in enumerate(common.arithmetic_task_stream("train", seed=MIDTRAIN_SEED)):
+    chats = [r["messages"] for r in read_jsonl_gz(SFT_CHAT_FILE) if r["split"] == "train"]
+    render = render_messages
+    for n, task in enumerate(arithmetic_task_stream("train", seed=MIDTRAIN_SEED)):
         yield render([{"role": "user", "content": task["prompt"]}, {"role": "assistant", "content": task["response"]}])
         if n % 7 == 6:
             yield render(chats[(n // 7) % len(chats)])
@@ -317,7 +322,7 @@ def token_dtype(vocab_size):
 
 def write_shard(path, tokens, dtype):
     """Write tokens (whole rows) as a flat token file, atomically (temp file, then rename)."""
-    common.atomic_write_bytes(path, np.asarray(tokens).astype(dtype).tobytes())
+    atomic_write_bytes(path, np.asarray(tokens).astype(dtype).tobytes())
 
 
 def new_progress(sources):
@@ -332,20 +337,20 @@ def new_progress(sources):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", nargs="+", default=["default"], metavar="NAME[:WEIGHT]",
-                    help="default | midtrain | a file or directory | " + " | ".join(common.NAMED_SOURCES) +
+                    help="default | midtrain | a file or directory | " + " | ".join(NAMED_SOURCES) +
                     " (default: default)")
     ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a named source from local files")
-    ap.add_argument("--shuffle-buffer-mb", type=common.nonnegative_float, default=common.SHUFFLE_BUFFER_MB,
+    ap.add_argument("--shuffle-buffer-mb", type=nonnegative_float, default=SHUFFLE_BUFFER_MB,
                     help="text in each named source's shuffle buffer (default %(default)s; 0 reads in file order)")
-    ap.add_argument("--max-tokens", type=common.positive_float, help="total tokens to take, shared by the sources' weights")
-    ap.add_argument("--context-length", type=common.positive_int, default=1024, help="model context; rows hold one more token")
-    ap.add_argument("--rows-per-shard", type=common.positive_int, default=16384,
+    ap.add_argument("--max-tokens", type=positive_float, help="total tokens to take, shared by the sources' weights")
+    ap.add_argument("--context-length", type=positive_int, default=1024, help="model context; rows hold one more token")
+    ap.add_argument("--rows-per-shard", type=positive_int, default=16384,
                     help="about this many rows per shard (16384 rows x 1025 ids x 2 B = 34 MB); one batch of text each")
     ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
-    ap.add_argument("--num-proc", type=common.positive_int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+    ap.add_argument("--num-proc", type=positive_int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                     else os.cpu_count(), help="tokenizer processes (default: the cores this process may use)")
-    ap.add_argument("--tokenizer-dir", default=str(common.TOKENIZER_DIR), help="default tokenizer/")
-    ap.add_argument("--output-dir", default=str(common.CHUNKS_DIR), help="default pretrain_data_chunks/")
+    ap.add_argument("--tokenizer-dir", default=str(TOKENIZER_DIR), help="default tokenizer/")
+    ap.add_argument("--output-dir", default=str(CHUNKS_DIR), help="default pretrain_data_chunks/")
     ap.add_argument("--force", action="store_true", help="replace existing chunks that later stages were built from")
     ap.add_argument("--stop-after-shards", type=int, help=argparse.SUPPRESS)  # tests: die like kill -9 after N shards
     args = ap.parse_args()
@@ -355,27 +360,27 @@ def main():
     if args.context_length < 1 or args.rows_per_shard < 1 or not 0 <= args.val_fraction < 1 or args.num_proc < 1:
         raise UserError("--context-length, --rows-per-shard and --num-proc must be >= 1, --val-fraction in [0, 1)")
     tokenizer_dir = Path(args.tokenizer_dir)
-    fingerprint = common.tokenizer_fingerprint(tokenizer_dir)
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
     tokenizer_path = str(tokenizer_dir / "tokenizer.json")
     tok = raw_tokenizer(tokenizer_path)
-    eot_id = tok.token_to_id(common.EOT)
+    eot_id = tok.token_to_id(EOT)
     if eot_id is None:
-        raise UserError(f"{tokenizer_path} has no {common.EOT} token: retrain it with the stage-1 script")
+        raise UserError(f"{tokenizer_path} has no {EOT} token: retrain it with the stage-1 script")
     sources = parse_sources(args.sources, args.data_files, args.shuffle_buffer_mb)
     max_tokens = int(args.max_tokens) if args.max_tokens else None
     if max_tokens is None and any(s["hub"] or s.get("endless") for s in sources):
         raise UserError("hub datasets and midtrain are streams without end: give --max-tokens (e.g. --max-tokens 2e9)")
     out_dir = Path(args.output_dir)
-    common.check_output_dir(out_dir, "chunks", "chunking")
-    settings = {**common.settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
+    check_output_dir(out_dir, "chunks", "chunking")
+    settings = {**settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
                                      "val_fraction", "shuffle_buffer_mb"), "tokenizer_fingerprint": fingerprint,
                 "format": FORMAT, "layout": LAYOUT}
     if (out_dir / "manifest.json").is_file():
-        if not args.force and common.already_done(out_dir, "chunks", settings):
+        if not args.force and already_done(out_dir, "chunks", settings):
             return
-        common.refuse_to_replace(out_dir, args.force, "chunk set")
-    common.check_writable_dir(out_dir.parent)
-    common.check_writable_dir(out_dir)
+        refuse_to_replace(out_dir, args.force, "chunk set")
+    check_writable_dir(out_dir.parent)
+    check_writable_dir(out_dir)
     row_length = args.context_length + 1
     dtype = token_dtype(tok.get_vocab_size())
 
@@ -468,7 +473,7 @@ def main():
             if "rows" in s:  # a named source: where its stream is
                 p["state"] = s["rows"].state_dict()
         progress["splits"] = splits
-        common.atomic_write_json(progress_path, {"config": config, "progress": progress})
+        atomic_write_json(progress_path, {"config": config, "progress": progress})
         shards_this_run += 1
         if args.stop_after_shards and shards_this_run >= args.stop_after_shards:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -539,12 +544,12 @@ def main():
         "seconds": round(time.perf_counter() - t_start, 2),
         "config": config,
     }
-    common.atomic_write_json(staging / "manifest.json", manifest)
-    with common.atomic_dir(out_dir) as tmp:
+    atomic_write_json(staging / "manifest.json", manifest)
+    with atomic_dir(out_dir) as tmp:
         for name in ("train", "val", "manifest.json"):
             if (staging / name).exists():
                 os.replace(staging / name, tmp / name)
-        common.write_lineage(tmp, "chunks", settings, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer_dir)
+        write_lineage(tmp, "chunks", settings, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer_dir)
 
     for split, info in manifest_splits.items():
         print(f"{split:>5}: {info['documents']:,} documents, {info['rows']:,} rows, {info['tokens']:,} tokens, "
@@ -557,4 +562,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -29,13 +29,17 @@ then byte-level mapping so any byte sequence is representable with no unknown to
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+from llm_train.atomic import atomic_dir, atomic_write_json, check_writable_dir
+from llm_train.cli import positive_float, positive_int, settings_of
+from llm_train.corpus import default_corpus_files, read_jsonl_gz, read_text_file
+from llm_train.errors import UserError, run_main
+from llm_train.lineage import already_done, stale_if_replaced, write_lineage
+from llm_train.paths import DATA_DIR, TOKENIZER_DIR
+from llm_train.sources import NAMED_SOURCES, named_source, named_texts, parse_data_files
+from llm_train.tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, tokenizer_fingerprint
 
 # Letters with an optional leading non-letter (" the", "(foo"), single digits, punctuation runs, newlines, spaces.
 SPLIT_PATTERN = (
@@ -63,26 +67,26 @@ def open_sources(args):
     if args.data_files and not args.hf_dataset:
         raise UserError("--data-files reads a --hf-dataset source from local files: give --hf-dataset NAME too")
     if args.hf_dataset:
-        unknown = [name for name in args.hf_dataset if name not in common.NAMED_SOURCES]
+        unknown = [name for name in args.hf_dataset if name not in NAMED_SOURCES]
         if unknown:
-            raise UserError(f"--hf-dataset {unknown[0]}: unknown name; use {', '.join(common.NAMED_SOURCES)} (see "
-                            "common.NAMED_SOURCES), or download the files and pass them with --input")
-        files = common.parse_data_files(args.data_files)
+            raise UserError(f"--hf-dataset {unknown[0]}: unknown name; use {', '.join(NAMED_SOURCES)} (see "
+                            "NAMED_SOURCES), or download the files and pass them with --input")
+        files = parse_data_files(args.data_files)
         if set(files) - set(args.hf_dataset):
             raise UserError(f"--data-files given for {', '.join(sorted(set(files) - set(args.hf_dataset)))}, which "
                             "is not in --hf-dataset")
         sources = []
         for name in dict.fromkeys(args.hf_dataset):
-            rows, where = common.named_source(name, files.get(name))
-            sources.append((name, common.named_texts(rows, name, where)))
+            rows, where = named_source(name, files.get(name))
+            sources.append((name, named_texts(rows, name, where)))
         return sources
     if args.input:
-        return [(p, (t for f in files for t in common.read_text_file(f)))
+        return [(p, (t for f in files for t in read_text_file(f)))
                 for p, files in [(p, local_files([p])) for p in args.input]]
-    files = common.default_corpus_files("train")
+    files = default_corpus_files("train")
     if not files:
-        raise UserError(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
-    return [(f.name.split(".")[0], (doc["text"] for doc in common.read_jsonl_gz(f))) for f in files]
+        raise UserError(f"embedded corpus missing in {DATA_DIR}: run python data/build_default_corpus.py")
+    return [(f.name.split(".")[0], (doc["text"] for doc in read_jsonl_gz(f))) for f in files]
 
 
 def iter_corpus(sources, max_chars, stats):
@@ -122,7 +126,7 @@ def train(texts, vocab_size, min_frequency=2):
 
     tok = build_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=common.SPECIAL_TOKENS,
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True,
     )
     tok.train_from_iterator(texts, trainer=trainer)
@@ -135,17 +139,17 @@ def save(tok, out_dir, settings=None):
     from transformers import PreTrainedTokenizerFast
 
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=common.EOT, eos_token=common.EOT, unk_token=None, pad_token=common.PAD,
-        additional_special_tokens=[common.IM_START, common.IM_END], clean_up_tokenization_spaces=False,
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=None, pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END], clean_up_tokenization_spaces=False,
         model_max_length=1024,
     )
-    hf_tok.chat_template = common.CHAT_TEMPLATE
+    hf_tok.chat_template = CHAT_TEMPLATE
     out_dir = Path(out_dir)
-    with common.atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         hf_tok.save_pretrained(str(tmp))
         tok.save(str(tmp / RAW_NAME))
         if settings is not None:
-            common.write_lineage(tmp, "tokenizer", settings)
+            write_lineage(tmp, "tokenizer", settings)
     return hf_tok
 
 
@@ -158,8 +162,8 @@ def bytes_per_token(tok, texts):
 def heldout_report(tok):
     """Bytes per token on the embedded corpus's held-out documents, per language."""
     report = {}
-    for f in common.default_corpus_files("heldout"):
-        docs = list(common.read_jsonl_gz(f))
+    for f in default_corpus_files("heldout"):
+        docs = list(read_jsonl_gz(f))
         lang = docs[0]["lang"] if docs else f.stem
         report[lang] = bytes_per_token(tok, [d["text"] for d in docs])
     return report
@@ -167,33 +171,33 @@ def heldout_report(tok):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab-size", type=common.positive_int, default=50_000, help="target vocabulary size (default 50000)")
+    ap.add_argument("--vocab-size", type=positive_int, default=50_000, help="target vocabulary size (default 50000)")
     ap.add_argument("--input", nargs="+", help="local files or directories (.txt, .jsonl[.gz], .parquet)")
     ap.add_argument("--hf-dataset", nargs="+", metavar="NAME",
-                    help="named Hugging Face datasets, streamed: " + " | ".join(common.NAMED_SOURCES))
+                    help="named Hugging Face datasets, streamed: " + " | ".join(NAMED_SOURCES))
     ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a --hf-dataset from local files")
-    ap.add_argument("--max-chars", type=common.positive_float, default=1e9, help="stop reading after this many characters")
-    ap.add_argument("--min-frequency", type=common.positive_int, default=2, help="minimum pair count for a merge")
-    ap.add_argument("--output-dir", default=str(common.TOKENIZER_DIR), help="where to write (default tokenizer/)")
+    ap.add_argument("--max-chars", type=positive_float, default=1e9, help="stop reading after this many characters")
+    ap.add_argument("--min-frequency", type=positive_int, default=2, help="minimum pair count for a merge")
+    ap.add_argument("--output-dir", default=str(TOKENIZER_DIR), help="where to write (default tokenizer/)")
     ap.add_argument("--force", action="store_true", help="replace an existing, different tokenizer in --output-dir")
     args = ap.parse_args()
     args.max_chars = int(args.max_chars)
     if args.vocab_size < 300:
         raise UserError(f"--vocab-size {args.vocab_size} is too small: it must exceed the 256 byte symbols + specials")
     out_dir = Path(args.output_dir)
-    settings = common.settings_of(args, "vocab_size", "input", "hf_dataset", "max_chars", "min_frequency")
+    settings = settings_of(args, "vocab_size", "input", "hf_dataset", "max_chars", "min_frequency")
     if args.data_files:  # only when given: tokenizers made before the flag existed stay finished
         settings["data_files"] = args.data_files
     if (out_dir / "tokenizer.json").is_file():
-        if not args.force and common.already_done(out_dir, "tokenizer", settings):
+        if not args.force and already_done(out_dir, "tokenizer", settings):
             return
         if not args.force:
-            stale = common.stale_if_replaced(out_dir)
+            stale = stale_if_replaced(out_dir)
             built = f"; {', '.join(stale)} were built from it and would go stale" if stale else ""
             raise UserError(f"{out_dir} already holds a trained tokenizer (other settings or data){built}. Pass --force "
                             "to replace it (then rerun the later stages), or write to another --output-dir; nothing "
                             "was changed")
-    common.check_writable_dir(out_dir.parent)
+    check_writable_dir(out_dir.parent)
 
     sources = open_sources(args)
     t0 = time.perf_counter()
@@ -215,12 +219,12 @@ def main():
         "train_seconds": round(train_seconds, 2),
         "seconds_per_mb": round(train_seconds / max(n_bytes / 1e6, 1e-9), 3),
         "bytes_per_token_heldout": heldout_report(tok),
-        "fingerprint": common.tokenizer_fingerprint(out_dir),
+        "fingerprint": tokenizer_fingerprint(out_dir),
     }
-    common.atomic_write_json(out_dir / "report.json", report)
+    atomic_write_json(out_dir / "report.json", report)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"wrote {out_dir}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

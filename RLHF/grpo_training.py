@@ -13,7 +13,7 @@ gradients equal TRL's GRPOTrainer.compute_loss on the same batch, in fp32 and un
 log-probabilities it uses are those of the sampling pass (left-padded prompts are scored at the positions
 generate() gave them). As in grpo_trl.py, dropout is off (TRL's disable_dropout) and every forward pass, sampling
 and scoring, runs under the compute dtype's autocast over fp32 weights, as under TRL's accelerate-wrapped model
-(common.dtype_name: bf16 on GPUs and bf16-capable CPUs, else fp32; LLM_TRAIN_DTYPE=bf16|fp32 forces it).
+(dtype_name: bf16 on GPUs and bf16-capable CPUs, else fp32; LLM_TRAIN_DTYPE=bf16|fp32 forces it).
 
 Unlike grpo_trl.py it trains all weights (no LoRA), runs in one process, and writes only
 RLHF/checkpoints/grpo_training/ (final model + tokenizer) and its log lines to RLHF/train.log.
@@ -24,17 +24,30 @@ RLHF/checkpoints/grpo_training/ (final model + tokenizer) and its log lines to R
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-import common  # noqa: E402
-import rlhf_common  # noqa: E402
+from llm_train import runtime
+from llm_train.atomic import atomic_dir, check_writable_dir
+from llm_train.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
+from llm_train.errors import run_main
+from llm_train.lineage import check_lineage, write_lineage
+from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, SFT_OUTPUT_DIR
+from llm_train.rl import (
+    chat_reward_model_scores,
+    exact_answer_reward,
+    load_policy,
+    load_reward_model,
+    policy_parents,
+    rlhf_prompts,
+)
+from llm_train.runtime import autocast, dtype_name
+from llm_train.sampling import completion_logps, generate_completions, prompt_room, prompt_token_ids
+from llm_train.trainer_runs import rerun_command
 
-import torch  # noqa: E402
+import torch
 
-RLHF_DIR = common.GRPO_OUTPUT_DIR.parent
+RLHF_DIR = GRPO_OUTPUT_DIR.parent
 BETA, EPSILON = 0.05, 0.2
 
 
@@ -58,45 +71,45 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=BETA, epsilon=
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
-    parser.add_argument("--base-dir", type=Path, default=common.OUTPUT_DIR, help="pretrained base of the SFT adapter")
+    parser.add_argument("--sft-dir", type=Path, default=SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
+    parser.add_argument("--base-dir", type=Path, default=OUTPUT_DIR, help="pretrained base of the SFT adapter")
     parser.add_argument("--reward-model", type=Path, help="default: OUT_DIR/reward_model (= RLHF/reward_model)")
     parser.add_argument("--out-dir", type=Path, default=RLHF_DIR)
-    parser.add_argument("--rm-weight", type=common.nonnegative_float, default=1.0)
-    parser.add_argument("--exact-weight", type=common.nonnegative_float, default=1.0)
-    parser.add_argument("--num-prompts", type=common.positive_int, default=16,
+    parser.add_argument("--rm-weight", type=nonnegative_float, default=1.0)
+    parser.add_argument("--exact-weight", type=nonnegative_float, default=1.0)
+    parser.add_argument("--num-prompts", type=positive_int, default=16,
                         help="training prompts: 3/4 arithmetic, 1/4 chat")
-    parser.add_argument("--epochs", type=common.positive_int, default=1)
-    parser.add_argument("--prompts-per-step", type=common.positive_int, default=4)
-    parser.add_argument("--num-generations", type=common.positive_int, default=4, help="group size G (at least 2)")
-    parser.add_argument("--max-completion-length", type=common.positive_int, default=32)
-    parser.add_argument("--temperature", type=common.positive_float, default=1.0)
-    parser.add_argument("--lr", type=common.positive_float, default=1e-5)
-    parser.add_argument("--seed", type=common.nonnegative_int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=1)
+    parser.add_argument("--prompts-per-step", type=positive_int, default=4)
+    parser.add_argument("--num-generations", type=positive_int, default=4, help="group size G (at least 2)")
+    parser.add_argument("--max-completion-length", type=positive_int, default=32)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--lr", type=positive_float, default=1e-5)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     args = parser.parse_args()
     if args.num_generations < 2:
         parser.error("--num-generations must be at least 2: advantages compare completions of the same prompt")
     if not args.rm_weight and not args.exact_weight:
         parser.error("--rm-weight and --exact-weight are both 0: there is nothing to reward")
     reward_model_dir = args.reward_model or args.out_dir / "reward_model"
-    parents = rlhf_common.policy_parents(args.sft_dir, args.base_dir)
-    device, dtype = rlhf_common.device(), common.dtype_name(allow_fp16=True)
+    parents = policy_parents(args.sft_dir, args.base_dir)
+    device, dtype = runtime.device(), dtype_name(allow_fp16=True)
     if args.rm_weight:  # the reward model must exist and have been trained on this policy
         if not (reward_model_dir / "config.json").is_file():
-            rlhf_common.load_reward_model(reward_model_dir)  # raises the error that says what to run
-        common.check_lineage(reward_model_dir, rlhf_common.rerun_command(
-            "RLHF/reward_model.py", sft_dir=(args.sft_dir, common.SFT_OUTPUT_DIR),
-            base_dir=(args.base_dir, common.OUTPUT_DIR), out_dir=(reward_model_dir.parent, RLHF_DIR)), **parents)
-    common.check_writable_dir(args.out_dir)
-    rm, rm_tok = rlhf_common.load_reward_model(reward_model_dir, device) if args.rm_weight else (None, None)
+            load_reward_model(reward_model_dir)  # raises the error that says what to run
+        check_lineage(reward_model_dir, rerun_command(
+            "RLHF/reward_model.py", sft_dir=(args.sft_dir, SFT_OUTPUT_DIR),
+            base_dir=(args.base_dir, OUTPUT_DIR), out_dir=(reward_model_dir.parent, RLHF_DIR)), **parents)
+    check_writable_dir(args.out_dir)
+    rm, rm_tok = load_reward_model(reward_model_dir, device) if args.rm_weight else (None, None)
     torch.manual_seed(args.seed)
 
-    policy, tok = rlhf_common.load_policy(args.sft_dir, args.base_dir)
+    policy, tok = load_policy(args.sft_dir, args.base_dir)
     # Dropout stays off (eval mode throughout, TRL's disable_dropout): ratio and KL compare the same function.
     policy = policy.to(device).eval()
     reference = copy.deepcopy(policy).requires_grad_(False)  # the frozen SFT policy the KL is measured to
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    prompts = rlhf_common.rlhf_prompts("train", args.num_prompts - args.num_prompts // 4, args.num_prompts // 4,
+    prompts = rlhf_prompts("train", args.num_prompts - args.num_prompts // 4, args.num_prompts // 4,
                                        seed=args.seed)
     log_file, G = args.out_dir / "train.log", args.num_generations
     print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, {len(prompts)} prompts, G={G}, "
@@ -112,27 +125,27 @@ def main():
             answers = [p["answer"] for p in batch for _ in range(G)]
 
             # 1. Sample a group of completions per prompt from the current policy.
-            completion_ids, texts = rlhf_common.generate_completions(
+            completion_ids, texts = generate_completions(
                 policy, tok, messages, args.max_completion_length, do_sample=True, temperature=args.temperature,
                 dtype=dtype)
             # 2. Score them; a reward a prompt has no value for counts 0: the exact answer on a chat prompt, and (as
             # in grpo_trl.py) the reward model's score where an exact answer is checked.
             rewards = torch.zeros(len(texts))
             if rm is not None:
-                scores = rlhf_common.chat_reward_model_scores(rm, rm_tok, messages, texts, answers)
+                scores = chat_reward_model_scores(rm, rm_tok, messages, texts, answers)
                 rewards += args.rm_weight * torch.tensor([0.0 if r is None else r for r in scores])
             if args.exact_weight:
-                exact = rlhf_common.exact_answer_reward(texts, answers)
+                exact = exact_answer_reward(texts, answers)
                 rewards += args.exact_weight * torch.tensor([0.0 if r is None else r for r in exact])
             advantages = group_advantages(rewards, G).to(device)
 
             # 3. Log-probabilities of the sampled tokens: reference (frozen) and current policy (with gradient).
-            prompt_ids = rlhf_common.prompt_token_ids(tok, messages,
-                                                      rlhf_common.prompt_room(policy, args.max_completion_length))
-            with rlhf_common.autocast(device, dtype):
+            prompt_ids = prompt_token_ids(tok, messages,
+                                                      prompt_room(policy, args.max_completion_length))
+            with autocast(device, dtype):
                 with torch.no_grad():
-                    ref_logps, _ = rlhf_common.completion_logps(reference, prompt_ids, completion_ids, args.temperature)
-                logps, mask = rlhf_common.completion_logps(policy, prompt_ids, completion_ids, args.temperature)
+                    ref_logps, _ = completion_logps(reference, prompt_ids, completion_ids, args.temperature)
+                logps, mask = completion_logps(policy, prompt_ids, completion_ids, args.temperature)
             old_logps = logps.detach()  # one update per batch: the sampling policy is the current one
 
             # 4. One gradient step on the clipped objective + KL penalty.
@@ -153,14 +166,14 @@ def main():
                 f.write(json.dumps(record) + "\n")
 
     out = args.out_dir / "checkpoints" / "grpo_training"
-    with common.atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         policy.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        common.write_lineage(tmp, "grpo_training", common.settings_of(args, *sorted(
+        write_lineage(tmp, "grpo_training", settings_of(args, *sorted(
             k for k in vars(args) if k not in ("sft_dir", "base_dir", "reward_model", "out_dir"))),
             **parents, reward_model=reward_model_dir if rm is not None else None)
     print(f"saved the policy to {out}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

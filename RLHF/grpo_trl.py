@@ -3,7 +3,7 @@ arithmetic tasks and by the reward model on the chat prompts.
 
 Reads:  the SFT policy (SFT/sft_output/merged/, else output/ + the LoRA adapter in SFT/sft_output/ merged in memory),
         the reward model RLHF/reward_model/ (python RLHF/reward_model.py), prompts: arithmetic problems from
-        common.arithmetic_tasks and conversation prompts of RLHF/data/preference_train.jsonl.gz.
+        arithmetic_tasks and conversation prompts of RLHF/data/preference_train.jsonl.gz.
 Writes: RLHF/grpo_output/           merged full model + tokenizer (AutoModelForCausalLM.from_pretrained works on it),
                                     adapter/ (the LoRA adapter alone), history.jsonl (one line per logged step),
                                     lineage.json (settings; the policy and reward model it was built from)
@@ -36,18 +36,33 @@ run's flags, or pass --force to start over. Training checks that the reward mode
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-import common  # noqa: E402
-import rlhf_common  # noqa: E402
+from llm_train import runtime, trainer_runs
+from llm_train.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable_dir
+from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
+from llm_train.errors import UserError, run_main
+from llm_train.lineage import already_done, check_lineage, recorded_parents, write_lineage
+from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, SFT_OUTPUT_DIR
+from llm_train.rl import (
+    chat_reward_model_scores,
+    exact_answer_reward,
+    load_policy,
+    load_reward_model,
+    policy_parents,
+    reward_model_scores,
+    rlhf_prompts,
+)
+from llm_train.runtime import compute_dtype, default_scale, dtype_name, end_distributed
+from llm_train.sampling import completion_logps, generate_completions, last_token_logps, prompt_room, prompt_token_ids
+from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+from llm_train.trainer_runs import checkpoint_epoch, checkpoint_to_resume, train_or_finish
 
-import torch  # noqa: E402
+import torch
 
-RLHF_DIR = common.GRPO_OUTPUT_DIR.parent
+RLHF_DIR = GRPO_OUTPUT_DIR.parent
 STAGE = "grpo"
 # Budget and optimizer per scale of policy, in one place (README table); each value can be overridden by its flag.
 # beta 0.05 and unscaled advantages are the same at every scale. Groups of 8 give a prompt that the policy answers
@@ -126,7 +141,7 @@ def grpo_trainer_class():
             return super().__iter__()
 
     class GRPOTrainerFixed(GRPOTrainer):
-        first_epoch = 0  # the epoch a resumed run starts in (rlhf_common.checkpoint_epoch)
+        first_epoch = 0  # the epoch a resumed run starts in (checkpoint_epoch)
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, **kwargs):
@@ -135,7 +150,7 @@ def grpo_trainer_class():
             for start in range(0, input_ids.size(0), rows):
                 ids, mask = input_ids[start:start + rows], attention_mask[start:start + rows]
                 with self.accelerator.autocast():
-                    token_logps, log_softmax = rlhf_common.last_token_logps(model, ids, mask, logits_to_keep,
+                    token_logps, log_softmax = last_token_logps(model, ids, mask, logits_to_keep,
                                                                             self.temperature)
                 completion_mask = mask[:, -logits_to_keep:]  # 0 after a completion's end, as TRL's labels -100
                 logps.append(token_logps * completion_mask)
@@ -171,17 +186,17 @@ def reward_functions(args, device):
     with their weights. TRL sums the weighted rewards; advantages are taken from that sum."""
     funcs, weights = [], []
     if args.rm_weight:
-        rm, rm_tok = rlhf_common.load_reward_model(args.reward_model, device)
+        rm, rm_tok = load_reward_model(args.reward_model, device)
 
         def reward_model_score(prompts, completions, answer, **kwargs):
-            return rlhf_common.chat_reward_model_scores(rm, rm_tok, prompts, [c[-1]["content"] for c in completions],
+            return chat_reward_model_scores(rm, rm_tok, prompts, [c[-1]["content"] for c in completions],
                                                         answer)
 
         funcs.append(reward_model_score)
         weights.append(args.rm_weight)
     if args.exact_weight:
         def exact_answer(prompts, completions, answer, **kwargs):
-            return rlhf_common.exact_answer_reward([c[-1]["content"] for c in completions], answer)
+            return exact_answer_reward([c[-1]["content"] for c in completions], answer)
 
         funcs.append(exact_answer)
         weights.append(args.exact_weight)
@@ -191,24 +206,24 @@ def reward_functions(args, device):
 def parents_of(args):
     """What grpo_output is built from: the SFT policy (and the base under an adapter) and the reward model."""
     has_rm = args.rm_weight and (Path(args.reward_model) / "config.json").is_file()
-    return {**rlhf_common.policy_parents(args.sft_dir, args.base_dir),
+    return {**policy_parents(args.sft_dir, args.base_dir),
             "reward_model": args.reward_model if has_rm else None}
 
 
 def rerun_command(args):
-    return rlhf_common.rerun_command("RLHF/grpo_trl.py", sft_dir=(args.sft_dir, common.SFT_OUTPUT_DIR),
-                                     base_dir=(args.base_dir, common.OUTPUT_DIR), out_dir=(args.out_dir, RLHF_DIR))
+    return trainer_runs.rerun_command("RLHF/grpo_trl.py", sft_dir=(args.sft_dir, SFT_OUTPUT_DIR),
+                                     base_dir=(args.base_dir, OUTPUT_DIR), out_dir=(args.out_dir, RLHF_DIR))
 
 
 def sampled_exact_answer_accuracy(args, model, tok, messages, answers, batch_size=32):
     """Exact-answer accuracy of SAMPLES answers per problem, sampled at the training temperature from args.seed
     (a smoother measure than one greedy answer each): eval.json's, and the --eval-every curve's."""
     torch.manual_seed(args.seed)
-    _, sampled = rlhf_common.generate_completions(model, tok, [m for m in messages for _ in range(SAMPLES)],
+    _, sampled = generate_completions(model, tok, [m for m in messages for _ in range(SAMPLES)],
                                                   args.max_completion_length, do_sample=True,
                                                   temperature=args.temperature, batch_size=batch_size,
-                                                  dtype=common.dtype_name(allow_fp16=True))
-    rewards = rlhf_common.exact_answer_reward(sampled, [a for a in answers for _ in range(SAMPLES)])
+                                                  dtype=dtype_name(allow_fp16=True))
+    rewards = exact_answer_reward(sampled, [a for a in answers for _ in range(SAMPLES)])
     return sum(rewards) / max(1, len(rewards))
 
 
@@ -221,12 +236,12 @@ def heldout_exact_answers(args, model, tok, arithmetic):
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        _, greedy = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length,
+        _, greedy = generate_completions(model, tok, messages, args.max_completion_length,
                                                      do_sample=False, batch_size=128,
-                                                     dtype=common.dtype_name(allow_fp16=True))
+                                                     dtype=dtype_name(allow_fp16=True))
         sampled = sampled_exact_answer_accuracy(args, model, tok, messages, answers, batch_size=128)
     model.train(was_training)
-    greedy = rlhf_common.exact_answer_reward(greedy, answers)
+    greedy = exact_answer_reward(greedy, answers)
     return sum(greedy) / len(greedy), sampled
 
 
@@ -235,24 +250,24 @@ def evaluate(args, grpo_model, tok):
     problem sampled at the training temperature) of the SFT policy and the GRPO policy, and the mean per-token
     KL(GRPO || SFT) on completions sampled from the GRPO policy. Answers are generated under the compute dtype's
     autocast, as in training, SFT's evaluation and Eval/evaluate.py (bf16 and fp32 greedy answers can differ)."""
-    device = rlhf_common.device()
-    dtype = common.dtype_name(allow_fp16=True)
-    prompts = rlhf_common.rlhf_prompts("heldout", args.eval_arithmetic, args.eval_conversation, seed=args.seed)
+    device = runtime.device()
+    dtype = dtype_name(allow_fp16=True)
+    prompts = rlhf_prompts("heldout", args.eval_arithmetic, args.eval_conversation, seed=args.seed)
     messages, answers = [p["prompt"] for p in prompts], [p["answer"] for p in prompts]
-    sft_model = rlhf_common.load_policy(args.sft_dir, args.base_dir)[0].to(device)
+    sft_model = load_policy(args.sft_dir, args.base_dir)[0].to(device)
     grpo_model = grpo_model.to(device)
     has_rm = (Path(args.reward_model) / "config.json").is_file()
-    rm = rlhf_common.load_reward_model(args.reward_model, device) if has_rm else None
+    rm = load_reward_model(args.reward_model, device) if has_rm else None
     result = {"prompts": len(prompts), "arithmetic_prompts": sum(a is not None for a in answers),
               "max_new_tokens": args.max_completion_length, "sampling": {"temperature": args.temperature,
                                                                         "samples_per_problem": SAMPLES}}
-    im_end = tok.convert_tokens_to_ids(common.IM_END)
+    im_end = tok.convert_tokens_to_ids(IM_END)
     arithmetic = [(m, a) for m, a in zip(messages, answers) if a is not None]
     for name, model in (("sft", sft_model), ("grpo", grpo_model)):
         model.eval()
-        ids, texts = rlhf_common.generate_completions(model, tok, messages, args.max_completion_length,
+        ids, texts = generate_completions(model, tok, messages, args.max_completion_length,
                                                       do_sample=False, dtype=dtype)
-        rewards = rlhf_common.exact_answer_reward(texts, answers)
+        rewards = exact_answer_reward(texts, answers)
         exact = [r for r in rewards if r is not None]
         by_kind = {}
         for r, p in zip(rewards, prompts):  # per operation and language, e.g. "add_en"
@@ -263,7 +278,7 @@ def evaluate(args, grpo_model, tok):
                         "ends_with_im_end": sum(bool(x) and x[-1] == im_end for x in ids) / max(1, len(ids)),
                         "examples": [{"prompt": m[-1]["content"], "completion": t} for m, t in zip(messages[::9], texts[::9])]}
         if rm is not None:
-            scores = rlhf_common.reward_model_scores(rm[0], rm[1], messages, texts)
+            scores = reward_model_scores(rm[0], rm[1], messages, texts)
             result[name]["reward_model_score"] = sum(scores) / len(scores)
         # What GRPO optimizes: answers sampled at the training temperature (its reward on the training prompts can
         # rise by learning those prompts by heart; this is the same measure on held-out ones). Both models are
@@ -272,16 +287,16 @@ def evaluate(args, grpo_model, tok):
             args, model, tok, [m for m, _ in arithmetic], [a for _, a in arithmetic])
     # KL to the reference on the GRPO policy's own samples: k1 = log p/q is unbiased, k3 is what TRL logs.
     torch.manual_seed(args.seed)  # the same samples on every evaluation of the same model
-    ids, _ = rlhf_common.generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True,
+    ids, _ = generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True,
                                               dtype=dtype)
-    prompt_ids = rlhf_common.prompt_token_ids(tok, messages, rlhf_common.prompt_room(grpo_model, args.max_completion_length))
+    prompt_ids = prompt_token_ids(tok, messages, prompt_room(grpo_model, args.max_completion_length))
     with torch.no_grad():  # scored in fp32: bf16 logits would blur a KL of ~0.001/token
-        logp, mask = rlhf_common.completion_logps(grpo_model, prompt_ids, ids)
-        ref_logp, _ = rlhf_common.completion_logps(sft_model, prompt_ids, ids)
+        logp, mask = completion_logps(grpo_model, prompt_ids, ids)
+        ref_logp, _ = completion_logps(sft_model, prompt_ids, ids)
     n = mask.sum().clamp(min=1)
     result["kl_k1_per_token"] = ((logp - ref_logp) * mask).sum().item() / n.item()
     result["kl_k3_per_token"] = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum().item() / n.item()
-    common.atomic_write_json(args.out_dir / "eval.json", result)
+    atomic_write_json(args.out_dir / "eval.json", result)
     line = (f"held-out: exact-answer accuracy SFT {result['sft']['exact_answer_accuracy']:.3f} -> GRPO "
             f"{result['grpo']['exact_answer_accuracy']:.3f} (sampled at temperature {args.temperature}: "
             f"{result['sft']['sampled_exact_answer_accuracy']:.3f} -> {result['grpo']['sampled_exact_answer_accuracy']:.3f})")
@@ -300,21 +315,21 @@ def load_grpo_model(args, parents):
 
     grpo_dir = args.out_dir / "grpo_output"
     if not (grpo_dir / "config.json").is_file():
-        raise common.UserError(f"no GRPO model in {grpo_dir}: train it first with `python RLHF/grpo_trl.py`")
-    common.check_lineage(grpo_dir, rerun_command(args), **parents)
+        raise UserError(f"no GRPO model in {grpo_dir}: train it first with `python RLHF/grpo_trl.py`")
+    check_lineage(grpo_dir, rerun_command(args), **parents)
     model = AutoModelForCausalLM.from_pretrained(str(grpo_dir), dtype=torch.float32).eval()
-    tok = common.load_chat_tokenizer(grpo_dir)
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(common.IM_END), tok.convert_tokens_to_ids(common.EOT)]
-    return model.to(rlhf_common.device()), tok
+    tok = load_chat_tokenizer(grpo_dir)
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)]
+    return model.to(runtime.device()), tok
 
 
 def inference(args):
     # inference uses none of the parents, but one replaced since (e.g. the SFT policy retrained) makes it stale
-    model, tok = load_grpo_model(args, common.recorded_parents(args.out_dir / "grpo_output"))
+    model, tok = load_grpo_model(args, recorded_parents(args.out_dir / "grpo_output"))
     prompts = [[{"role": "user", "content": p}] for p in (args.prompt or DEFAULT_CHAT_PROMPTS)]
-    _, texts = rlhf_common.generate_completions(model, tok, prompts, args.max_new_tokens,
+    _, texts = generate_completions(model, tok, prompts, args.max_new_tokens,
                                                 do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5),
-                                                dtype=common.dtype_name(allow_fp16=True))  # as evaluated
+                                                dtype=dtype_name(allow_fp16=True))  # as evaluated
     for p, t in zip(prompts, texts):
         print(f"user: {p[-1]['content']}\nassistant: {t}\n")
 
@@ -323,25 +338,25 @@ def train(args):
     ckpt_dir, grpo_dir = args.checkpoint_dir or args.out_dir / "checkpoints" / "grpo", args.out_dir / "grpo_output"
     log_file, history_file = args.out_dir / "train.log", ckpt_dir / "history.jsonl"
     rank = int(os.environ.get("RANK", "0"))
-    device = rlhf_common.device()
+    device = runtime.device()
     parents = parents_of(args)
     if args.rm_weight:  # the reward model must exist and have been trained on this policy
         if parents["reward_model"] is None:
-            rlhf_common.load_reward_model(args.reward_model)  # raises the error that says what to run
-        rebuild = rlhf_common.rerun_command("RLHF/reward_model.py", sft_dir=(args.sft_dir, common.SFT_OUTPUT_DIR),
-                                            base_dir=(args.base_dir, common.OUTPUT_DIR),
+            load_reward_model(args.reward_model)  # raises the error that says what to run
+        rebuild = trainer_runs.rerun_command("RLHF/reward_model.py", sft_dir=(args.sft_dir, SFT_OUTPUT_DIR),
+                                            base_dir=(args.base_dir, OUTPUT_DIR),
                                             out_dir=(Path(args.reward_model).parent, RLHF_DIR))
-        common.check_lineage(args.reward_model, rebuild, policy=parents["policy"], base=parents["base"])
-    dtype = common.dtype_name(allow_fp16=True)
-    settings = {**common.settings_of(args, "rm_weight", "exact_weight", "num_prompts", "epochs", "num_generations",
+        check_lineage(args.reward_model, rebuild, policy=parents["policy"], base=parents["base"])
+    dtype = dtype_name(allow_fp16=True)
+    settings = {**settings_of(args, "rm_weight", "exact_weight", "num_prompts", "epochs", "num_generations",
                                      "batch_size", "max_completion_length", "temperature", "lr", "warmup_steps",
                                      "lora_r", "qlora", "seed"),
                 "dtype": dtype, "processes": int(os.environ.get("WORLD_SIZE", "1"))}
-    if not args.force and (args.out_dir / "eval.json").is_file() and common.already_done(
+    if not args.force and (args.out_dir / "eval.json").is_file() and already_done(
             grpo_dir, STAGE, settings, **parents):
         return
-    common.check_writable_dir(args.out_dir)
-    resume, finished = common.checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, may_grow=("epochs",),
+    check_writable_dir(args.out_dir)
+    resume, finished = checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, may_grow=("epochs",),
                                                    **parents)
     funcs, weights = reward_functions(args, device)
 
@@ -352,25 +367,25 @@ def train(args):
     from transformers.integrations import TensorBoardCallback
 
     with tempfile.TemporaryDirectory() as tmp:
-        policy, tok = rlhf_common.load_policy(args.sft_dir, args.base_dir)
+        policy, tok = load_policy(args.sft_dir, args.base_dir)
         if args.qlora:  # reload the (merged) SFT weights as 4-bit NF4; LoRA adapters train on top
             from transformers import AutoModelForCausalLM
 
             policy.save_pretrained(tmp)
             generation_config = policy.generation_config
             policy = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=common.compute_dtype(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype(
                     allow_fp16=True)))
             policy.generation_config = generation_config
-    prompts = rlhf_common.rlhf_prompts("train", args.num_prompts - args.num_prompts // 4, args.num_prompts // 4,
+    prompts = rlhf_prompts("train", args.num_prompts - args.num_prompts // 4, args.num_prompts // 4,
                                        seed=args.seed)
     # TRL generates from the whole prompt: one that leaves no room for the completion in the context is left out
     # (counted), never run past GPT-2's last position.
-    room = rlhf_common.prompt_room(policy, args.max_completion_length)
-    lengths = map(len, rlhf_common.prompt_token_ids(tok, [p["prompt"] for p in prompts]))
+    room = prompt_room(policy, args.max_completion_length)
+    lengths = map(len, prompt_token_ids(tok, [p["prompt"] for p in prompts]))
     fitting = [p for p, n in zip(prompts, lengths) if n <= room]
     if not fitting:
-        raise common.UserError(f"no training prompt fits in {room} tokens next to --max-completion-length "
+        raise UserError(f"no training prompt fits in {room} tokens next to --max-completion-length "
                                f"{args.max_completion_length}: lower it")
     dataset = Dataset.from_list(fitting)
     if rank == 0:
@@ -381,9 +396,9 @@ def train(args):
     if rank == 0 and history_file.exists():  # drop history logged after the checkpoint we resume from
         done = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
         kept = [line for line in history_file.read_text().splitlines() if json.loads(line).get("step", 0) <= done]
-        common.atomic_write_bytes(history_file, "".join(line + "\n" for line in kept).encode())
+        atomic_write_bytes(history_file, "".join(line + "\n" for line in kept).encode())
 
-    heldout = rlhf_common.rlhf_prompts("heldout", args.eval_arithmetic, 0, seed=args.seed) if args.eval_every else []
+    heldout = rlhf_prompts("heldout", args.eval_arithmetic, 0, seed=args.seed) if args.eval_every else []
 
     class Logs(TrainerCallback):  # train.log (all stages) and history.jsonl (this run, for the report card)
         def on_log(self, a, state, control, logs=None, **kw):
@@ -414,14 +429,14 @@ def train(args):
     callbacks = [Logs()] + ([tensorboard] if tensorboard else [])
     trainer = grpo_trainer_class()(model=policy, reward_funcs=funcs, args=grpo_config(args, ckpt_dir, weights, dtype),
                                    train_dataset=dataset, processing_class=tok, peft_config=lora, callbacks=callbacks)
-    trainer.first_epoch = rlhf_common.checkpoint_epoch(resume)
+    trainer.first_epoch = checkpoint_epoch(resume)
     if rank == 0 and resume:
         print(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
         with open(log_file, "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()}) + "\n")
     t0 = time.time()
-    common.train_or_finish(trainer, resume, finished)
-    common.end_distributed()  # rank 0 goes on alone: saving and evaluating use no collectives
+    train_or_finish(trainer, resume, finished)
+    end_distributed()  # rank 0 goes on alone: saving and evaluating use no collectives
     if not trainer.accelerator.is_main_process:
         return
     print(f"trained {trainer.state.global_step} steps in {time.time() - t0:.0f} s")
@@ -429,15 +444,15 @@ def train(args):
     # Save the adapter and the merged model (the adapter merged into full-precision SFT weights, also after QLoRA).
     from peft import PeftModel
 
-    with common.atomic_dir(grpo_dir) as tmp:
+    with atomic_dir(grpo_dir) as tmp:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp / "adapter"))
-        base, _ = rlhf_common.load_policy(args.sft_dir, args.base_dir)
+        base, _ = load_policy(args.sft_dir, args.base_dir)
         merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
         merged.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         if history_file.exists():
             (tmp / "history.jsonl").write_bytes(history_file.read_bytes())
-        common.write_lineage(tmp, STAGE, settings, **parents)
+        write_lineage(tmp, STAGE, settings, **parents)
     print(f"saved the GRPO model to {grpo_dir} (adapter in {grpo_dir / 'adapter'})")
     evaluate(args, *load_grpo_model(args, parents))
 
@@ -445,8 +460,8 @@ def train(args):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["train", "inference", "eval"], default="train")
-    parser.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
-    parser.add_argument("--base-dir", type=Path, default=common.OUTPUT_DIR, help="pretrained base of the SFT adapter")
+    parser.add_argument("--sft-dir", type=Path, default=SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
+    parser.add_argument("--base-dir", type=Path, default=OUTPUT_DIR, help="pretrained base of the SFT adapter")
     parser.add_argument("--reward-model", type=Path, help="default: OUT_DIR/reward_model (= RLHF/reward_model)")
     parser.add_argument("--out-dir", type=Path, default=RLHF_DIR,
                         help="writes grpo_output/, eval.json, checkpoints/grpo/, runs/grpo/, train.log here")
@@ -454,36 +469,36 @@ def build_parser():
                         help="Trainer checkpoints and history.jsonl (default: OUT_DIR/checkpoints/grpo)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="budget and optimizer for the policy's size "
                         "(default: gpu with CUDA, cpu without); the flags below marked (preset) override it")
-    parser.add_argument("--rm-weight", type=common.nonnegative_float, help="(preset) weight of the reward-model score")
-    parser.add_argument("--exact-weight", type=common.nonnegative_float,
+    parser.add_argument("--rm-weight", type=nonnegative_float, help="(preset) weight of the reward-model score")
+    parser.add_argument("--exact-weight", type=nonnegative_float,
                         help="(preset) weight of the exact-answer reward (0/1)")
-    parser.add_argument("--num-prompts", type=common.positive_int,
+    parser.add_argument("--num-prompts", type=positive_int,
                         help="(preset) training prompts: 3/4 arithmetic, 1/4 chat")
-    parser.add_argument("--epochs", type=common.positive_float, help="(preset)")
-    parser.add_argument("--num-generations", type=common.positive_int,
+    parser.add_argument("--epochs", type=positive_float, help="(preset)")
+    parser.add_argument("--num-generations", type=positive_int,
                         help="(preset) group size: completions per prompt (at least 2)")
-    parser.add_argument("--batch-size", type=common.positive_int, help="(preset) completions per device per step")
-    parser.add_argument("--max-completion-length", type=common.positive_int,
+    parser.add_argument("--batch-size", type=positive_int, help="(preset) completions per device per step")
+    parser.add_argument("--max-completion-length", type=positive_int,
                         help="(preset) longest completion (a worked arithmetic answer is ~40-50 tokens)")
-    parser.add_argument("--temperature", type=common.nonnegative_float,
+    parser.add_argument("--temperature", type=nonnegative_float,
                         help="(preset) sampling temperature of the training groups, of eval.json's sampled answers "
                         "and of --mode inference (0 = greedy, inference only)")
-    parser.add_argument("--lr", type=common.positive_float, help="(preset)")
-    parser.add_argument("--warmup-steps", type=common.nonnegative_int,
+    parser.add_argument("--lr", type=positive_float, help="(preset)")
+    parser.add_argument("--warmup-steps", type=nonnegative_int,
                         help="(preset) optimizer steps of linear lr warm-up, then constant")
-    parser.add_argument("--lora-r", type=common.positive_int, help="(preset)")
+    parser.add_argument("--lora-r", type=positive_int, help="(preset)")
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 policy weights (bitsandbytes) under LoRA")
-    parser.add_argument("--save-steps", type=common.positive_int, help="(preset)")
-    parser.add_argument("--eval-arithmetic", type=common.nonnegative_int,
+    parser.add_argument("--save-steps", type=positive_int, help="(preset)")
+    parser.add_argument("--eval-arithmetic", type=nonnegative_int,
                         help="(preset) held-out arithmetic prompts in eval.json")
-    parser.add_argument("--eval-conversation", type=common.nonnegative_int,
+    parser.add_argument("--eval-conversation", type=nonnegative_int,
                         help="(preset) held-out chat prompts in eval.json")
-    parser.add_argument("--eval-every", type=common.nonnegative_int,
+    parser.add_argument("--eval-every", type=nonnegative_int,
                         help="(preset) log the held-out exact-answer accuracy (greedy, and sampled) every N steps "
                         "and before the first (0 = only at the end, in eval.json)")
     parser.add_argument("--prompt", action="append", help="inference: a user message (repeatable)")
-    parser.add_argument("--max-new-tokens", type=common.positive_int, default=64, help="inference: longest answer")
-    parser.add_argument("--seed", type=common.nonnegative_int, default=0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="inference: longest answer")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--force", action="store_true",
                         help="redo a finished run, and discard checkpoints of a run with other settings")
     return parser
@@ -491,7 +506,7 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = common.apply_preset(parser.parse_args(argv), PRESETS, common.default_scale())
+    args = apply_preset(parser.parse_args(argv), PRESETS, default_scale())
     args.reward_model = args.reward_model or args.out_dir / "reward_model"
     if args.mode == "train":  # what TRL would reject later with a traceback
         processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -520,4 +535,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

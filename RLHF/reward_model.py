@@ -32,18 +32,24 @@ import gzip
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-import common  # noqa: E402
-import rlhf_common  # noqa: E402
+from llm_train import rl
+from llm_train.atomic import atomic_dir, atomic_write_json, check_writable_dir
+from llm_train.cli import apply_preset, nonnegative_int, positive_float, positive_int, settings_of
+from llm_train.errors import UserError, run_main
+from llm_train.lineage import already_done, refuse_to_replace, write_lineage
+from llm_train.paths import OUTPUT_DIR, PREFERENCE_FILES, REWARD_MODEL_DIR, SFT_OUTPUT_DIR
+from llm_train.rl import load_policy, reward_model_input_ids, reward_model_scores
+from llm_train.runtime import default_scale, dtype_name, end_distributed
+from llm_train.tokenizer import load_chat_tokenizer
+from llm_train.trainer_runs import checkpoint_to_resume, mean_logged, train_or_finish
 
-import torch  # noqa: E402
+import torch
 
-RLHF_DIR = common.REWARD_MODEL_DIR.parent
+RLHF_DIR = REWARD_MODEL_DIR.parent
 STAGE = "reward_model"
 
 # Budget and optimizer per scale of policy, in one place (README table); each value can be overridden by its flag.
@@ -85,24 +91,24 @@ def parse_hh(text, where):
 
     parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + text.lstrip("\n"))
     if parts[0].strip() or len(parts) < 3:
-        raise common.UserError(f"{where}: HH-style text must start with '\\n\\nHuman: '")
+        raise UserError(f"{where}: HH-style text must start with '\\n\\nHuman: '")
     return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
             for role, content in zip(parts[1::2], parts[2::2])]
 
 
 def check_messages(messages, where, name):
     if not isinstance(messages, list) or not messages:
-        raise common.UserError(f"{where}: '{name}' must be a non-empty list of {{role, content}} messages")
+        raise UserError(f"{where}: '{name}' must be a non-empty list of {{role, content}} messages")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise common.UserError(f"{where}: '{name}' has a message that is not {{'role': system|user|assistant, "
+            raise UserError(f"{where}: '{name}' has a message that is not {{'role': system|user|assistant, "
                                    f"'content': str}}: {str(m)[:80]}")
     return messages
 
 
 def normalize_pair(row, where):
     if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
-        raise common.UserError(f"{where}: a preference row needs 'chosen' and 'rejected' (and optionally 'prompt')")
+        raise UserError(f"{where}: a preference row needs 'chosen' and 'rejected' (and optionally 'prompt')")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     if isinstance(chosen, str) and isinstance(rejected, str):
         if "\n\nHuman:" in chosen[:200] or chosen.startswith("Human:"):
@@ -111,7 +117,7 @@ def normalize_pair(row, where):
             prompt = [{"role": "user", "content": prompt}]
             chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
         else:
-            raise common.UserError(f"{where}: text rows need a 'prompt' string, or HH-style '\\n\\nHuman: ... "
+            raise UserError(f"{where}: text rows need a 'prompt' string, or HH-style '\\n\\nHuman: ... "
                                    "\\n\\nAssistant: ...' dialogues in 'chosen'/'rejected'")
     chosen, rejected = check_messages(chosen, where, "chosen"), check_messages(rejected, where, "rejected")
     if prompt is None:  # implicit prompt: the messages chosen and rejected share
@@ -122,7 +128,7 @@ def normalize_pair(row, where):
     prompt = check_messages(prompt, where, "prompt")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         if answer[-1]["role"] != "assistant" or not answer[-1]["content"].strip():
-            raise common.UserError(f"{where}: '{name}' must end with a non-empty assistant message")
+            raise UserError(f"{where}: '{name}' must end with a non-empty assistant message")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": str(row.get("kind") or "all")}
 
 
@@ -130,14 +136,14 @@ def read_rows(path):
     """(row number, row) of a local jsonl / jsonl.gz / parquet file."""
     path = Path(path)
     if not path.is_file():
-        raise common.UserError(f"preference data file {path} not found")
+        raise UserError(f"preference data file {path} not found")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - any pyarrow failure means the file is not readable parquet
-            raise common.UserError(f"{path}: not a readable parquet file ({e})") from None
+        except Exception as e:
+            raise UserError(f"{path}: not a readable parquet file ({e})") from None
         yield from enumerate(rows, start=1)
         return
     opener = gzip.open if path.suffix == ".gz" else open
@@ -148,15 +154,15 @@ def read_rows(path):
                     try:
                         yield n, json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise common.UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+                        raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise common.UserError(f"{path}: cannot read it as UTF-8 JSON Lines ({e})") from None
+        raise UserError(f"{path}: cannot read it as UTF-8 JSON Lines ({e})") from None
 
 
 def load_pairs(files):
     pairs = [normalize_pair(row, f"{path} row {n}") for path in files for n, row in read_rows(path)]
     if not pairs:
-        raise common.UserError(f"no preference pairs in {', '.join(map(str, files))}")
+        raise UserError(f"no preference pairs in {', '.join(map(str, files))}")
     return pairs
 
 
@@ -179,11 +185,11 @@ def policy_parents(sft_dir, base_dir):
     """The lineage parents of the reward model: the SFT policy it starts from (and the base under an SFT adapter),
     or the pretrained base itself when there is no SFT output yet; and where it starts from, in words."""
     try:
-        parents = rlhf_common.policy_parents(sft_dir, base_dir)
+        parents = rl.policy_parents(sft_dir, base_dir)
         return parents, f"SFT policy {parents['policy']}"
-    except common.UserError:
+    except UserError:
         if not (Path(base_dir) / "config.json").is_file():
-            raise common.UserError(f"no SFT model in {sft_dir} and no pretrained model in {base_dir}: "
+            raise UserError(f"no SFT model in {sft_dir} and no pretrained model in {base_dir}: "
                                    "run pretraining and SFT first") from None
         return {"policy": Path(base_dir), "base": None}, f"pretrained model {base_dir} (no SFT output in {sft_dir})"
 
@@ -194,11 +200,11 @@ def init_reward_model(sft_dir, base_dir, parents, tmp):
 
     path = parents["policy"]
     if parents["base"] is not None:  # an adapter: merge it, then reload the merged weights with a score head
-        model, tok = rlhf_common.load_policy(sft_dir, base_dir)
+        model, tok = load_policy(sft_dir, base_dir)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         path = tmp
-    tok = common.load_chat_tokenizer(path if (Path(path) / "tokenizer.json").is_file() else base_dir)
+    tok = load_chat_tokenizer(path if (Path(path) / "tokenizer.json").is_file() else base_dir)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -208,9 +214,9 @@ def evaluate(model, tok, pairs):
     """Held-out pairwise accuracy (chosen scored above rejected), overall and per kind, and the mean margin."""
     model.eval()
     prompts = [p["prompt"] + p["chosen"][:-1] for p in pairs]
-    chosen = rlhf_common.reward_model_scores(model, tok, prompts, [p["chosen"][-1]["content"] for p in pairs])
+    chosen = reward_model_scores(model, tok, prompts, [p["chosen"][-1]["content"] for p in pairs])
     prompts = [p["prompt"] + p["rejected"][:-1] for p in pairs]
-    rejected = rlhf_common.reward_model_scores(model, tok, prompts, [p["rejected"][-1]["content"] for p in pairs])
+    rejected = reward_model_scores(model, tok, prompts, [p["rejected"][-1]["content"] for p in pairs])
     wins = [c > r for c, r in zip(chosen, rejected)]
     by_kind = {}
     for p, w in zip(pairs, wins):
@@ -223,13 +229,13 @@ def evaluate(model, tok, pairs):
 
 def steps(text):
     """--max-steps: a positive number of steps, or -1 for whole --epochs."""
-    return -1 if text.strip() == "-1" else common.positive_int(text)
+    return -1 if text.strip() == "-1" else positive_int(text)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
-    parser.add_argument("--base-dir", type=Path, default=common.OUTPUT_DIR, help="pretrained base of the SFT adapter")
+    parser.add_argument("--sft-dir", type=Path, default=SFT_OUTPUT_DIR, help="SFT output (or any causal LM dir)")
+    parser.add_argument("--base-dir", type=Path, default=OUTPUT_DIR, help="pretrained base of the SFT adapter")
     parser.add_argument("--data", type=Path, nargs="+", help="your preference pairs (jsonl, jsonl.gz, parquet)")
     parser.add_argument("--eval-data", type=Path, nargs="+", help="held-out pairs (default: 5%% of --data by hash)")
     parser.add_argument("--hf-dataset", help="a Hugging Face hub dataset of pairs, e.g. Anthropic/hh-rlhf")
@@ -241,15 +247,15 @@ def build_parser():
                         help="Trainer checkpoints (default: OUT_DIR/checkpoints/reward_model)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="budget and optimizer for the policy's size "
                         "(default: gpu with CUDA, cpu without); the flags below marked (preset) override it")
-    parser.add_argument("--epochs", type=common.positive_float, help="(preset)")
+    parser.add_argument("--epochs", type=positive_float, help="(preset)")
     parser.add_argument("--max-steps", type=steps, help="(preset) stop after this many steps; -1 = whole --epochs")
-    parser.add_argument("--batch-size", type=common.positive_int, help="(preset) pairs per device per step")
-    parser.add_argument("--lr", type=common.positive_float, help="(preset)")
-    parser.add_argument("--max-length", type=common.positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, help="(preset) pairs per device per step")
+    parser.add_argument("--lr", type=positive_float, help="(preset)")
+    parser.add_argument("--max-length", type=positive_int, default=None,
                         help="a longer prompt + answer keeps its last this many tokens (default: the model's context, as "
                              "scoring does)")
-    parser.add_argument("--save-steps", type=common.positive_int, help="(preset)")
-    parser.add_argument("--seed", type=common.nonnegative_int, default=0)
+    parser.add_argument("--save-steps", type=positive_int, help="(preset)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--force", action="store_true",
                         help="redo a finished run, discard checkpoints of a run with other settings, and replace a "
                              "reward model that RLHF/grpo_output was built from")
@@ -257,7 +263,7 @@ def build_parser():
 
 
 def main():
-    args = common.apply_preset(build_parser().parse_args(), PRESETS, common.default_scale())
+    args = apply_preset(build_parser().parse_args(), PRESETS, default_scale())
 
     # Data first: a bad file fails in a second, before any model is loaded or anything is written.
     if args.hf_dataset:
@@ -269,31 +275,31 @@ def main():
         if eval_pairs is None:
             train_pairs, eval_pairs = heldout_by_hash(train_pairs)
             if not eval_pairs:
-                raise common.UserError("too few pairs to hold any out: pass --eval-data")
+                raise UserError("too few pairs to hold any out: pass --eval-data")
     else:
-        train_pairs = load_pairs([rlhf_common.PREFERENCE_FILES["train"]])
-        eval_pairs = load_pairs([rlhf_common.PREFERENCE_FILES["heldout"]])
+        train_pairs = load_pairs([PREFERENCE_FILES["train"]])
+        eval_pairs = load_pairs([PREFERENCE_FILES["heldout"]])
     out_model = args.out_dir / "reward_model"
     ckpt_dir = args.checkpoint_dir or args.out_dir / "checkpoints" / "reward_model"
     log_file = args.out_dir / "train.log"
 
     # A rerun of a finished run is a no-op; checkpoints are resumed only by the run that wrote them.
     parents, source = policy_parents(args.sft_dir, args.base_dir)
-    dtype = common.dtype_name(allow_fp16=True)
-    settings = {**common.settings_of(args, "hf_dataset", "hf_split", "hf_eval_split", "epochs", "max_steps",
+    dtype = dtype_name(allow_fp16=True)
+    settings = {**settings_of(args, "hf_dataset", "hf_split", "hf_eval_split", "epochs", "max_steps",
                                      "batch_size", "lr", "max_length", "seed"),
                 "data": [str(p.resolve()) for p in args.data or []],
                 "eval_data": [str(p.resolve()) for p in args.eval_data or []],
                 "pairs_sha256": hashlib.sha256(json.dumps([train_pairs, eval_pairs], ensure_ascii=False).encode())
                 .hexdigest(),  # edited data files make a new run
                 "dtype": dtype, "processes": int(os.environ.get("WORLD_SIZE", "1"))}
-    if not args.force and (args.out_dir / "reward_eval.json").is_file() and common.already_done(
+    if not args.force and (args.out_dir / "reward_eval.json").is_file() and already_done(
             out_model, STAGE, settings, **parents):
         return
     if (out_model / "config.json").is_file():
-        common.refuse_to_replace(out_model, args.force, "reward model")
-    common.check_writable_dir(args.out_dir)
-    resume, finished = common.checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, **parents)
+        refuse_to_replace(out_model, args.force, "reward model")
+    check_writable_dir(args.out_dir)
+    resume, finished = checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, **parents)
 
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
@@ -311,7 +317,7 @@ def main():
     max_len = min(args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
 
     def input_ids(side):
-        return rlhf_common.reward_model_input_ids(tok, [p["prompt"] + p[side][:-1] for p in train_pairs],
+        return reward_model_input_ids(tok, [p["prompt"] + p[side][:-1] for p in train_pairs],
                                                   [p[side][-1]["content"] for p in train_pairs], max_len)
 
     train_ds = Dataset.from_dict({"chosen_ids": input_ids("chosen"), "rejected_ids": input_ids("rejected")})
@@ -337,21 +343,21 @@ def main():
         print(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
         log_line(log_file, {"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()})
     t0 = time.time()
-    common.train_or_finish(trainer, resume, finished)
-    common.end_distributed()  # rank 0 goes on alone: saving and evaluating use no collectives
+    train_or_finish(trainer, resume, finished)
+    end_distributed()  # rank 0 goes on alone: saving and evaluating use no collectives
     train_seconds = time.time() - t0
 
     if trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        with common.atomic_dir(out_model) as tmp:
+        with atomic_dir(out_model) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            common.write_lineage(tmp, STAGE, settings, **parents)
+            write_lineage(tmp, STAGE, settings, **parents)
         metrics = evaluate(model, tok, eval_pairs)
         report = {"initialised_from": source, "train_pairs": len(train_pairs), "steps": trainer.state.global_step,
-                  "train_loss": rlhf_common.mean_logged(trainer.state, "loss"),  # the whole run, also after a resume
+                  "train_loss": mean_logged(trainer.state, "loss"),  # the whole run, also after a resume
                   "train_seconds": round(train_seconds, 1), "heldout": metrics}
-        common.atomic_write_json(args.out_dir / "reward_eval.json", report)
+        atomic_write_json(args.out_dir / "reward_eval.json", report)
         log_line(log_file, {"stage": STAGE, "event": "eval", **metrics})
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in metrics["accuracy_by_kind"].items())
         print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} ({kinds}); saved {out_model} "
@@ -359,4 +365,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

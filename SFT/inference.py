@@ -13,36 +13,40 @@ another base than --model-dir (e.g. output/ was retrained since) is refused with
 """
 import argparse
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
 
+from llm_train.arithmetic import arithmetic_tasks
+from llm_train.cli import nonnegative_float, positive_float, positive_int
+from llm_train.errors import UserError, run_main
+from llm_train.lineage import check_lineage
+from llm_train.paths import OUTPUT_DIR, SFT_OUTPUT_DIR
+from llm_train.runtime import compute_dtype
+from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+
 warnings.filterwarnings("ignore", r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)  # peft
 # bitsandbytes on AVX512-BF16 CPUs: an optional faster kernel package (`kernels`) is not installed; nothing is wrong.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
 
 DEFAULT_PROMPTS = [
     "What is AI?",
     "你好吗?",
-    common.arithmetic_tasks(1, "heldout", seed=7)[0]["prompt"],
+    arithmetic_tasks(1, "heldout", seed=7)[0]["prompt"],
 ]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-dir", type=Path, default=common.OUTPUT_DIR, help="the pretrained base model")
-    p.add_argument("--adapter-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="the LoRA adapter + tokenizer")
+    p.add_argument("--model-dir", type=Path, default=OUTPUT_DIR, help="the pretrained base model")
+    p.add_argument("--adapter-dir", type=Path, default=SFT_OUTPUT_DIR, help="the LoRA adapter + tokenizer")
     p.add_argument("--merged", action="store_true", help="load ADAPTER_DIR/merged instead of base + adapter")
     p.add_argument("--prompt", action="append", help="a user message (repeatable); default: a few built-in ones")
     p.add_argument("--system", help="an optional system message")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn, keeping the conversation")
-    p.add_argument("--max-new-tokens", type=common.positive_int, default=128)
-    p.add_argument("--temperature", type=common.nonnegative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=common.positive_float, default=0.9)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=positive_float, default=0.9)
     args = p.parse_args(argv)
     if args.top_p > 1:
         p.error(f"argument --top-p: must be at most 1, got {args.top_p}")
@@ -60,22 +64,22 @@ def load_chat_model(args):
             raise UserError(f"no base model in {args.model_dir}: run the pretraining stage first")
         if not (args.adapter_dir / "adapter_config.json").is_file():
             raise UserError(f"no adapter in {args.adapter_dir}: run python SFT/qlora_fine_tune_trl.py first")
-        common.check_lineage(args.adapter_dir, f"python SFT/qlora_fine_tune_trl.py --model-dir {args.model_dir} "
+        check_lineage(args.adapter_dir, f"python SFT/qlora_fine_tune_trl.py --model-dir {args.model_dir} "
                                                f"--output-dir {args.adapter_dir}", base=args.model_dir)
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = common.compute_dtype(allow_fp16=True)
+    dtype = compute_dtype(allow_fp16=True)
     if args.merged:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        tokenizer = common.load_chat_tokenizer(path)
+        tokenizer = load_chat_tokenizer(path)
     else:
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=dtype)
         model = PeftModel.from_pretrained(base, str(args.adapter_dir))
-        tokenizer = common.load_chat_tokenizer(args.adapter_dir)
+        tokenizer = load_chat_tokenizer(args.adapter_dir)
     return model.to(device).eval(), tokenizer
 
 
@@ -89,7 +93,7 @@ def reply(model, tokenizer, messages, args):
     context = model.config.n_positions
     max_new_tokens = min(args.max_new_tokens, context // 2)
     ids = {k: v[:, -(context - max_new_tokens):].to(model.device) for k, v in ids.items()}
-    stops = [tokenizer.convert_tokens_to_ids(common.IM_END), tokenizer.convert_tokens_to_ids(common.EOT)]
+    stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(EOT)]
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
         dict(do_sample=False)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -131,4 +135,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -40,10 +39,16 @@ from pathlib import Path
 # Before gradio is imported: no usage statistics or version checks, and nothing fetched from the hub.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "RLHF")]
-import common  # noqa: E402
-import rlhf_common  # noqa: E402
-from common import UserError  # noqa: E402
+from llm_train import runtime
+from llm_train.arithmetic import arithmetic_answer, arithmetic_tasks, extract_answer
+from llm_train.cli import positive_int
+from llm_train.errors import UserError, run_main
+from llm_train.lineage import check_lineage
+from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, REWARD_MODEL_DIR, SFT_OUTPUT_DIR, TOKENIZER_DIR
+from llm_train.rl import find_policy, load_policy, load_reward_model, policy_parents, reward_model_scores
+from llm_train.runtime import compute_dtype
+from llm_train.tokenizer import EOT, IM_END, load_tokenizer, render_messages
+from llm_train.trainer_runs import rerun_command
 
 CHAT_MODELS = ("SFT", "GRPO")
 SFT_CMD = "python SFT/qlora_fine_tune_trl.py --merge"
@@ -55,16 +60,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines on the network too")
-    p.add_argument("--port", type=common.positive_int, default=7860)
+    p.add_argument("--port", type=positive_int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    p.add_argument("--concurrency", type=common.positive_int, default=4,
+    p.add_argument("--concurrency", type=positive_int, default=4,
                    help="requests that generate at the same time; more wait in the queue")
-    p.add_argument("--base-dir", type=Path, default=common.OUTPUT_DIR, help="the pretrained base model")
-    p.add_argument("--sft-dir", type=Path, default=common.SFT_OUTPUT_DIR, help="the SFT adapter (and merged/)")
-    p.add_argument("--grpo-dir", type=Path, default=common.GRPO_OUTPUT_DIR, help="the GRPO policy")
-    p.add_argument("--reward-model", type=Path, default=common.REWARD_MODEL_DIR)
-    p.add_argument("--tokenizer-dir", type=Path, default=common.TOKENIZER_DIR, help="for its report.json")
-    p.add_argument("--report-dir", type=Path, default=common.REPO / "report", help="for the report card's metrics.json")
+    p.add_argument("--base-dir", type=Path, default=OUTPUT_DIR, help="the pretrained base model")
+    p.add_argument("--sft-dir", type=Path, default=SFT_OUTPUT_DIR, help="the SFT adapter (and merged/)")
+    p.add_argument("--grpo-dir", type=Path, default=GRPO_OUTPUT_DIR, help="the GRPO policy")
+    p.add_argument("--reward-model", type=Path, default=REWARD_MODEL_DIR)
+    p.add_argument("--tokenizer-dir", type=Path, default=TOKENIZER_DIR, help="for its report.json")
+    p.add_argument("--report-dir", type=Path, default=REPO / "report", help="for the report card's metrics.json")
     return p.parse_args(argv)
 
 
@@ -74,51 +79,51 @@ def load_base(args, dtype):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(args.base_dir), dtype=dtype, use_safetensors=True)
-    return model, common.load_tokenizer(args.base_dir)
+    return model, load_tokenizer(args.base_dir)
 
 
 def load_sft(args, dtype):
-    _, path = rlhf_common.find_policy(args.sft_dir, args.base_dir)  # merged/ if there, else base + adapter
-    rerun = rlhf_common.rerun_command("SFT/qlora_fine_tune_trl.py --merge",
-                                      model_dir=(args.base_dir, common.OUTPUT_DIR),
-                                      output_dir=(args.sft_dir, common.SFT_OUTPUT_DIR))
-    common.check_lineage(path, rerun, base=args.base_dir)
-    return rlhf_common.load_policy(args.sft_dir, args.base_dir, dtype)
+    _, path = find_policy(args.sft_dir, args.base_dir)  # merged/ if there, else base + adapter
+    rerun = rerun_command("SFT/qlora_fine_tune_trl.py --merge",
+                                      model_dir=(args.base_dir, OUTPUT_DIR),
+                                      output_dir=(args.sft_dir, SFT_OUTPUT_DIR))
+    check_lineage(path, rerun, base=args.base_dir)
+    return load_policy(args.sft_dir, args.base_dir, dtype)
 
 
 def load_grpo(args, dtype):
     if not (args.grpo_dir / "config.json").is_file():
         raise UserError(f"no GRPO model in {args.grpo_dir}: train it with `python RLHF/grpo_trl.py`")
     try:  # the parents it must still belong to; without an SFT policy there is nothing to check against
-        parents = rlhf_common.policy_parents(args.sft_dir, args.base_dir)
+        parents = policy_parents(args.sft_dir, args.base_dir)
     except UserError:
         parents = {}
     if (args.reward_model / "config.json").is_file():
         parents["reward_model"] = args.reward_model
-    rerun = rlhf_common.rerun_command("RLHF/grpo_trl.py", sft_dir=(args.sft_dir, common.SFT_OUTPUT_DIR),
-                                      base_dir=(args.base_dir, common.OUTPUT_DIR),
-                                      out_dir=(args.grpo_dir.parent, common.GRPO_OUTPUT_DIR.parent))
-    common.check_lineage(args.grpo_dir, rerun, **parents)
-    return rlhf_common.load_policy(args.grpo_dir, args.base_dir, dtype)  # a full model dir: loaded as it is
+    rerun = rerun_command("RLHF/grpo_trl.py", sft_dir=(args.sft_dir, SFT_OUTPUT_DIR),
+                                      base_dir=(args.base_dir, OUTPUT_DIR),
+                                      out_dir=(args.grpo_dir.parent, GRPO_OUTPUT_DIR.parent))
+    check_lineage(args.grpo_dir, rerun, **parents)
+    return load_policy(args.grpo_dir, args.base_dir, dtype)  # a full model dir: loaded as it is
 
 
 def load_reward(args):
     if not (args.reward_model / "config.json").is_file():
         raise UserError(f"no reward model in {args.reward_model}: run `python RLHF/reward_model.py`")
-    rebuild = rlhf_common.rerun_command("RLHF/reward_model.py", sft_dir=(args.sft_dir, common.SFT_OUTPUT_DIR),
-                                        out_dir=(args.reward_model.parent, common.REWARD_MODEL_DIR.parent))
+    rebuild = rerun_command("RLHF/reward_model.py", sft_dir=(args.sft_dir, SFT_OUTPUT_DIR),
+                                        out_dir=(args.reward_model.parent, REWARD_MODEL_DIR.parent))
     try:
-        parents = rlhf_common.policy_parents(args.sft_dir, args.base_dir)
+        parents = policy_parents(args.sft_dir, args.base_dir)
     except UserError:
         parents = {}
-    common.check_lineage(args.reward_model, rebuild, **parents)
-    return rlhf_common.load_reward_model(args.reward_model, rlhf_common.device())
+    check_lineage(args.reward_model, rebuild, **parents)
+    return load_reward_model(args.reward_model, runtime.device())
 
 
 def load_all(args):
     """({name: (model, tokenizer)} of the stages that loaded, {name: why not} of the others)."""
-    dev = rlhf_common.device()
-    dtype = common.compute_dtype(allow_fp16=True)
+    dev = runtime.device()
+    dtype = compute_dtype(allow_fp16=True)
     models, problems = {}, {}
     for name, load in (("base", lambda: load_base(args, dtype)), ("SFT", lambda: load_sft(args, dtype)),
                        ("GRPO", lambda: load_grpo(args, dtype)), ("reward model", lambda: load_reward(args))):
@@ -157,7 +162,7 @@ def stream_generate(model, tok, ids, max_new_tokens, temperature, top_k, top_p):
     stop = Stop()
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     input_ids = torch.tensor([ids], device=model.device)
-    stops = [i for i in (tok.convert_tokens_to_ids(common.IM_END), tok.convert_tokens_to_ids(common.EOT))
+    stops = [i for i in (tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT))
              if i is not None and i != tok.unk_token_id]
     errors = []
 
@@ -198,7 +203,7 @@ def chat_ids(tok, messages, room):
     `room` tokens (the rest still starts with a user message); a last message alone too long keeps its end."""
     dropped = 0
     while True:
-        ids = tok(common.render_messages(messages[dropped:], add_generation_prompt=True),
+        ids = tok(render_messages(messages[dropped:], add_generation_prompt=True),
                   add_special_tokens=False).input_ids
         if len(ids) <= room or dropped == len(messages) - 1:
             return ids, dropped
@@ -215,12 +220,12 @@ def text_of(content):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Arithmetic prompts (common.arithmetic_answer: typed problems in the task family's wording are checked too).
+# Arithmetic prompts (arithmetic_answer: typed problems in the task family's wording are checked too).
 def verdict(answer, reply):
     """Right / wrong mark of a reply to an arithmetic problem ('' for other prompts)."""
     if answer is None:
         return ""
-    said = common.extract_answer(reply)
+    said = extract_answer(reply)
     if said == answer:
         return f"✓ right ({answer})"
     if said is None:
@@ -463,7 +468,7 @@ def build_app(args, models, problems):
                 continue
             model, tok = models[name]
             max_new = reply_budget(model.config.n_positions, max_new_tokens)
-            ids = tok(common.render_messages(messages, add_generation_prompt=True),
+            ids = tok(render_messages(messages, add_generation_prompt=True),
                       add_special_tokens=False).input_ids[-(model.config.n_positions - max_new):]
             notes[name] = "generating…"
             start = time.perf_counter()
@@ -476,9 +481,9 @@ def build_app(args, models, problems):
         scores = {}
         if "reward model" in models and done:
             rm, rm_tok = models["reward model"]
-            scores = dict(zip(done, rlhf_common.reward_model_scores(rm, rm_tok, [messages] * len(done),
+            scores = dict(zip(done, reward_model_scores(rm, rm_tok, [messages] * len(done),
                                                                     [answers[n] for n in done])))
-        answer = common.arithmetic_answer(prompt)
+        answer = arithmetic_answer(prompt)
         for n in done:
             score = f"reward-model score **{scores[n]:+.3f}**" if n in scores else \
                 f"no reward-model score ({problems.get('reward model', '')})"
@@ -497,7 +502,7 @@ def build_app(args, models, problems):
         return [temperature, top_k, top_p, max_new]
 
     status = "\n".join([f"- **{n}**: loaded" for n in models] + [f"- **{n}**: {why}" for n, why in problems.items()])
-    examples = [t["prompt"] for t in common.arithmetic_tasks(2, "heldout", seed=7)] + ["Hello, how are you?", "你好"]
+    examples = [t["prompt"] for t in arithmetic_tasks(2, "heldout", seed=7)] + ["Hello, how are you?", "你好"]
 
     with gr.Blocks(title="llm_train", analytics_enabled=False) as demo:
         gr.Markdown(f"# llm_train: the models of each stage\nRunning on {device}.")
@@ -586,4 +591,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -15,13 +15,15 @@ same weights; their logits agree to ~1e-5 in fp32 (checked here).
 """
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from llm_train.atomic import atomic_write_json
+from llm_train.cli import positive_int
+from llm_train.errors import run_main
+from llm_train.runtime import dtype_name
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import common  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "bench_activation.json"
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
@@ -29,14 +31,14 @@ ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=common.positive_int, default=5)
-    parser.add_argument("--batch", type=common.positive_int, default=16, help="rows of the training step (cpu SFT: 16)")
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=16, help="rows of the training step (cpu SFT: 16)")
     args = parser.parse_args()
 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    dtype = common.dtype_name()
+    dtype = dtype_name()
     torch.manual_seed(0)
     models = {}
     for act in ACTIVATIONS:
@@ -82,7 +84,7 @@ def main():
               "speedup_of_gelu_pytorch_tanh": speedups, "max_logit_diff_fp32": fp32_diff.item(),
               "torch_threads": torch.get_num_threads()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    common.atomic_write_json(RESULTS, result)
+    atomic_write_json(RESULTS, result)
     for what, m in medians.items():
         print(f"{what} ({dtype}): gelu_pytorch_tanh {m['gelu_pytorch_tanh']:.3f} s, gelu_new {m['gelu_new']:.3f} s "
               f"median -> {speedups[what]:.2f}x")
@@ -90,4 +92,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

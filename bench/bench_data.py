@@ -32,9 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from llm_train.corpus import default_corpus_files, read_jsonl_gz
+from llm_train.paths import DATA_DIR, load_script
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import common  # noqa: E402
 
 STAGE2 = REPO / "PreTrain" / "preprocess_dataset_for_pretrain_map.py"
 STAGE3 = REPO / "PreTrain" / "model.py"
@@ -42,12 +43,12 @@ STAGE3 = REPO / "PreTrain" / "model.py"
 
 def corpus_slice(mb):
     """Whole documents from each embedded corpus file in turn, about mb MB of text in all (the same mix)."""
-    files = common.default_corpus_files("train")
+    files = default_corpus_files("train")
     per_file = mb * 1e6 / len(files)
     docs = []
     for f in files:
         size = 0
-        for d in common.read_jsonl_gz(f):
+        for d in read_jsonl_gz(f):
             if size >= per_file:
                 break
             docs.append(d["text"])
@@ -183,14 +184,14 @@ def main():
     ap.add_argument("--rss-tokens", type=float, default=2e8, help="train tokens of the big chunk set")
     ap.add_argument("--rss-steps", type=int, default=20, help="training steps on each chunk set")
     args = ap.parse_args()
-    if not common.default_corpus_files("train"):
-        sys.exit(f"embedded corpus missing in {common.DATA_DIR}: run python data/build_default_corpus.py")
+    if not default_corpus_files("train"):
+        sys.exit(f"embedded corpus missing in {DATA_DIR}: run python data/build_default_corpus.py")
     load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
 
     # 1. tokenizer training
-    stage1 = common.load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
-    texts = [d["text"] for f in common.default_corpus_files("train") for d in common.read_jsonl_gz(f)]
+    stage1 = load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
+    texts = [d["text"] for f in default_corpus_files("train") for d in read_jsonl_gz(f)]
     train_mb = sum(len(t.encode()) for t in texts) / 1e6
     t0 = time.perf_counter()
     tok = stage1.train(texts, vocab_size=8192)

@@ -15,15 +15,20 @@ the two ways alternate for --rounds rounds and the medians are compared. They gi
 """
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from llm_train import sampling
+from llm_train.arithmetic import arithmetic_tasks
+from llm_train.atomic import atomic_write_json
+from llm_train.cli import positive_int
+from llm_train.errors import run_main
+from llm_train.paths import load_script
+from llm_train.runtime import dtype_name
+from llm_train.tokenizer import load_chat_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "RLHF")]
-import common  # noqa: E402
-import rlhf_common  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "bench_grpo.json"
 
@@ -33,17 +38,17 @@ def build_trainer(tmp, dtype):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    stage = common.load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
-    texts = [t["prompt"] + " " + t["response"] for t in common.arithmetic_tasks(300, "train")]
+    stage = load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
+    texts = [t["prompt"] + " " + t["response"] for t in arithmetic_tasks(300, "train")]
     stage.save(stage.train(texts, vocab_size=600), Path(tmp) / "tokenizer")
-    tok = common.load_chat_tokenizer(Path(tmp) / "tokenizer")
+    tok = load_chat_tokenizer(Path(tmp) / "tokenizer")
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=128, n_embd=192, n_layer=4, n_head=4,
                                activation_function="gelu_pytorch_tanh",  # as PreTrain/model.py exports
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)).save_pretrained(Path(tmp) / "model")
     model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model")  # TRL loads its reference model from the path
-    trl_script = common.load_script("RLHF/grpo_trl.py")
+    trl_script = load_script("RLHF/grpo_trl.py")
     args = trl_script.parse_args(["--preset", "cpu"])
     trainer = trl_script.grpo_trainer_class()(
         model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
@@ -54,14 +59,14 @@ def build_trainer(tmp, dtype):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=common.positive_int, default=5)
-    parser.add_argument("--batch", type=common.positive_int, default=128, help="completions per step (cpu preset: 128)")
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=128, help="completions per step (cpu preset: 128)")
     args = parser.parse_args()
 
     import torch
     from trl import GRPOTrainer
 
-    dtype = common.dtype_name()
+    dtype = dtype_name()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(tmp, dtype)
     model, completion = trainer.model, 40
@@ -76,7 +81,7 @@ def main():
 
     def trl_fused(**kw):
         def at_sampling_positions(**inputs):
-            return model(**inputs, position_ids=rlhf_common.position_ids(inputs["attention_mask"]))
+            return model(**inputs, position_ids=sampling.position_ids(inputs["attention_mask"]))
 
         return GRPOTrainer._get_per_token_logps_and_entropies(trainer, at_sampling_positions, input_ids, attention,
                                                               completion, **kw)
@@ -101,10 +106,10 @@ def main():
               "seconds": times, "median_seconds": medians, "speedup": medians["trl_fused"] / medians["ours"],
               "torch_threads": torch.get_num_threads()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    common.atomic_write_json(RESULTS, result)
+    atomic_write_json(RESULTS, result)
     print(f"log-probs of one GRPO step ({dtype}, {args.batch} completions): ours {medians['ours']:.2f} s, "
           f"TRL fused {medians['trl_fused']:.2f} s median -> {result['speedup']:.2f}x; wrote {RESULTS}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

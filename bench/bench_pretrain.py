@@ -25,9 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from llm_train.atomic import atomic_write_json
+from llm_train.chunks import chunk_rows
+from llm_train.cli import nonnegative_int, positive_int
+from llm_train.paths import CHUNKS_DIR, TOKENIZER_DIR, load_script
+from llm_train.runtime import DTYPE_ENV, DTYPES, cpu_has_fast_bf16, dtype_name
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import common  # noqa: E402
 
 REFERENCE = REPO.parent / "shared" / "bench" / "reference_gpt2_step.py"
 RESULTS = REPO / "bench" / "results" / "bench_pretrain.json"
@@ -38,7 +42,7 @@ def worker(a):
     import numpy as np
     import torch
 
-    m = common.load_script("PreTrain/model.py")
+    m = load_script("PreTrain/model.py")
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as model.py trains on CPU
     model = m.GPT(a.vocab, a.ctx, a.layers, a.dim, a.heads)
@@ -48,7 +52,7 @@ def worker(a):
     step_model = torch.compile(model) if a.compile else model  # the first (warm-up) step pays the compile
     if a.chunks:  # real chunk rows through model.py's data path, read from disk as it reads them
         manifest = json.loads((Path(a.chunks) / "manifest.json").read_text(encoding="utf-8"))
-        rows = common.chunk_rows(a.chunks, manifest, "train", min(a.ctx, manifest["context_length"]), a.vocab)
+        rows = chunk_rows(a.chunks, manifest, "train", min(a.ctx, manifest["context_length"]), a.vocab)
     else:  # synthetic: the same rows every step, no sampling
         rows = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.ctx + 1), dtype=np.int32)
 
@@ -104,21 +108,22 @@ def compare(name, c, rounds, ours_flags=()):
 
 def real_chunks(c, tmp):
     """(dir, training rows) of real chunks for the worker: pretrain_data_chunks/, or tiny ones made here."""
-    m = common.load_script("PreTrain/model.py")
-    chunks, tok_dir = common.CHUNKS_DIR, common.TOKENIZER_DIR
+    m = load_script("PreTrain/model.py")
+    chunks, tok_dir = CHUNKS_DIR, TOKENIZER_DIR
     if not (chunks / "manifest.json").is_file():
         sys.path.insert(0, str(REPO / "tests"))
-        from conftest import sample_texts
         from test_pretrain import write_chunks
 
-        stage = common.load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
+        from conftest import sample_texts
+
+        stage = load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
         tok_dir, chunks = Path(tmp) / "tok", Path(tmp) / "chunks"
         stage.save(stage.train(sample_texts(), vocab_size=c["vocab"]), tok_dir)
         chunks.mkdir()
         write_chunks(tok_dir, chunks, context_length=c["ctx"], texts=sample_texts() * 3)
-        print(f"  (no {common.CHUNKS_DIR}/manifest.json: using tiny chunks written to {chunks})")
+        print(f"  (no {CHUNKS_DIR}/manifest.json: using tiny chunks written to {chunks})")
     manifest = m.read_manifest(chunks, tok_dir)  # the worker reads the rows as model.py does, never all at once
-    return chunks, len(common.chunk_rows(chunks, manifest, "train", min(c["ctx"], manifest["context_length"]),
+    return chunks, len(chunk_rows(chunks, manifest, "train", min(c["ctx"], manifest["context_length"]),
                                          c["vocab"]))
 
 
@@ -139,13 +144,13 @@ def main():
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name, default in [("layers", 4), ("dim", 256), ("heads", 4), ("ctx", 256), ("batch", 16),
                           ("vocab", 8192), ("steps", 6), ("warmup", 2)]:
-        ap.add_argument(f"--{name}", type=common.nonnegative_int if name == "warmup" else common.positive_int,
+        ap.add_argument(f"--{name}", type=nonnegative_int if name == "warmup" else positive_int,
                         default=default)
-    ap.add_argument("--dtype", choices=common.DTYPES, default=None,
-                    help=f"compute dtype of both steps (default: ${common.DTYPE_ENV}, else what model.py picks here)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help=f"compute dtype of both steps (default: ${DTYPE_ENV}, else what model.py picks here)")
     ap.add_argument("--chunks", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # worker: torch.compile our step
-    ap.add_argument("--rounds", type=common.positive_int, default=3)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--skip-124m", action="store_true")
     a = ap.parse_args()
     if a.worker:
@@ -153,16 +158,16 @@ def main():
 
     import torch
 
-    m = common.load_script("PreTrain/model.py")
+    m = load_script("PreTrain/model.py")
     p = m.PRESETS["cpu"]
-    dtype = common.dtype_name(a.dtype)  # the dtype model.py trains in here, decided in one place
+    dtype = dtype_name(a.dtype)  # the dtype model.py trains in here, decided in one place
     cpu_cfg = {"layers": p["n_layer"], "dim": p["n_embd"], "heads": p["n_head"], "ctx": p["context_length"],
                "batch": p["batch_size"], "vocab": 8192, "steps": 4, "warmup": 1, "dtype": dtype}
-    results = {"machine": {"threads": torch.get_num_threads(), "fast_bf16": common.cpu_has_fast_bf16()}, "dtype": dtype}
+    results = {"machine": {"threads": torch.get_num_threads(), "fast_bf16": cpu_has_fast_bf16()}, "dtype": dtype}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results[f"{name}_matmul_flops"] = matmul_peak(dt)
         print(f"{name} 1024^3 matmul: {results[f'{name}_matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
-    if dtype == "fp32" and not common.cpu_has_fast_bf16():
+    if dtype == "fp32" and not cpu_has_fast_bf16():
         print("this CPU has no bf16 matmul units (no AMX/AVX512-BF16): bf16 is far slower than fp32 here, so both "
               "steps are compared in fp32, the dtype model.py uses on this machine")
     if REFERENCE.is_file():
@@ -190,7 +195,7 @@ def main():
                                    "real_over_synthetic": ratio}
         print(f"data loading: step with real chunks {statistics.median(real) * 1e3:.1f} ms vs synthetic "
               f"{statistics.median(synthetic) * 1e3:.1f} ms -> {ratio:.3f}x (goal <= 1.05)")
-    common.atomic_write_json(RESULTS, results)
+    atomic_write_json(RESULTS, results)
     print(f"wrote {RESULTS}")
 
 

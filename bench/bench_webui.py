@@ -14,12 +14,10 @@ first update that carries reply text, as a browser would show it), whole-reply l
 resident memory after loading and at its peak (VmHWM). Any failed request fails the check (exit status 1).
 """
 import argparse
-import json
 import os
 import random
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -27,12 +25,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+from llm_train.arithmetic import arithmetic_tasks
+from llm_train.atomic import atomic_write_json
+from llm_train.cli import positive_float, positive_int
+from llm_train.errors import UserError, run_main
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import common  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "bench_webui.json"
-PROMPTS = [t["prompt"] for t in common.arithmetic_tasks(20, "heldout", seed=3)] + [
+PROMPTS = [t["prompt"] for t in arithmetic_tasks(20, "heldout", seed=3)] + [
     "Hello, how are you?", "What is your favourite book?", "Tell me about the weather.", "你好", "What can you do?"]
 
 
@@ -87,18 +88,18 @@ def client_loop(client, model, max_new_tokens, deadline, seed, records, errors):
             tokens = int(re.search(r"(\d+) tokens in", note)[1])
             records.append({"ttft_s": first, "latency_s": time.perf_counter() - sent, "tokens": tokens,
                             "finished_at": time.perf_counter()})
-        except Exception as e:  # noqa: BLE001  (counted and reported: the check fails on any)
+        except Exception as e:
             errors.append(repr(e))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=REPO, help="repo copy whose stage outputs to serve")
-    ap.add_argument("--clients", type=common.positive_int, default=4)
-    ap.add_argument("--seconds", type=common.positive_float, default=60.0)
+    ap.add_argument("--clients", type=positive_int, default=4)
+    ap.add_argument("--seconds", type=positive_float, default=60.0)
     ap.add_argument("--model", choices=["SFT", "GRPO"], default="SFT")
-    ap.add_argument("--max-new-tokens", type=common.positive_int, default=64)
-    ap.add_argument("--concurrency", type=common.positive_int, default=4, help="the app's --concurrency")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+    ap.add_argument("--concurrency", type=positive_int, default=4, help="the app's --concurrency")
     a = ap.parse_args()
     from gradio_client import Client
 
@@ -111,7 +112,7 @@ def main():
         clients = [Client(url, verbose=False) for _ in range(a.clients)]
         *_, (_, _, note) = clients[0].submit("Hello", [], a.model, 0.7, 50, 0.95, 8, api_name="/chat")
         if "not available" in note:  # e.g. no SFT model yet: the app says which command makes it
-            raise common.UserError(f"{note.replace('**', '')} (in {a.root}: run `make all` there, or pass --root)")
+            raise UserError(f"{note.replace('**', '')} (in {a.root}: run `make all` there, or pass --root)")
         records, errors = [], []
         load_before = os.getloadavg()  # other processes on the same cores slow every number here
         start = time.perf_counter()
@@ -142,8 +143,8 @@ def main():
         "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
         "rss_after_load_mb": idle_rss, "rss_end_mb": rss, "rss_peak_mb": peak, "app_alive_at_end": alive,
     }
-    common.atomic_write_json(RESULTS, result)
-    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    atomic_write_json(RESULTS, result)
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
     print(f"{a.clients} clients x {a.seconds:.0f} s, {a.model}: {len(records)} requests "
           f"({result['requests_per_s']:.2f}/s, "
           f"{result['tokens_per_s']:.0f} tokens/s), {len(errors)} failed; time to first token p50 "
@@ -156,4 +157,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -53,6 +53,7 @@ read -r -a SFT_EXTRA <<< "${SFT_EXTRA:-}"
 read -r -a RM_EXTRA <<< "${RM_EXTRA:-}"
 read -r -a GRPO_EXTRA <<< "${GRPO_EXTRA:-}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's llm_train/
 
 mkdir -p "$WORK/logs" "$(dirname "$RESULTS")"
 echo "== dry run in $WORK: vocab $VOCAB, context $CONTEXT, $RANKS CPU ranks"

@@ -82,7 +82,7 @@ fi
 
 # The packages a bare GPU machine lacks, from wheels/ into $WORK/site (first on PYTHONPATH, so the pinned versions win).
 SITE="$WORK/site"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"  # $PWD: this checkout's llm_train/
 TRANSFORMERS_PIN=$(sed -n 's/^transformers==\([^ ]*\).*/\1/p' requirements.txt)
 if [ "${INSTALL:-0}" = 1 ] || ! "$PY" -c "import deepspeed, trl, bitsandbytes, datasets, transformers
 assert transformers.__version__ == '$TRANSFORMERS_PIN'" 2>/dev/null; then

@@ -19,9 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from llm_train.atomic import atomic_write_json
+from llm_train.cli import positive_float, positive_int
+from llm_train.errors import UserError, run_main
+from llm_train.paths import CHUNKS_DIR, TOKENIZER_DIR
+from llm_train.runtime import dtype_name
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import common  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -29,16 +33,16 @@ RESULTS = REPO / "bench" / "results"
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="cpu", help="PreTrain/model.py preset the sweep varies")
-    p.add_argument("--lrs", type=common.positive_float, nargs="+", default=[1.5e-3, 3e-3, 6e-3])
-    p.add_argument("--batch-rows", type=common.positive_int, nargs="+", default=[8, 16, 32],
+    p.add_argument("--lrs", type=positive_float, nargs="+", default=[1.5e-3, 3e-3, 6e-3])
+    p.add_argument("--batch-rows", type=positive_int, nargs="+", default=[8, 16, 32],
                    help="global batch in rows of the chunks' context length")
-    p.add_argument("--tokens", type=common.positive_float, default=1e6, help="training tokens per run")
-    p.add_argument("--chunks-dir", type=Path, default=common.CHUNKS_DIR)
-    p.add_argument("--tokenizer-dir", type=Path, default=common.TOKENIZER_DIR)
+    p.add_argument("--tokens", type=positive_float, default=1e6, help="training tokens per run")
+    p.add_argument("--chunks-dir", type=Path, default=CHUNKS_DIR)
+    p.add_argument("--tokenizer-dir", type=Path, default=TOKENIZER_DIR)
     args = p.parse_args()
     manifest = args.chunks_dir / "manifest.json"
     if not manifest.is_file():
-        raise common.UserError(f"no chunks in {args.chunks_dir}: run `make all` (or the tokenizer and chunk stages) "
+        raise UserError(f"no chunks in {args.chunks_dir}: run `make all` (or the tokenizer and chunk stages) "
                                f"first, or pass --chunks-dir")
     context = json.loads(manifest.read_text())["context_length"]
     rows = []
@@ -68,7 +72,7 @@ def main():
                 print(json.dumps(row), flush=True)
     best = min(rows, key=lambda r: r["val_loss"])
     lines = [f"Pretraining sweep, preset {args.preset}, {args.tokens:,.0f} tokens per run, context {context}, "
-             f"{common.dtype_name()} ({time.strftime('%Y-%m-%d')})", "",
+             f"{dtype_name()} ({time.strftime('%Y-%m-%d')})", "",
              "| global batch (rows x tokens) | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
              "|---|" + "---|" * len(args.lrs)]
     for batch in args.batch_rows:
@@ -81,10 +85,10 @@ def main():
     lines += ["", f"Validation loss after the budget (lower is better); best: lr {best['lr']:g}, "
               f"batch {best['batch_rows']} rows."]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    common.atomic_write_json(RESULTS / "sweep_pretrain.json", {"preset": args.preset, "context": context, "runs": rows})
+    atomic_write_json(RESULTS / "sweep_pretrain.json", {"preset": args.preset, "context": context, "runs": rows})
     (RESULTS / "sweep_pretrain.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -16,13 +16,15 @@ reported as "not run".
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+from llm_train.atomic import atomic_write_bytes, atomic_write_json
+from llm_train.cli import positive_int
+from llm_train.errors import run_main
+from llm_train.paths import CHUNKS_DIR, GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, SFT_OUTPUT_DIR, TOKENIZER_DIR
+from llm_train.tokenizer import IM_END, load_tokenizer, render_messages
 
-REPORT_DIR = common.REPO / "report"
+REPORT_DIR = REPO / "report"
 STAGES = ["tokenizer", "chunks", "pretrain", "sft", "reward_model", "grpo", "eval", "report"]  # in pipeline order
 PROMPTS = ["The history of the United States", "子曰：学而时习之",
            "Tom has 47 apples and gets 38 more. How many apples does Tom have now?", "def fibonacci(n):"]
@@ -96,19 +98,19 @@ def generate_samples(max_new_tokens, seed=0):
     from transformers import AutoModelForCausalLM
 
     # full models only: SFT's merged/ copy, GRPO's output dir (it saves the merged policy there); the base twice
-    runs = [("pretrained", common.OUTPUT_DIR, False), ("pretrained, chat template", common.OUTPUT_DIR, True),
-            ("sft", common.SFT_OUTPUT_DIR / "merged", True), ("grpo", common.GRPO_OUTPUT_DIR, True)]
+    runs = [("pretrained", OUTPUT_DIR, False), ("pretrained, chat template", OUTPUT_DIR, True),
+            ("sft", SFT_OUTPUT_DIR / "merged", True), ("grpo", GRPO_OUTPUT_DIR, True)]
     samples, loaded = {}, None
     for label, path, chat in runs:
         if not (Path(path) / "config.json").is_file():
             continue
         if path != loaded:
-            tok = common.load_tokenizer(path)
+            tok = load_tokenizer(path)
             model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
-            stops, loaded = [tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id], path
+            stops, loaded = [tok.convert_tokens_to_ids(IM_END), tok.eos_token_id], path
         samples[label] = {}
         for prompt in PROMPTS:
-            text = common.render_messages([{"role": "user", "content": prompt}], True) if chat else prompt
+            text = render_messages([{"role": "user", "content": prompt}], True) if chat else prompt
             ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
             samples[label][prompt] = {}
             for mode, sampling in (("greedy", dict(do_sample=False)),
@@ -188,7 +190,7 @@ def stage_lessons(m):
     temperature = get(grpo, "sampling", "temperature")
     rows.append((f"exact match, answers sampled at temperature {temperature}", None,
                  get(grpo, "sft", "sampled_exact_answer_accuracy"), get(grpo, "grpo", "sampled_exact_answer_accuracy")))
-    rows.append((f"replies ending with {common.IM_END}", get(sft, "base", "ends_with_im_end"),
+    rows.append((f"replies ending with {IM_END}", get(sft, "base", "ends_with_im_end"),
                  get(sft, "sft", "ends_with_im_end"), get(grpo, "grpo", "ends_with_im_end")))
     rows.append(("reward-model score", None, get(grpo, "sft", "reward_model_score"), get(grpo, "grpo", "reward_model_score")))
     rows.append(("KL to the SFT policy (per token)", None, None, get(grpo, "kl_k1_per_token")))
@@ -205,7 +207,7 @@ def fmt(x, digits=3):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="length of each sample generation")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of each sample generation")
     ap.add_argument("--no-samples", action="store_true", help="skip loading models for sample generations")
     args = ap.parse_args()
     REPORT_DIR.mkdir(exist_ok=True)
@@ -214,17 +216,17 @@ def main():
         "machine": machine(),
         "timings": {stage: read_json(REPORT_DIR / "timings" / f"{stage}.json") for stage in STAGES
                     if (REPORT_DIR / "timings" / f"{stage}.json").is_file()},
-        "tokenizer": read_json(common.TOKENIZER_DIR / "report.json"),
-        "chunks": read_json(common.CHUNKS_DIR / "manifest.json"),
-        "pretrain": read_json(common.OUTPUT_DIR / "pretrain_summary.json"),
-        "sft": read_json(common.REPO / "SFT" / "eval.json"),
-        "reward_model": read_json(common.REPO / "RLHF" / "reward_eval.json"),
-        "grpo": read_json(common.REPO / "RLHF" / "eval.json"),
-        "eval": read_json(common.REPO / "Eval" / "results.json"),
+        "tokenizer": read_json(TOKENIZER_DIR / "report.json"),
+        "chunks": read_json(CHUNKS_DIR / "manifest.json"),
+        "pretrain": read_json(OUTPUT_DIR / "pretrain_summary.json"),
+        "sft": read_json(REPO / "SFT" / "eval.json"),
+        "reward_model": read_json(REPO / "RLHF" / "reward_eval.json"),
+        "grpo": read_json(REPO / "RLHF" / "eval.json"),
+        "eval": read_json(REPO / "Eval" / "results.json"),
     }
-    pre_hist = read_jsonl(common.OUTPUT_DIR / "history.jsonl")
-    sft_hist = read_jsonl(common.SFT_OUTPUT_DIR / "history.jsonl")
-    grpo_hist = read_jsonl(common.GRPO_OUTPUT_DIR / "history.jsonl")
+    pre_hist = read_jsonl(OUTPUT_DIR / "history.jsonl")
+    sft_hist = read_jsonl(SFT_OUTPUT_DIR / "history.jsonl")
+    grpo_hist = read_jsonl(GRPO_OUTPUT_DIR / "history.jsonl")
     plots = {
         "pretrain_loss": plot(REPORT_DIR / "pretrain_loss.png",
                               [("train loss", *column(pre_hist, "loss"), 0),
@@ -240,8 +242,8 @@ def main():
     }
     metrics["plots"] = plots
     metrics["samples"] = {} if args.no_samples else generate_samples(args.max_new_tokens)
-    common.atomic_write_json(REPORT_DIR / "metrics.json", metrics)
-    common.atomic_write_bytes(REPORT_DIR / "report.md", render(metrics).encode("utf-8"))
+    atomic_write_json(REPORT_DIR / "metrics.json", metrics)
+    atomic_write_bytes(REPORT_DIR / "report.md", render(metrics).encode("utf-8"))
     print(f"wrote {REPORT_DIR / 'report.md'} and metrics.json")
 
 
@@ -371,4 +373,4 @@ def table_base_vs(d, before, after):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

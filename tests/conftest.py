@@ -7,18 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llm_train.arithmetic import arithmetic_tasks
+from llm_train.paths import load_script
+from llm_train.tokenizer import load_tokenizer
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-sys.path.insert(0, str(REPO))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP threads sleep instead of spinning on shared CPUs
-
-import common  # noqa: E402
-from common import load_script  # noqa: E402,F401  (tests import it from here)
 
 
 def run_script(relpath, *args, cwd=REPO, timeout=600, env=None, check=True):
@@ -41,7 +42,7 @@ def sample_texts():
                "Four score and seven years ago our fathers brought forth on this continent a new nation. " * 10]
     chinese = ["学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？" * 10,
                "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 10]
-    tasks = [t["prompt"] + " " + t["response"] for t in common.arithmetic_tasks(200, "train")]
+    tasks = [t["prompt"] + " " + t["response"] for t in arithmetic_tasks(200, "train")]
     return english + chinese + code + tasks
 
 
@@ -60,7 +61,7 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    tok = load_tokenizer(tiny_tokenizer_dir)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
                         activation_function="gelu_pytorch_tanh",  # as PreTrain/model.py exports
@@ -82,7 +83,7 @@ def free_port():
 
 
 # The precision-sensitive tests run under both compute dtypes on any CPU (bf16 is slow but correct without bf16
-# units): parametrize with this and set common.DTYPE_ENV in the test (monkeypatch.setenv / a subprocess env).
+# units): parametrize with this and set DTYPE_ENV in the test (monkeypatch.setenv / a subprocess env).
 BOTH_DTYPES = pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 
 
@@ -110,6 +111,12 @@ def pytest_collection_modifyitems(items):
         raise pytest.UsageError(f"tests/conftest.py: add {sorted(stray)} to SMOKE_REPO_FILES (they use smoke_repo)")
 
 
+def checkout_env(root):
+    """The environment for running scripts of the repo copy `root`: its own llm_train/ (the shared .venv/ has this
+    checkout's installed in editable mode, whose paths are this checkout's), as the Makefile sets it."""
+    return {**os.environ, "PYTHONPATH": str(root)}
+
+
 @pytest.fixture(scope="session")
 def smoke_repo(tmp_path_factory):
     """A copy of the repo's tracked and untracked-but-not-ignored files, sharing .venv/, after `make all SCALE=smoke`.
@@ -122,6 +129,7 @@ def smoke_repo(tmp_path_factory):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, root / rel)  # keeps mtimes: .venv/.installed stays newer than requirements.txt
     os.symlink(REPO / ".venv", root / ".venv")
-    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=900,
+                          env=checkout_env(root))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return root, proc.stdout

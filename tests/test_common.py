@@ -1,11 +1,16 @@
-"""common.py: atomic directories, lineage fingerprints and the dtype switch; every script's --help."""
+"""py: atomic directories, lineage fingerprints and the dtype switch; every script's --help."""
 import json
 import subprocess
 import sys
 
-import pytest
+from llm_train import paths
+from llm_train.atomic import atomic_dir
+from llm_train.errors import UserError
+from llm_train.lineage import already_done, check_lineage, recorded_parents, write_lineage
+from llm_train.paths import REPO
+from llm_train.runtime import DTYPE_ENV, compute_dtype, cpu_has_fast_bf16, dtype_name
 
-import common
+import pytest
 
 
 def test_atomic_dir_replaces_whole_and_clears_a_killed_saves_leftovers(tmp_path):
@@ -13,10 +18,10 @@ def test_atomic_dir_replaces_whole_and_clears_a_killed_saves_leftovers(tmp_path)
     left = tmp_path / ".output.tmpdeadbeef"  # what a save killed before its rename leaves behind
     left.mkdir()
     (left / "model.safetensors").write_text("half")
-    with common.atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("1")
     assert (out / "a.txt").read_text() == "1" and not left.exists()
-    with pytest.raises(RuntimeError), common.atomic_dir(out) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
         (tmp / "b.txt").write_text("2")
         raise RuntimeError("killed")
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # the old output is untouched
@@ -28,14 +33,14 @@ def test_lineage_detects_a_replaced_parent(tmp_path):
     parent.mkdir()
     child.mkdir()
     (parent / "model.safetensors").write_bytes(b"weights v1")
-    common.write_lineage(child, "sft", {"lr": 1}, base=parent)
-    common.check_lineage(child, "python SFT/qlora_fine_tune_trl.py", base=parent)  # belongs together: no error
-    assert common.already_done(child, "sft", {"lr": 1}, base=parent)
-    assert not common.already_done(child, "sft", {"lr": 2}, base=parent)
+    write_lineage(child, "sft", {"lr": 1}, base=parent)
+    check_lineage(child, "python SFT/qlora_fine_tune_trl.py", base=parent)  # belongs together: no error
+    assert already_done(child, "sft", {"lr": 1}, base=parent)
+    assert not already_done(child, "sft", {"lr": 2}, base=parent)
     (parent / "model.safetensors").write_bytes(b"weights v2")
-    with pytest.raises(common.UserError, match=rf"{child} was built from a different base than the one in {parent}"):
-        common.check_lineage(child, "python SFT/qlora_fine_tune_trl.py", base=parent)
-    assert not common.already_done(child, "sft", {"lr": 1}, base=parent)
+    with pytest.raises(UserError, match=rf"{child} was built from a different base than the one in {parent}"):
+        check_lineage(child, "python SFT/qlora_fine_tune_trl.py", base=parent)
+    assert not already_done(child, "sft", {"lr": 1}, base=parent)
     assert json.loads((child / "lineage.json").read_text())["settings"] == {"lr": 1}
 
 
@@ -45,36 +50,36 @@ def test_lineage_of_a_moved_checkout_names_its_own_parents(tmp_path, monkeypatch
     for d in (repo / "output", repo / "SFT" / "sft_output", outside):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"weights of " + d.name.encode())
-    monkeypatch.setattr(common, "REPO", repo)
-    common.write_lineage(repo / "SFT" / "sft_output", "sft", {}, base=repo / "output", data=outside)
+    monkeypatch.setattr(paths, "REPO", repo)
+    write_lineage(repo / "SFT" / "sft_output", "sft", {}, base=repo / "output", data=outside)
     recorded = json.loads((repo / "SFT" / "sft_output" / "lineage.json").read_text())["parents"]
     assert {role: r["path"] for role, r in recorded.items()} == {"base": "output", "data": str(outside)}
     moved = tmp_path / "moved"
     repo.rename(moved)
-    monkeypatch.setattr(common, "REPO", moved)
+    monkeypatch.setattr(paths, "REPO", moved)
     child = moved / "SFT" / "sft_output"
-    assert common.recorded_parents(child) == {"base": str(moved / "output"), "data": str(outside)}
+    assert recorded_parents(child) == {"base": str(moved / "output"), "data": str(outside)}
     (moved / "output" / "model.safetensors").write_bytes(b"another base")
-    with pytest.raises(common.UserError, match="built from a different base"):
-        common.check_lineage(child, "rerun", **common.recorded_parents(child))
+    with pytest.raises(UserError, match="built from a different base"):
+        check_lineage(child, "rerun", **recorded_parents(child))
 
 
 def test_dtype_switch(monkeypatch):
-    monkeypatch.setenv(common.DTYPE_ENV, "bf16")
-    assert common.dtype_name() == "bf16" and common.dtype_name("auto") == "bf16"
-    assert common.dtype_name("fp32") == "fp32"  # an explicit --dtype wins over the environment
-    monkeypatch.setenv(common.DTYPE_ENV, "fp32")
-    assert str(common.compute_dtype()) == "torch.float32"
-    monkeypatch.setenv(common.DTYPE_ENV, "fp16x")
-    with pytest.raises(common.UserError, match="LLM_TRAIN_DTYPE"):
-        common.dtype_name()
-    monkeypatch.delenv(common.DTYPE_ENV)
+    monkeypatch.setenv(DTYPE_ENV, "bf16")
+    assert dtype_name() == "bf16" and dtype_name("auto") == "bf16"
+    assert dtype_name("fp32") == "fp32"  # an explicit --dtype wins over the environment
+    monkeypatch.setenv(DTYPE_ENV, "fp32")
+    assert str(compute_dtype()) == "torch.float32"
+    monkeypatch.setenv(DTYPE_ENV, "fp16x")
+    with pytest.raises(UserError, match="LLM_TRAIN_DTYPE"):
+        dtype_name()
+    monkeypatch.delenv(DTYPE_ENV)
     import torch
 
-    assert common.dtype_name() == ("bf16" if torch.cuda.is_available() or common.cpu_has_fast_bf16() else "fp32")
+    assert dtype_name() == ("bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "fp32")
 
 
-SCRIPTS = sorted(str(p.relative_to(common.REPO)) for d in common.REPO.iterdir()  # the stage folders, not .venv/
+SCRIPTS = sorted(str(p.relative_to(REPO)) for d in REPO.iterdir()  # the stage folders, not .venv/
                  if d.is_dir() and not d.name.startswith(".") and d.name != "tests" for p in d.rglob("*.py")
                  if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8"))
 
@@ -82,7 +87,7 @@ SCRIPTS = sorted(str(p.relative_to(common.REPO)) for d in common.REPO.iterdir() 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_has_help_that_does_nothing_else(script):
     """--help prints the usage and exits 0 before any work (a data builder once downloaded and rewrote its output)."""
-    proc = subprocess.run([sys.executable, script, "--help"], cwd=common.REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (proc.stdout[-500:], proc.stderr[-2000:])
     assert "Looking in indexes" not in proc.stdout + proc.stderr  # no pip download ran

@@ -8,9 +8,13 @@ import os
 import subprocess
 import types
 
+from llm_train.arithmetic import arithmetic_split, arithmetic_tasks, extract_answer
+from llm_train.runtime import dtype_name
+from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer, render_messages
+
 import pytest
 
-from conftest import PY, REPO, common, load_script
+from conftest import PY, REPO, checkout_env, load_script
 
 ARITH = {"en": "llm_train_arith_en", "zh": "llm_train_arith_zh"}
 
@@ -26,7 +30,7 @@ def samples(root, model):
 def run_eval(root, *args, env=None):
     """The smoke copy's own Eval/evaluate.py, so its default paths are that copy's stage outputs."""
     return subprocess.run([PY, str(root / "Eval" / "evaluate.py"), *map(str, args)], cwd=root, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
+                          text=True, timeout=600, env={**checkout_env(root), **(env or {})})
 
 
 def stage_val_loss(root, all_rows):
@@ -78,9 +82,9 @@ def lm_eval_replies(root, model, items):
         mine = [t for t in items if t["lang"] == lang]
         done = [r for r in rows if r["task"] == task][:len(mine)]
         assert [r["prompt"] for r in done] == [
-            common.render_messages([{"role": "user", "content": t["prompt"]}], add_generation_prompt=True) for t in mine]
+            render_messages([{"role": "user", "content": t["prompt"]}], add_generation_prompt=True) for t in mine]
         replies.update({t["prompt"]: r["response"] for t, r in zip(mine, done)})
-        assert [r["exact_match"] for r in done] == [int(common.extract_answer(r["response"]) == t["answer"])
+        assert [r["exact_match"] for r in done] == [int(extract_answer(r["response"]) == t["answer"])
                                                    for t, r in zip(mine, done)]
     return replies
 
@@ -89,7 +93,7 @@ def by_kind(items, replies):
     """Exact match per operation and language ('add_en', ...), as SFT/eval.json and RLHF/eval.json count it."""
     kinds = {}
     for t in items:
-        kinds.setdefault(f"{t['op']}_{t['lang']}", []).append(common.extract_answer(replies[t["prompt"]]) == t["answer"])
+        kinds.setdefault(f"{t['op']}_{t['lang']}", []).append(extract_answer(replies[t["prompt"]]) == t["answer"])
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(kinds.items())}
 
 
@@ -106,11 +110,11 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
     settings = read(root / "Eval" / "results.json")["settings"]
     sft_eval, rlhf_eval = read(root / "SFT" / "eval.json"), read(root / "RLHF" / "eval.json")
     assert settings["max_new_tokens"] == rlhf_eval["max_new_tokens"]  # and SFT's --max-new-tokens (Makefile)
-    items = common.arithmetic_tasks(sft_eval["n_heldout_tasks"], "heldout", seed=0)
+    items = arithmetic_tasks(sft_eval["n_heldout_tasks"], "heldout", seed=0)
     assert rlhf_eval["arithmetic_prompts"] == len(items)  # RLHF evaluates the same first held-out problems
 
     sft_stage = load_script("SFT/qlora_fine_tune_trl.py")
-    tokenizer = common.load_chat_tokenizer(root / "output")
+    tokenizer = load_chat_tokenizer(root / "output")
     base = AutoModelForCausalLM.from_pretrained(str(root / "output"), dtype=torch.float32).eval()
     model = PeftModel.from_pretrained(base, str(root / "SFT" / "sft_output")).eval()
     conversations = [sft_stage.arithmetic_conversation(t)[:1] for t in items]
@@ -126,18 +130,18 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
         assert {p: r.strip() for p, r in ours.items()} == replies
         assert by_kind(items, ours) == sft_eval[name]["exact_match_by_kind"]
 
-    rlhf = load_script("RLHF/rlhf_common.py")
+    rlhf = load_script("RLHF/py")
     messages = [[{"role": "user", "content": t["prompt"]}] for t in items]
     for name, path in (("sft", root / "SFT" / "sft_output"), ("grpo", root / "RLHF" / "grpo_output")):
         if name == "sft":
             policy, tok = rlhf.load_policy(path, root / "output")
         else:  # as RLHF/grpo_trl.py loads it
             policy, tok = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), \
-                common.load_chat_tokenizer(path)
-            policy.generation_config.eos_token_id = [tok.convert_tokens_to_ids(common.IM_END),
-                                                     tok.convert_tokens_to_ids(common.EOT)]
+                load_chat_tokenizer(path)
+            policy.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END),
+                                                     tok.convert_tokens_to_ids(EOT)]
         _, texts = rlhf.generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"], do_sample=False,
-                                             dtype=common.dtype_name(allow_fp16=True))  # as grpo_trl.py evaluates
+                                             dtype=dtype_name(allow_fp16=True))  # as grpo_trl.py evaluates
         replies = dict(zip((t["prompt"] for t in items), texts))
         assert by_kind(items, replies) == {k: round(v, 4) for k, v in rlhf_eval[name]["exact_answer_by_kind"].items()}
         assert lm_eval_replies(root, name, items) == replies
@@ -180,9 +184,9 @@ def test_offline_task_data_and_scoring():
     tasks = manager.load(["llm_train"])["tasks"]
     for lang, name in ARITH.items():
         docs = list(tasks[name].eval_docs)
-        assert len(docs) > 80 and all(common.arithmetic_split(d["prompt"]) == "heldout" for d in docs)
+        assert len(docs) > 80 and all(arithmetic_split(d["prompt"]) == "heldout" for d in docs)
         assert docs == [{k: t[k] for k in ("prompt", "answer", "op", "response")}
-                        for t in common.arithmetic_tasks(200, "heldout", seed=0) if t["lang"] == lang]
+                        for t in arithmetic_tasks(200, "heldout", seed=0) if t["lang"] == lang]
         for doc in docs:
             answer = str(doc["answer"])
             cut = doc["response"].rfind(answer)

@@ -4,6 +4,8 @@ import json
 import shutil
 import subprocess
 
+from conftest import checkout_env
+
 
 def read(path):
     return json.loads(path.read_text(encoding="utf-8"))
@@ -44,7 +46,8 @@ def test_report_numbers_come_from_the_stage_outputs(smoke_repo):
 
 def test_second_run_skips_every_stage(smoke_repo):
     root, _ = smoke_repo
-    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, env=checkout_env(root), capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0 and "== stage" not in proc.stdout, proc.stdout
 
 
@@ -56,8 +59,8 @@ def test_replacing_an_upstream_output_is_refused_or_detected(smoke_repo, tmp_pat
     shutil.copytree(smoke_repo[0], root, symlinks=True)
     py = str(root / ".venv" / "bin" / "python")
     before = (root / "tokenizer" / "tokenizer.json").read_bytes()
-    proc = subprocess.run([py, "train_byte_level_bpe_tokenizer.py"], cwd=root / "PreTrain", capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([py, "train_byte_level_bpe_tokenizer.py"], cwd=root / "PreTrain",
+                          env=checkout_env(root), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--force" in proc.stderr, proc.stderr
     # names what would go stale, or (another tokenizer's settings) refuses to replace the one that is there
     assert ("pretrain_data_chunks" in proc.stderr and "output" in proc.stderr) or "already holds" in proc.stderr
@@ -66,11 +69,12 @@ def test_replacing_an_upstream_output_is_refused_or_detected(smoke_repo, tmp_pat
     # a new base over the one SFT was trained on: needs --force, and then the adapter no longer loads on it
     pretrain = [py, "PreTrain/model.py", "--preset", "smoke", "--context-length", "128", "--max-steps", "3",
                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-file", str(tmp_path / "log")]
-    proc = subprocess.run(pretrain, cwd=root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(pretrain, cwd=root, env=checkout_env(root), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "SFT/sft_output" in proc.stderr and "--force" in proc.stderr, proc.stderr
-    proc = subprocess.run(pretrain + ["--force"], cwd=root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(pretrain + ["--force"], cwd=root, env=checkout_env(root), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([py, "SFT/inference.py", "--prompt", "hi", "--max-new-tokens", "4"], cwd=root,
+    proc = subprocess.run([py, "SFT/inference.py", "--prompt", "hi", "--max-new-tokens", "4"], cwd=root, env=checkout_env(root),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "sft_output" in proc.stderr and "output" in proc.stderr and "qlora_fine_tune_trl.py" in proc.stderr

@@ -4,12 +4,15 @@ Runs the script as a user would, on small text in tmp_path, with conftest's 600-
 import gzip
 import json
 
+from llm_train.arithmetic import arithmetic_split
+from llm_train.lineage import read_lineage
+from llm_train.tokenizer import EOT, IM_END, IM_START, tokenizer_fingerprint
+
 import numpy as np
 import pytest
-from conftest import run_script
 from tokenizers import Tokenizer
 
-import common
+from conftest import run_script
 
 SCRIPT = "PreTrain/preprocess_dataset_for_pretrain_map.py"
 CONTEXT = 32
@@ -82,12 +85,12 @@ def test_rows_split_and_manifest(good_run, corpus, tiny_tokenizer_dir):
     docs = corpus[1]
     tok = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
     tok.encode_special_tokens = True  # as the stage does: a literal "<|endoftext|>" in a document is plain text
-    eot = tok.token_to_id(common.EOT)
+    eot = tok.token_to_id(EOT)
     assert set(manifest) >= {"format", "tokenizer_fingerprint", "vocab_size", "eot_id", "context_length",
                              "row_length", "splits", "sources", "seconds"}
     assert manifest["format"] == 2 and manifest["eot_id"] == eot and manifest["vocab_size"] == tok.get_vocab_size()
     assert manifest["dtype"] == "<u2"  # a 600-token vocabulary fits 16 bits
-    assert manifest["tokenizer_fingerprint"] == common.tokenizer_fingerprint(tiny_tokenizer_dir)
+    assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tiny_tokenizer_dir)
     assert manifest["context_length"] == CONTEXT and manifest["row_length"] == ROW
 
     pieces, tails = {}, {}
@@ -318,9 +321,9 @@ def test_rerun_of_a_finished_run_is_a_no_op(good_run, corpus, tiny_tokenizer_dir
     proc = run(tiny_tokenizer_dir, out, "--sources", corpus[0] / "docs.jsonl.gz", "--num-proc", "1")
     assert "nothing to do" in proc.stdout and "wrote" not in proc.stdout
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    lineage = common.read_lineage(out)
+    lineage = read_lineage(out)
     assert lineage["stage"] == "chunks" and lineage["parents"]["tokenizer"]["fingerprint"] == \
-        common.tokenizer_fingerprint(tiny_tokenizer_dir)
+        tokenizer_fingerprint(tiny_tokenizer_dir)
     # other settings: a new chunk set replaces this one (no later stage was built from it)
     proc = run(tiny_tokenizer_dir, out, "--sources", corpus[0] / "docs.jsonl.gz", "--num-proc", "1",
                "--val-fraction", "0.3")
@@ -345,7 +348,7 @@ def test_midtrain_chats_start_their_rows_with_real_chat_tokens_and_no_heldout_pr
         "--num-proc", "2", "--context-length", 255)
     manifest = json.loads((out / "manifest.json").read_text())
     tok = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
-    im_start, im_end, eot = (tok.token_to_id(t) for t in (common.IM_START, common.IM_END, common.EOT))
+    im_start, im_end, eot = (tok.token_to_id(t) for t in (IM_START, IM_END, EOT))
     rows = read_split(out, manifest, "train") + read_split(out, manifest, "val")
     chat_rows = [row for row in rows if row[0] == im_start]
     midtrain = next(s for s in manifest["sources"] if s["name"] == "midtrain")
@@ -357,8 +360,8 @@ def test_midtrain_chats_start_their_rows_with_real_chat_tokens_and_no_heldout_pr
     assert len(whole) > 0.8 * len(chat_rows) and all(chat.count(im_end) == chat.count(im_start) for chat in whole)
     assert sum(len(row) - len(chat) - 1 for row, chat in zip(chat_rows, whole)) > 20 * len(whole)  # text filled in
     chats = [tok.decode(chat, skip_special_tokens=False) for chat in whole]
-    problems = [d.split("\n", 1)[1].split(common.IM_END)[0] for d in chats if "answer is" in d or "答案是" in d]
-    assert len(problems) > 10 and all(common.arithmetic_split(p) == "train" for p in problems)
+    problems = [d.split("\n", 1)[1].split(IM_END)[0] for d in chats if "answer is" in d or "答案是" in d]
+    assert len(problems) > 10 and all(arithmetic_split(p) == "train" for p in problems)
     # without a budget the endless source is refused before any work
     err = bad_run(tiny_tokenizer_dir, tmp_path / "c2", "--sources", "midtrain")
     assert "--max-tokens" in err

@@ -13,13 +13,17 @@ import subprocess
 from argparse import Namespace
 from pathlib import Path
 
+from llm_train import paths
+from llm_train.errors import UserError
+from llm_train.lineage import check_lineage, output_fingerprint, read_lineage, write_lineage
+from llm_train.runtime import DTYPE_ENV, dtype_name
+from llm_train.tokenizer import load_tokenizer, tokenizer_fingerprint
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import BOTH_DTYPES, PY, REPO, free_port, load_script, run_script, sample_texts
-
-import common
 
 CTX = 32
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context-length", CTX, "--batch-size", "4",
@@ -27,7 +31,7 @@ TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context-length",
         "--log-interval", "1"]
 # The shared schedule: 6 steps of 8 rows (global batch), checkpoints (and validation) after steps 3 and 6.
 SCHEDULE = ["--max-steps", 6, "--global-batch-tokens", 8 * CTX, "--checkpoint-interval", 3, "--eval-interval", 3]
-FP32 = {common.DTYPE_ENV: "fp32"}
+FP32 = {DTYPE_ENV: "fp32"}
 # Same rows per step, fp32: the curves differ only by summation order (micro-batch means vs one batch mean, the
 # all-reduce / reduce-scatter over ranks), ~1e-7 relative per step, which Adam passes on. Measured over the 6 steps
 # (losses ~6.3): plain accum and DDP 9.5e-7, DeepSpeed 4.8e-7, i.e. 1-2 float32 ulps. 1e-4 leaves room for other
@@ -38,7 +42,7 @@ CURVE_ATOL = 1e-4
 
 def write_chunks(tokenizer_dir, out_dir, context_length=CTX, texts=None):
     """Chunks in exactly the manifest/shard format of PreTrain/preprocess_dataset_for_pretrain_map.py."""
-    tok = common.load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     row_length = context_length + 1
     splits = {}
     texts = texts or sample_texts()
@@ -56,7 +60,7 @@ def write_chunks(tokenizer_dir, out_dir, context_length=CTX, texts=None):
             part.tofile(out_dir / rel)
             shards.append(rel)
         splits[split] = {"shards": shards, "rows": n, "tokens": n * row_length, "bytes": nbytes, "documents": len(docs)}
-    manifest = {"format": 2, "tokenizer_fingerprint": common.tokenizer_fingerprint(tokenizer_dir),
+    manifest = {"format": 2, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
                 "vocab_size": len(tok), "eot_id": tok.eos_token_id, "context_length": context_length,
                 "row_length": row_length, "dtype": "<u2", "splits": splits, "sources": ["test"], "seconds": 0.0}
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
@@ -184,7 +188,7 @@ def test_lr_schedule_exact_values(model_module, reference):
     assert got == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.55, 0.1, 0.1], abs=1e-15)
     assert model_module.lr_at(0, Namespace(lr=3e-3, warmup_steps=0, max_steps=10, min_lr_ratio=0.0)) == 3e-3
     # the run used exactly this schedule: the lr logged for step s (1-based) is lr_at(s - 1) with its flags
-    run_args = Namespace(**{k: common.read_lineage(reference / "output")["settings"][k]
+    run_args = Namespace(**{k: read_lineage(reference / "output")["settings"][k]
                             for k in ("lr", "warmup_steps", "max_steps", "min_lr_ratio")})
     assert {h["step"]: h["lr"] for h in history(reference / "output") if "lr" in h} == {
         s: model_module.lr_at(s - 1, run_args) for s in range(1, 7)}
@@ -242,12 +246,12 @@ def test_global_batch_and_length_are_the_same_on_any_number_of_ranks(model_modul
     assert schedule(1, embedded, "--max-epochs", "1")[1] == 7  # whole steps within the cap
     assert schedule(1, embedded, "--max-steps", "100", "--warmup-steps", "50")[1:3] == (100, 50)  # flags win
 
-    with pytest.raises(common.UserError, match=r"--global-batch-tokens 524288 does not split into micro batches of "
+    with pytest.raises(UserError, match=r"--global-batch-tokens 524288 does not split into micro batches of "
                                                r"--batch-size 24 x --context-length 1024 tokens on 1 rank: 524288 is "
                                                r"not a multiple of 24 x 1024 x 1 = 24576\. Pass a --batch-size that "
                                                r"divides 512 \(2, 4, 8, 16, ...\) or a --global-batch-tokens"):
         schedule(1, embedded, "--batch-size", "24")
-    with pytest.raises(common.UserError, match=r"on 3 ranks: .* = 49152\. Pass a --global-batch-tokens that is a "
+    with pytest.raises(UserError, match=r"on 3 ranks: .* = 49152\. Pass a --global-batch-tokens that is a "
                                                r"multiple of 49152 \(e.g. 540672\)$"):  # no batch size fits
         schedule(3, embedded)
 
@@ -305,11 +309,11 @@ def test_rows_are_read_lazily_and_ranks_share_them_out(model_module, tmp_path):
     data.tofile(shard)
     np.testing.assert_array_equal(rows[[203, 803]], [[7] * 17, [7] * 17])
     # a token id outside the vocabulary names the shard and row
-    with pytest.raises(common.UserError, match=r"shard_00001.bin, row 3: token id outside the vocabulary \(size 7\)"):
+    with pytest.raises(UserError, match=r"shard_00001.bin, row 3: token id outside the vocabulary \(size 7\)"):
         model_module.load_rows(tmp_path, manifest, "train", 16, 7)[[203]]
     # a truncated shard is found when loading
     shard.write_bytes(shard.read_bytes()[:-2])
-    with pytest.raises(common.UserError, match="shard_00001.bin: 3628 bytes is not a whole number of rows of 33"):
+    with pytest.raises(UserError, match="shard_00001.bin: 3628 bytes is not a whole number of rows of 33"):
         model_module.load_rows(tmp_path, manifest, "train", 16, 10**6)
 
 
@@ -323,9 +327,9 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
     the training's fused tanh GELU, bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv(common.DTYPE_ENV, dtype)
+    monkeypatch.setenv(DTYPE_ENV, dtype)
     torch.manual_seed(0)
-    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    tok = load_tokenizer(tiny_tokenizer_dir)
     assert len(tok) == 600 and model_module.padded_vocab(len(tok)) == 640 and model_module.padded_vocab(50000) == 50048
     model = model_module.GPT(len(tok), 48, 3, 48, 4, padded_vocab_size=640).eval()
     assert model.transformer.wte.weight.shape == (640, 48)
@@ -340,7 +344,7 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
     broken = {k: v.t().contiguous() if k.endswith("attn.c_proj.weight") else v for k, v in state.items()}  # square
     model_module.save_hf(broken, model.config, tok, tiny_tokenizer_dir, tmp_path / "broken")
     idx = torch.randint(0, len(tok), (2, 48))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=common.dtype_name() == "bf16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name() == "bf16")
     with torch.no_grad(), autocast:
         padded = model(idx)
         theirs = {d: AutoModelForCausalLM.from_pretrained(str(tmp_path / d)).eval()(idx).logits.float()
@@ -374,10 +378,10 @@ def test_pretrain_step_under_both_dtypes(dtype, model_module, tiny_tokenizer_dir
     from safetensors.torch import load_file
 
     run_script("PreTrain/model.py", *TINY, "--max-steps", 2, "--checkpoint-interval", 2,
-               *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), env={common.DTYPE_ENV: dtype})
+               *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), env={DTYPE_ENV: dtype})
     out = tmp_path / "output"
     assert summary(out)["dtype"] == dtype and f", {dtype}, " in (tmp_path / "train.log").read_text()
-    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    tok = load_tokenizer(tiny_tokenizer_dir)
     manifest = model_module.read_manifest(chunks_dir, tiny_tokenizer_dir)
     rows = model_module.load_rows(chunks_dir, manifest, "train", CTX, len(tok))
     torch.manual_seed(1337)  # the run's --seed: the same initial weights (of a padded embedding)
@@ -411,15 +415,15 @@ def test_output_loads_and_killed_run_resumes_exactly(reference, tiny_tokenizer_d
     assert (s["global_batch_tokens"], s["batch_size"], s["grad_accum"]) == (8 * CTX, 8, 1)
     assert s["final_val_loss"] == val_losses(out)[6] and s["final_train_loss"] == losses(out)[6]
     hf = AutoModelForCausalLM.from_pretrained(str(out))
-    assert hf.config.n_layer == 2 and hf.config.vocab_size == len(common.load_tokenizer(out))
-    assert common.load_tokenizer(out).model_max_length == CTX == hf.config.n_positions
+    assert hf.config.n_layer == 2 and hf.config.vocab_size == len(load_tokenizer(out))
+    assert load_tokenizer(out).model_max_length == CTX == hf.config.n_positions
     gen = GenerationConfig.from_pretrained(str(out))
     assert gen.max_new_tokens is None and gen.do_sample and gen.temperature == 0.8
     ids = torch.tensor([[5, 6, 7, 8]])  # a caller's max_length is obeyed, not overridden by a saved max_new_tokens
     assert hf.generate(ids, max_length=CTX, min_length=CTX, do_sample=False).shape == (1, CTX)
-    lineage = common.read_lineage(out)
+    lineage = read_lineage(out)
     assert lineage["stage"] == "pretrain" and lineage["settings"]["max_steps"] == 6
-    assert lineage["parents"]["chunks"]["fingerprint"] == common.output_fingerprint(chunks_dir)
+    assert lineage["parents"]["chunks"]["fingerprint"] == output_fingerprint(chunks_dir)
 
     args = [*TINY, *SCHEDULE, "--batch-size", 8, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)]
     proc = run_script("PreTrain/model.py", *args, "--debug-kill-step", 5, env=FP32, check=False)
@@ -466,11 +470,11 @@ def test_rerun_is_a_noop_and_other_settings_stop(model_module, reference, tiny_t
     # the same global batch split another way (4 rows x 2 micro batches) is the same run
     model_module.main([*args, "--batch-size", "4"])
     assert "nothing to do" in capsys.readouterr().out
-    with pytest.raises(common.UserError, match=r"belongs to a run of 6 steps \(--max-steps 6.*rerun with --max-steps "
+    with pytest.raises(UserError, match=r"belongs to a run of 6 steps \(--max-steps 6.*rerun with --max-steps "
                                                r"6 to finish that run, or delete .*ckpt \(or pass another "
                                                r"--checkpoint-dir"):
         model_module.main([*args, "--max-steps", "9"])
-    with pytest.raises(common.UserError, match=r"other settings \(lr: 0.003 there, 0.001 now\)"):
+    with pytest.raises(UserError, match=r"other settings \(lr: 0.003 there, 0.001 now\)"):
         model_module.main([*args, "--lr", "1e-3"])
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
@@ -495,7 +499,7 @@ def test_chunks_rebuilt_alike_resume_their_checkpoints(model_module, reference, 
         reference / "output" / "model.safetensors").read_bytes()
     manifest["splits"]["train"]["documents"] += 1
     (rebuilt / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(common.UserError, match=r"trained with another chunks .* delete .*ckpt"):
+    with pytest.raises(UserError, match=r"trained with another chunks .* delete .*ckpt"):
         model_module.main(args)
 
 
@@ -504,17 +508,17 @@ def test_replacing_an_output_later_stages_use_needs_force(model_module, referenc
     out = tmp_path / "output"
     shutil.copytree(reference / "output", out)
     sft = tmp_path / "sft"
-    common.write_lineage(sft, "sft", {}, base=out)  # an adapter trained on this base
-    monkeypatch.setattr(common, "SFT_OUTPUT_DIR", sft)
+    write_lineage(sft, "sft", {}, base=out)  # an adapter trained on this base
+    monkeypatch.setattr(paths, "SFT_OUTPUT_DIR", sft)
     args = list(map(str, [*TINY, "--max-steps", 2, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), "--dtype", "fp32"]))
     weights = (out / "model.safetensors").read_bytes()
-    with pytest.raises(common.UserError, match=r"sft were built from.*Pass --force"):
+    with pytest.raises(UserError, match=r"sft were built from.*Pass --force"):
         model_module.main(args)
     assert (out / "model.safetensors").read_bytes() == weights and not (tmp_path / "ckpt").exists()
     model_module.main([*args, "--force"])
     assert summary(out)["steps"] == 2
-    with pytest.raises(common.UserError, match="they do not belong together"):  # the adapter is now known stale
-        common.check_lineage(sft, "python SFT/qlora_fine_tune_trl.py", base=out)
+    with pytest.raises(UserError, match="they do not belong together"):  # the adapter is now known stale
+        check_lineage(sft, "python SFT/qlora_fine_tune_trl.py", base=out)
 
 
 def same_global_batch(out_dir, reference_out, batch_size, grad_accum, world_size):
@@ -588,7 +592,7 @@ def test_deepspeed_grad_accum_and_resume(reference, tiny_tokenizer_dir, chunks_d
 
     hf = AutoModelForCausalLM.from_pretrained(str(full / "output"))
     m = load_script("PreTrain/model.py")
-    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    tok = load_tokenizer(tiny_tokenizer_dir)
     rows = m.load_rows(chunks_dir, m.read_manifest(chunks_dir, tiny_tokenizer_dir), "val", CTX, len(tok))
     val = torch.from_numpy(rows[m.val_row_indices(len(rows), 6)].astype(np.int64))  # --eval-rows 6
     with torch.no_grad():
@@ -671,7 +675,7 @@ def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path, caps
     assert not any(tmp_path.iterdir())
 
     def fails(*args, match):
-        with pytest.raises(common.UserError, match=match):
+        with pytest.raises(UserError, match=match):
             model_module.main(list(map(str, [*TINY, "--max-steps", 2, *args])))
 
     fails(*d[:2], "--chunks-dir", tmp_path / "nothing", *d[4:], match="no chunks")
@@ -738,7 +742,7 @@ def test_inference_runs_on_output(tiny_model_dir):
     assert proc.stdout.count("tokens/s") == 3  # the English, Chinese and code default prompts
     assert "床前明月光" in proc.stdout and "def fibonacci" in proc.stdout
     inference = load_script("PreTrain/inference.py")
-    with pytest.raises(common.UserError, match="no model in"):
+    with pytest.raises(UserError, match="no model in"):
         inference.main(["--model-dir", str(tiny_model_dir.parent / "missing")])
     for flag, value in [("--max-new-tokens", 0), ("--temperature", -1), ("--top-k", -1), ("--top-p", 0),
                         ("--top-p", 1.5), ("--seed", -1)]:
@@ -755,7 +759,7 @@ def test_generation_past_the_context_slides_the_window(reference, capsys):
     inference = load_script("PreTrain/inference.py")
     out = reference / "output"
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    tok = common.load_tokenizer(out)
+    tok = load_tokenizer(out)
     ids = tok("The quick brown fox jumps", return_tensors="pt").input_ids
     with torch.no_grad():
         new, slides = inference.generate(model, ids, 70, tok.eos_token_id, do_sample=False,

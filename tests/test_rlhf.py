@@ -8,14 +8,22 @@ import shutil
 import subprocess
 import sys
 
+from llm_train import sampling
+from llm_train.arithmetic import arithmetic_split, arithmetic_tasks, extract_answer
+from llm_train.atomic import atomic_write_json
+from llm_train.corpus import read_jsonl_gz
+from llm_train.errors import UserError
+from llm_train.lineage import output_fingerprint, read_lineage, write_lineage
+from llm_train.rl import load_policy, rlhf_prompts
+from llm_train.runtime import DTYPE_ENV, autocast, dtype_name
+from llm_train.sampling import completion_logps, generate_completions, prompt_room, prompt_token_ids
+from llm_train.tokenizer import IM_END, PAD, load_chat_tokenizer
+from llm_train.trainer_runs import checkpoint_to_resume
+
 import pytest
 import torch
+
 from conftest import BOTH_DTYPES, REPO, free_port, load_script, run_script
-
-import common
-
-sys.path.insert(0, str(REPO / "RLHF"))  # the RLHF scripts' shared module, imported as they import it
-import rlhf_common  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 DATA = REPO / "RLHF" / "data"
@@ -27,17 +35,17 @@ def jsonl(path):
 
 
 def test_embedded_preference_data_is_sound():
-    splits = {s: list(common.read_jsonl_gz(DATA / f"preference_{s}.jsonl.gz")) for s in ("train", "heldout")}
+    splits = {s: list(read_jsonl_gz(DATA / f"preference_{s}.jsonl.gz")) for s in ("train", "heldout")}
     for split, rows in splits.items():
         assert {r["kind"] for r in rows} == KINDS
         for r in rows:
             chosen, rejected = r["chosen"][-1]["content"], r["rejected"][-1]["content"]
             assert chosen != rejected and r["prompt"][-1]["role"] == "user"
             if r["source"] == "arithmetic":  # chosen is exactly right, and held-out problems are really held out
-                assert common.extract_answer(chosen) == r["answer"]
-                assert common.arithmetic_split(r["prompt"][0]["content"]) == split
+                assert extract_answer(chosen) == r["answer"]
+                assert arithmetic_split(r["prompt"][0]["content"]) == split
                 if r["kind"] in ("wrong_number", "off_format", "truncated", "rambling"):
-                    assert common.extract_answer(rejected) != r["answer"] or r["kind"] == "rambling"
+                    assert extract_answer(rejected) != r["answer"] or r["kind"] == "rambling"
     train_prompts = {json.dumps(r["prompt"]) for r in splits["train"]}
     assert not any(json.dumps(r["prompt"]) in train_prompts for r in splits["heldout"])
     assert len(splits["train"]) > 2000 and len(splits["heldout"]) > 300
@@ -73,7 +81,7 @@ def test_bad_preference_rows_name_file_and_row(tmp_path, content, message):
     rm = load_script("RLHF/reward_model.py")
     bad = tmp_path / "pairs.jsonl"
     bad.write_text(content)
-    with pytest.raises(common.UserError) as e:
+    with pytest.raises(UserError) as e:
         rm.load_pairs([bad])
     assert str(bad) in str(e.value) and message in str(e.value)
 
@@ -130,14 +138,14 @@ def test_reward_model_learns_the_pairs(rlhf_dir, tiny_model_dir):
     assert held["accuracy_by_kind"]["off_format"] > 0.7 and held["accuracy_by_kind"]["truncated"] > 0.7, held
     assert held["accuracy"] > 0.55, held
     model = AutoModelForSequenceClassification.from_pretrained(str(rlhf_dir / "reward_model"))
-    tok = common.load_chat_tokenizer(rlhf_dir / "reward_model")
+    tok = load_chat_tokenizer(rlhf_dir / "reward_model")
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id == tok.convert_tokens_to_ids(
-        common.PAD)  # the score is read at the last token before padding
+        PAD)  # the score is read at the last token before padding
     assert any(json.loads(line).get("stage") == "reward_model" for line in open(rlhf_dir / "train.log"))
     assert list((rlhf_dir / "runs" / "reward_model").glob("events.out.tfevents.*"))
-    lineage = common.read_lineage(rlhf_dir / "reward_model")
+    lineage = read_lineage(rlhf_dir / "reward_model")
     assert lineage["stage"] == "reward_model" and lineage["settings"]["max_steps"] == 60
-    assert lineage["parents"]["policy"]["fingerprint"] == common.output_fingerprint(tiny_model_dir)
+    assert lineage["parents"]["policy"]["fingerprint"] == output_fingerprint(tiny_model_dir)
 
 
 def test_reward_model_trains_on_long_pairs_cut_as_scoring_cuts_them(tiny_model_dir, tmp_path):
@@ -176,10 +184,10 @@ def test_wrong_worked_answers_get_the_number_wrong_and_the_embedded_data_has_a_c
     model's weakest case), the held-out pairs none beyond the 1-in-5 mix."""
     build = load_script("RLHF/data/build_preference_data.py")
     rng = random.Random(0)
-    for task in common.arithmetic_tasks(60, "train", seed=3):
+    for task in arithmetic_tasks(60, "train", seed=3):
         for slip in ("carry", "column", "final", None):
             wrong = build.wrong_worked_answer(rng, task, slip)
-            assert common.extract_answer(wrong) not in (None, task["answer"]), (slip, wrong)
+            assert extract_answer(wrong) not in (None, task["answer"]), (slip, wrong)
             if slip == "final":
                 assert final_sentence_split(wrong)[0] == final_sentence_split(task["response"])[0]
 
@@ -188,10 +196,10 @@ def test_wrong_worked_answers_get_the_number_wrong_and_the_embedded_data_has_a_c
                 final_sentence_split(r["rejected"][0]["content"])[0] ==
                 final_sentence_split(r["chosen"][0]["content"])[0]}
 
-    train = list(common.read_jsonl_gz(DATA / "preference_train.jsonl.gz"))
+    train = list(read_jsonl_gz(DATA / "preference_train.jsonl.gz"))
     problems = {json.dumps(r["prompt"], ensure_ascii=False) for r in train if r["source"] == "arithmetic"}
     assert len(problems) == 1200 and contradictions(train) == problems
-    heldout = list(common.read_jsonl_gz(DATA / "preference_heldout.jsonl.gz"))
+    heldout = list(read_jsonl_gz(DATA / "preference_heldout.jsonl.gz"))
     assert len(contradictions(heldout)) < 20
 
 
@@ -213,7 +221,7 @@ def main_of(script, args):
 
 def small_pairs(tmp_path):
     """28 training and 8 held-out pairs from the embedded data: 7 steps per epoch at batch size 4."""
-    rows = list(common.read_jsonl_gz(DATA / "preference_train.jsonl.gz"))[:36]
+    rows = list(read_jsonl_gz(DATA / "preference_train.jsonl.gz"))[:36]
     for name, part in (("train.jsonl", rows[:28]), ("eval.jsonl", rows[28:])):
         (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
     return ["--data", tmp_path / "train.jsonl", "--eval-data", tmp_path / "eval.jsonl"]
@@ -242,7 +250,7 @@ def test_reward_model_reruns_resumes_exactly_and_refuses_other_steps(tiny_model_
     assert "already finished with these settings; nothing to do" in main_of("RLHF/reward_model.py", cmd(full))
     assert (full / "train.log").read_text() == log_before
     assert (full / "reward_model" / "model.safetensors").stat().st_mtime == mtime
-    with pytest.raises(common.UserError, match=r"--max-steps 10 there, 12 now\).*--force"):
+    with pytest.raises(UserError, match=r"--max-steps 10 there, 12 now\).*--force"):
         main_of("RLHF/reward_model.py", cmd(full, "--max-steps", 12))
     assert (full / "reward_model" / "model.safetensors").read_bytes() == weights
 
@@ -260,21 +268,21 @@ def test_checkpoints_of_another_run_are_resumed_never_or_discarded_with_force(tm
     ckpt = tmp_path / "ckpt"
     (ckpt / "checkpoint-3").mkdir(parents=True)
     (ckpt / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3, "max_steps": 6}))
-    common.write_lineage(ckpt, "grpo", {"epochs": 1, "lr": 1e-3}, policy=tiny_model_dir)
+    write_lineage(ckpt, "grpo", {"epochs": 1, "lr": 1e-3}, policy=tiny_model_dir)
 
     def resume(settings, force=False, policy=tiny_model_dir):
-        return common.checkpoint_to_resume(ckpt, "grpo", settings, force, ("epochs",), policy=policy)
+        return checkpoint_to_resume(ckpt, "grpo", settings, force, ("epochs",), policy=policy)
 
     assert resume({"epochs": 1, "lr": 1e-3}) == (str(ckpt / "checkpoint-3"), False)  # the same run: resume
     assert resume({"epochs": 2, "lr": 1e-3}) == (str(ckpt / "checkpoint-3"), False)  # more epochs: continue
     for settings, why in (({"epochs": 1, "lr": 1e-3}, "--epochs 2 there, 1 now"),
                           ({"epochs": 2, "lr": 2e-3}, "--lr 0.001 there, 0.002 now")):
-        with pytest.raises(common.UserError, match=f"holds checkpoints of another run \\({why}\\).*--force"):
+        with pytest.raises(UserError, match=f"holds checkpoints of another run \\({why}\\).*--force"):
             resume(settings)
-    with pytest.raises(common.UserError, match="its policy was"):
+    with pytest.raises(UserError, match="its policy was"):
         resume({"epochs": 2, "lr": 1e-3}, policy=tmp_path)
     assert resume({"epochs": 2, "lr": 2e-3}, force=True) == (None, False)
-    assert not (ckpt / "checkpoint-3").exists() and common.read_lineage(ckpt)["settings"]["lr"] == 2e-3
+    assert not (ckpt / "checkpoint-3").exists() and read_lineage(ckpt)["settings"]["lr"] == 2e-3
     # A checkpoint at the run's last step is only loaded by the same run (the Trainer would train one step more).
     (ckpt / "checkpoint-6").mkdir()
     (ckpt / "checkpoint-6" / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 6}))
@@ -292,7 +300,7 @@ def trl_trainer(tiny_model_dir, dtype, *flags):
     trl_script = load_script("RLHF/grpo_trl.py")
     args = trl_script.parse_args(["--sft-dir", str(tiny_model_dir), "--batch-size", "4", "--num-generations", "2",
                                   "--temperature", "0.7", "--max-completion-length", "8", *flags])
-    tok = common.load_chat_tokenizer(tiny_model_dir)
+    tok = load_chat_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     trainer = trl_script.grpo_trainer_class()(
         model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
@@ -308,19 +316,19 @@ def test_grpo_loss_and_gradients_match_trl(tiny_model_dir, dtype, monkeypatch):
     under the same bf16 autocast over fp32 weights, as the Trainer's mixed precision does."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv(common.DTYPE_ENV, dtype)
+    monkeypatch.setenv(DTYPE_ENV, dtype)
     gt = load_script("RLHF/grpo_training.py")
     temperature = 0.7
-    trainer, tok = trl_trainer(tiny_model_dir, common.dtype_name())
+    trainer, tok = trl_trainer(tiny_model_dir, dtype_name())
     our_model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()  # no dropout, as TRL
     cpu = torch.device("cpu")
 
     torch.manual_seed(0)
     prompts = [[{"role": "user", "content": t}] for t in ["Hello", "Anna has 3 apples and gets 4 more.", "你好", "Hi!"]]
-    prompt_ids = rlhf_common.prompt_token_ids(tok, prompts)
+    prompt_ids = prompt_token_ids(tok, prompts)
     completion_ids = [torch.randint(0, len(tok), (n,)).tolist() for n in (5, 8, 3, 6)]
-    with torch.no_grad(), rlhf_common.autocast(cpu, dtype):
-        logps, mask = rlhf_common.completion_logps(our_model, prompt_ids, completion_ids, temperature)
+    with torch.no_grad(), autocast(cpu, dtype):
+        logps, mask = completion_logps(our_model, prompt_ids, completion_ids, temperature)
     old_logps = (logps + 0.3 * torch.randn_like(logps)) * mask  # off-policy enough that clipping kicks in
     ref_logps = (logps + 0.5 * torch.randn_like(logps)) * mask
     advantages = gt.group_advantages(torch.tensor([1.0, -0.5, 2.0, 0.5]), 2)
@@ -342,8 +350,8 @@ def test_grpo_loss_and_gradients_match_trl(tiny_model_dir, dtype, monkeypatch):
 
     def ours(adv=advantages, beta=gt.BETA):
         our_model.zero_grad()
-        with rlhf_common.autocast(cpu, dtype):
-            our_logps, _ = rlhf_common.completion_logps(our_model, prompt_ids, completion_ids, temperature)
+        with autocast(cpu, dtype):
+            our_logps, _ = completion_logps(our_model, prompt_ids, completion_ids, temperature)
         loss = gt.grpo_loss(our_logps, old_logps, ref_logps, adv, mask, beta=beta)
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in our_model.named_parameters()}
@@ -387,8 +395,8 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
     temperature = 0.7
     texts = ["Hi", "Anna has 31 apples and gets 47 more. How many apples does Anna have now?", "你好吗？", "Hello there"]
     prompts = [[{"role": "user", "content": t}] for t in texts]
-    tok = common.load_chat_tokenizer(tiny_model_dir)
-    widths = [len(p) for p in rlhf_common.prompt_token_ids(tok, prompts)]
+    tok = load_chat_tokenizer(tiny_model_dir)
+    widths = [len(p) for p in prompt_token_ids(tok, prompts)]
     assert max(widths) - min(widths) > 10  # rows with lots of padding
 
     def sampled(steps, ids):  # log-prob of each sampled token under the logits it was sampled from
@@ -396,13 +404,13 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
                 for b, row in enumerate(ids)]
 
     # grpo_training.py: generate_completions samples, completion_logps scores.
-    model = rlhf_common.load_policy(tiny_model_dir, tiny_model_dir)[0].eval()
+    model = load_policy(tiny_model_dir, tiny_model_dir)[0].eval()
     torch.manual_seed(0)
     steps, hook = record_sampling_logits(model)
-    ids, _ = rlhf_common.generate_completions(model, tok, prompts, 8, do_sample=True, temperature=temperature)
+    ids, _ = generate_completions(model, tok, prompts, 8, do_sample=True, temperature=temperature)
     hook.remove()
     with torch.no_grad():
-        logps, mask = rlhf_common.completion_logps(model, rlhf_common.prompt_token_ids(tok, prompts), ids, temperature)
+        logps, mask = completion_logps(model, prompt_token_ids(tok, prompts), ids, temperature)
     expected = sampled(steps, ids)
     for b, row in enumerate(ids):
         assert torch.allclose(logps[b, :len(row)], torch.tensor(expected[b]), atol=1e-4), b
@@ -426,7 +434,7 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
         unfixed = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, attention, n)[0]
 
         def at_sampling_positions(**inputs):  # TRL's own (chunked) log-probs and entropies at the right positions
-            return trainer.model(**inputs, position_ids=rlhf_common.position_ids(inputs["attention_mask"]))
+            return trainer.model(**inputs, position_ids=sampling.position_ids(inputs["attention_mask"]))
 
         trl_logps, trl_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
             trainer, at_sampling_positions, input_ids, attention, n, compute_entropy=True)
@@ -454,13 +462,13 @@ def test_reward_functions_score_known_completions(rlhf_dir, tiny_model_dir):
     args = trl_script.parse_args(["--preset", "smoke", "--sft-dir", str(tiny_model_dir), "--out-dir", str(rlhf_dir)])
     (rm_reward, exact), weights = trl_script.reward_functions(args, torch.device("cpu"))
     assert weights == [1.0, 1.0]
-    task = common.arithmetic_tasks(1, "train")[0]
+    task = arithmetic_tasks(1, "train")[0]
     prompts = [[{"role": "user", "content": task["prompt"]}]] * 2 + [[{"role": "user", "content": "Hello"}]]
     completions = [[{"role": "assistant", "content": c}] for c in
                    (task["response"], f"The answer is {task['answer'] + 1}.", "Hi!")]
     assert exact(prompts, completions, answer=[task["answer"], task["answer"], None]) == [1.0, 0.0, None]
     rm = AutoModelForSequenceClassification.from_pretrained(str(rlhf_dir / "reward_model")).eval()
-    tok = common.load_chat_tokenizer(rlhf_dir / "reward_model")
+    tok = load_chat_tokenizer(rlhf_dir / "reward_model")
     text = tok.apply_chat_template(prompts[2] + completions[2], tokenize=False)
     with torch.no_grad():
         chat_score = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
@@ -495,7 +503,7 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
     merged, sft = load_file(rlhf_dir / "grpo_output" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(merged[k], sft[k]) for k in sft)
     assert (rlhf_dir / "grpo_output" / "adapter" / "adapter_config.json").is_file()
-    lineage = common.read_lineage(rlhf_dir / "grpo_output")
+    lineage = read_lineage(rlhf_dir / "grpo_output")
     assert set(lineage["parents"]) == {"policy", "reward_model"}
     ev = json.loads((rlhf_dir / "eval.json").read_text())
     assert ev["prompts"] == 12 and ev["arithmetic_prompts"] == 8
@@ -505,7 +513,7 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
     assert ev["sampling"] == {"temperature": 1.0, "samples_per_problem": trl_script.SAMPLES}  # the smoke preset's
     assert all(0 <= ev[m]["sampled_exact_answer_accuracy"] <= 1 for m in ("sft", "grpo"))
     args = trl_script.parse_args(list(map(str, grpo_args(tiny_model_dir, tmp_path))))
-    sft_model, tok = rlhf_common.load_policy(tiny_model_dir, tiny_model_dir)
+    sft_model, tok = load_policy(tiny_model_dir, tiny_model_dir)
     itself = trl_script.evaluate(args, sft_model, tok)
     assert abs(itself["kl_k1_per_token"]) < 1e-6 and abs(itself["kl_k3_per_token"]) < 1e-6
     assert itself["sft"] == itself["grpo"]  # same greedy answers, same scores
@@ -552,18 +560,18 @@ def test_grpo_checks_that_policy_reward_model_and_output_belong_together(rlhf_di
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     message = f"{rlhf_dir / 'reward_model'} was built from a different policy than the one in {other}"
     assert message in proc.stderr and f"python RLHF/reward_model.py --sft-dir {other}" in proc.stderr
-    with pytest.raises(common.UserError, match=message):  # the same check in the plain-PyTorch twin
+    with pytest.raises(UserError, match=message):  # the same check in the plain-PyTorch twin
         main_of("RLHF/grpo_training.py", ["--sft-dir", other, "--out-dir", rlhf_dir])
     # Evaluating grpo_output against another SFT policy than its own.
-    with pytest.raises(common.UserError, match=f"{rlhf_dir / 'grpo_output'} was built from a different policy"):
+    with pytest.raises(UserError, match=f"{rlhf_dir / 'grpo_output'} was built from a different policy"):
         main_of("RLHF/grpo_trl.py", ["--mode", "eval", "--sft-dir", other, "--out-dir", rlhf_dir])
     # Inference with a grpo_output whose policy was replaced since (its lineage now points at the other one).
     copy = tmp_path / "copy"
     shutil.copytree(rlhf_dir / "grpo_output", copy / "grpo_output")
-    lineage = common.read_lineage(copy / "grpo_output")
+    lineage = read_lineage(copy / "grpo_output")
     lineage["parents"]["policy"]["path"] = str(other)
-    common.atomic_write_json(copy / "grpo_output" / "lineage.json", lineage)
-    with pytest.raises(common.UserError, match=f"than the one in {other}"):
+    atomic_write_json(copy / "grpo_output" / "lineage.json", lineage)
+    with pytest.raises(UserError, match=f"than the one in {other}"):
         main_of("RLHF/grpo_trl.py", ["--mode", "inference", "--out-dir", copy, "--prompt", "Hi"])
 
 
@@ -574,8 +582,8 @@ def test_inference_uses_the_training_prompt_format(rlhf_dir, tiny_model_dir):
                       "--prompt", "小明有3本书，又得到了4本书。小明现在一共有多少本书？", "--max-new-tokens", 16)
     assert proc.stdout.count("assistant:") == 2 and "user: Hello" in proc.stdout
     assert "<|" not in proc.stdout  # special tokens never leak into the printed answer
-    tok = common.load_chat_tokenizer(rlhf_dir / "grpo_output")
-    ids = rlhf_common.prompt_token_ids(tok, [[{"role": "user", "content": "Hello"}]])[0]
+    tok = load_chat_tokenizer(rlhf_dir / "grpo_output")
+    ids = prompt_token_ids(tok, [[{"role": "user", "content": "Hello"}]])[0]
     assert tok.decode(ids) == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"  # no extra BOS
 
 
@@ -598,16 +606,16 @@ def test_grpo_trl_two_processes(rlhf_dir, tiny_model_dir, tmp_path):
     steps = jsonl(out / "grpo_output" / "history.jsonl")
     assert len([h for h in steps if "reward" in h]) == 4  # 32 completions / (4 per process x 2 processes)
     assert [h["step"] for h in steps if "heldout/exact_answer" in h] == [0, 2, 4]  # by rank 0 alone
-    assert common.read_lineage(out / "grpo_output")["settings"]["processes"] == 2
+    assert read_lineage(out / "grpo_output")["settings"]["processes"] == 2
     assert (out / "eval.json").is_file()
 
 
 def test_grpo_trl_leaves_out_prompts_that_leave_no_room_for_the_completion(rlhf_dir, tiny_model_dir, tmp_path):
     """TRL generates from the whole prompt: a prompt longer than the context minus --max-completion-length is left
     out (and counted) instead of generating past GPT-2's last position (IndexError in the position table)."""
-    tok = common.load_chat_tokenizer(tiny_model_dir)
-    prompts = rlhf_common.rlhf_prompts("train", 6, 2, seed=0)  # what --num-prompts 8 trains on
-    lengths = [len(x) for x in rlhf_common.prompt_token_ids(tok, [p["prompt"] for p in prompts])]
+    tok = load_chat_tokenizer(tiny_model_dir)
+    prompts = rlhf_prompts("train", 6, 2, seed=0)  # what --num-prompts 8 trains on
+    lengths = [len(x) for x in prompt_token_ids(tok, [p["prompt"] for p in prompts])]
     room = max(n for n in lengths if sum(m > n for m in lengths) >= 2)  # at least two prompts are longer
     out = tmp_path / "long"
     out.mkdir()
@@ -629,7 +637,7 @@ def test_plain_pytorch_grpo_trains(rlhf_dir, tiny_model_dir):
     # (the untrained policy never answers exactly: only the chat prompt's reward-model scores move it).
     assert abs(logs[0]["kl"]) < 1e-6 and logs[-1]["kl"] > 1e-4, logs
     out = rlhf_dir / "checkpoints" / "grpo_training"
-    assert common.read_lineage(out)["parents"]["policy"]["fingerprint"] == common.output_fingerprint(tiny_model_dir)
+    assert read_lineage(out)["parents"]["policy"]["fingerprint"] == output_fingerprint(tiny_model_dir)
 
 
 def test_prompts_longer_than_the_context_are_cut_the_same_for_sampling_and_scoring(tiny_model_dir):
@@ -637,15 +645,15 @@ def test_prompts_longer_than_the_context_are_cut_the_same_for_sampling_and_scori
     computed on that same cut prompt (the evaluation's KL used to index past the position table)."""
     from transformers import AutoModelForCausalLM
 
-    tok = common.load_chat_tokenizer(tiny_model_dir)
+    tok = load_chat_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(common.IM_END), tok.eos_token_id]
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END), tok.eos_token_id]
     long_prompt = [[{"role": "user", "content": "Tell me more. " * 200}], [{"role": "user", "content": "Hi"}]]
     torch.manual_seed(0)
-    ids, _ = rlhf_common.generate_completions(model, tok, long_prompt, 8, do_sample=True)
-    room = rlhf_common.prompt_room(model, 8)
-    cut = rlhf_common.prompt_token_ids(tok, long_prompt, room)
+    ids, _ = generate_completions(model, tok, long_prompt, 8, do_sample=True)
+    room = prompt_room(model, 8)
+    cut = prompt_token_ids(tok, long_prompt, room)
     assert len(cut[0]) == room == model.config.n_positions - 8 and len(cut[1]) < room
     with torch.no_grad():
-        logps, mask = rlhf_common.completion_logps(model, cut, ids)
+        logps, mask = completion_logps(model, cut, ids)
     assert mask.sum().item() == sum(map(len, ids)) and (logps[mask.bool()] < 0).all()

@@ -8,10 +8,17 @@ import shutil
 import subprocess
 import sys
 
+from llm_train import paths
+from llm_train.arithmetic import arithmetic_tasks
+from llm_train.errors import UserError
+from llm_train.lineage import output_fingerprint, read_lineage, write_lineage
+from llm_train.paths import REPO
+from llm_train.runtime import DTYPE_ENV
+from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+
 import pytest
 import torch
 
-import common
 from conftest import BOTH_DTYPES, free_port, load_script, run_script
 
 sft = load_script("SFT/qlora_fine_tune_trl.py")
@@ -31,7 +38,7 @@ def write_jsonl(path, rows):
 def training_rows():
     """Small, learnable data: arithmetic chats plus one multi-turn conversation with a system prompt."""
     rows = [{"messages": [{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": t["response"]}]}
-            for t in common.arithmetic_tasks(60, "train")]
+            for t in arithmetic_tasks(60, "train")]
     return rows + [{"messages": MULTI_TURN}] * 4
 
 
@@ -59,7 +66,7 @@ def train_run(tiny_model_dir, tmp_path_factory):
             data = write_jsonl(out / "chats.jsonl", training_rows())
             args = sft_args(tiny_model_dir, data, out, "--merge")
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv(common.DTYPE_ENV, dtype)
+                mp.setenv(DTYPE_ENV, dtype)
                 mp.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
                 trainer, report = sft.main(args)
             runs[dtype] = {"trainer": trainer, "report": report, "out": out, "args": args, "model_dir": tiny_model_dir}
@@ -69,7 +76,7 @@ def train_run(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def trained(train_run, monkeypatch):
-    monkeypatch.setenv(common.DTYPE_ENV, "fp32")  # a rerun of this run must use its dtype, whatever the suite forces
+    monkeypatch.setenv(DTYPE_ENV, "fp32")  # a rerun of this run must use its dtype, whatever the suite forces
     return train_run("fp32")
 
 
@@ -88,7 +95,7 @@ def losses_by_step(trainer):
 def test_base_is_4bit_frozen_and_unchanged_adapter_learns(train_run, dtype, monkeypatch):
     import bitsandbytes as bnb
 
-    monkeypatch.setenv(common.DTYPE_ENV, dtype)
+    monkeypatch.setenv(DTYPE_ENV, dtype)
     run = train_run(dtype)
     model = run["trainer"].model
     layers = four_bit_layers(model)
@@ -123,12 +130,12 @@ def test_base_is_4bit_frozen_and_unchanged_adapter_learns(train_run, dtype, monk
     assert report["n_heldout_tasks"] == 4 and report["n_chat_prompts"] == 2
 
 
-@pytest.mark.parametrize("stop, clean", [(common.IM_END, 1.0), (common.EOT, 0.0)])
+@pytest.mark.parametrize("stop, clean", [(IM_END, 1.0), (EOT, 0.0)])
 def test_clean_ending_metric(tiny_model_dir, stop, clean):
     """A GPT-2 that always says `stop` first: a reply ending at <|im_end|> is clean, one ending at <|endoftext|> not."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = common.load_chat_tokenizer(tiny_model_dir)
+    tokenizer = load_chat_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), tie_word_embeddings=False).eval()
     with torch.no_grad():  # final hidden state = e_0 whatever the input; only `stop` scores on e_0
         model.transformer.ln_f.weight.zero_()
@@ -136,7 +143,7 @@ def test_clean_ending_metric(tiny_model_dir, stop, clean):
         model.transformer.ln_f.bias[0] = 1.0
         model.lm_head.weight.zero_()
         model.lm_head.weight[tokenizer.convert_tokens_to_ids(stop), 0] = 10.0
-    tasks = common.arithmetic_tasks(3, "heldout")
+    tasks = arithmetic_tasks(3, "heldout")
     metrics = sft.measure(model, tokenizer, [MULTI_TURN], tasks, [MULTI_TURN[:2]], max_new_tokens=4)
     assert metrics["ends_with_im_end"] == clean and metrics["exact_match"] == 0.0
     assert [e["reply"] for e in metrics["examples"]] == [""] * 4
@@ -168,7 +175,7 @@ def test_saved_adapter_reloads_on_plain_model(train_run, dtype, monkeypatch):
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    monkeypatch.setenv(common.DTYPE_ENV, dtype)
+    monkeypatch.setenv(DTYPE_ENV, dtype)
     run = train_run(dtype)
     out, model_dir = run["out"], run["model_dir"]
     adapter_dir = out / "sft_output"
@@ -199,14 +206,14 @@ def test_saved_adapter_reloads_on_plain_model(train_run, dtype, monkeypatch):
     user_logits = logits(user_model.eval(), ids)
     assert torch.allclose(user_logits, logits(merged_on_disk.eval(), ids), atol=1e-4)
     assert (user_logits - expected).abs().max() > 2 * RELOAD_ATOL["bf16"]
-    im_end = run["trainer"].processing_class.convert_tokens_to_ids(common.IM_END)
+    im_end = run["trainer"].processing_class.convert_tokens_to_ids(IM_END)
     assert im_end in merged_on_disk.generation_config.eos_token_id
     gen_config = json.loads((adapter_dir / "generation_config.json").read_text())
     assert im_end in gen_config["eos_token_id"]
     for lineage_dir in (adapter_dir, adapter_dir / "merged"):
-        lineage = common.read_lineage(lineage_dir)
+        lineage = read_lineage(lineage_dir)
         assert lineage["stage"] == "sft" and lineage["settings"]["dtype"] == dtype and lineage["settings"]["merge"]
-        assert lineage["parents"]["base"]["fingerprint"] == common.output_fingerprint(model_dir)
+        assert lineage["parents"]["base"]["fingerprint"] == output_fingerprint(model_dir)
 
 
 def test_loss_covers_assistant_tokens_only(trained):
@@ -223,7 +230,7 @@ def test_loss_covers_assistant_tokens_only(trained):
 
 
 def test_too_long_conversations_are_dropped_and_counted(tiny_model_dir, caplog):
-    tokenizer = common.load_chat_tokenizer(tiny_model_dir)
+    tokenizer = load_chat_tokenizer(tiny_model_dir)
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     long = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time " * 40}]
     n_short = len(tokenizer.apply_chat_template(short, tokenize=True, return_dict=True)["input_ids"])
@@ -231,7 +238,7 @@ def test_too_long_conversations_are_dropped_and_counted(tiny_model_dir, caplog):
         kept = sft.drop_too_long([short, long, short], tokenizer, 64, "training")
     assert n_short <= 64 and kept == [short, short]
     assert "training: kept 2, dropped 1 (longer than 64 tokens)" in caplog.text
-    with pytest.raises(common.UserError, match="no training conversation fits in 64 tokens"):
+    with pytest.raises(UserError, match="no training conversation fits in 64 tokens"):
         sft.drop_too_long([long], tokenizer, 64, "training")
 
 
@@ -240,7 +247,7 @@ def test_resume_after_kill_logs_the_uninterrupted_losses(train_run, dtype, monke
     """Killed while saving checkpoint-24 (no trainer_state.json, no outputs yet) and rerun with the same command: it
     resumes from checkpoint-12 and steps 13..24 log bit-identical losses to the uninterrupted run; the reported mean
     train loss covers steps 1..24, not only the resumed half."""
-    monkeypatch.setenv(common.DTYPE_ENV, dtype)
+    monkeypatch.setenv(DTYPE_ENV, dtype)
     run = train_run(dtype)
     out = tmp_path / "run"
     shutil.copytree(run["out"], out)
@@ -271,14 +278,14 @@ def test_rerun_is_a_noop_other_settings_stop_force_redoes_outputs(trained, tmp_p
     assert adapter.stat().st_mtime_ns == mtime and (out / "sft_output" / "merged" / "model.safetensors").is_file()
 
     # Another --max-steps (or lr, data, base, ...) than the checkpoints' run: a clear stop, not a run past its
-    # schedule. The checkpoints' lineage.json records the run's settings and base (common.checkpoint_to_resume).
-    ckpt_lineage = common.read_lineage(out / "checkpoints")
+    # schedule. The checkpoints' lineage.json records the run's settings and base (checkpoint_to_resume).
+    ckpt_lineage = read_lineage(out / "checkpoints")
     assert ckpt_lineage["stage"] == "sft" and ckpt_lineage["settings"]["max_steps"] == 24
-    assert ckpt_lineage["parents"]["base"]["fingerprint"] == common.output_fingerprint(trained["model_dir"])
-    with pytest.raises(common.UserError, match=r"holds checkpoints of another run \(--max-steps 24 there, 30 now\)"
+    assert ckpt_lineage["parents"]["base"]["fingerprint"] == output_fingerprint(trained["model_dir"])
+    with pytest.raises(UserError, match=r"holds checkpoints of another run \(--max-steps 24 there, 30 now\)"
                                                r".*--force to discard them and start over"):
         sft.main(args + ["--max-steps", "30"])
-    with pytest.raises(common.UserError, match=r"--lr 0.002 there, 0.001 now"):
+    with pytest.raises(UserError, match=r"--lr 0.002 there, 0.001 now"):
         sft.main(args + ["--lr", "1e-3"])
     # A changed base (same path or another, other weights): not finished, and its checkpoints are not resumed.
     from safetensors.torch import load_file, save_file
@@ -288,14 +295,14 @@ def test_rerun_is_a_noop_other_settings_stop_force_redoes_outputs(trained, tmp_p
     weights = {k: v + 0.01 for k, v in load_file(other_base / "model.safetensors").items()}
     save_file(weights, other_base / "model.safetensors", metadata={"format": "pt"})
     why = f"another run (its base was {trained['model_dir']}, now {other_base} (or it changed since))"
-    with pytest.raises(common.UserError, match=re.escape(why)):
+    with pytest.raises(UserError, match=re.escape(why)):
         sft.main([str(other_base) if a == str(trained["model_dir"]) else a for a in args])
 
     # A later stage built from this adapter: replacing it needs --force (the error names the stale output).
     later = tmp_path / "reward_model"
-    common.write_lineage(later, "reward_model", {}, sft=out / "sft_output")
-    monkeypatch.setattr(common, "REWARD_MODEL_DIR", later)
-    with pytest.raises(common.UserError, match=rf"{out / 'sft_output'} already holds .*{later}.*--force"):
+    write_lineage(later, "reward_model", {}, sft=out / "sft_output")
+    monkeypatch.setattr(paths, "REWARD_MODEL_DIR", later)
+    with pytest.raises(UserError, match=rf"{out / 'sft_output'} already holds .*{later}.*--force"):
         sft.main(args + ["--lr", "1e-3"])
     assert adapter.stat().st_mtime_ns == mtime
 
@@ -320,8 +327,8 @@ def test_rerun_is_a_noop_other_settings_stop_force_redoes_outputs(trained, tmp_p
     assert "holds checkpoints of another run (--max-steps 24 there, 2 now): --force, so starting over" \
         in capsys.readouterr().out
     assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
-    assert common.read_lineage(out / "checkpoints")["settings"]["max_steps"] == 2
-    assert common.read_lineage(out / "sft_output")["settings"]["max_steps"] == 2
+    assert read_lineage(out / "checkpoints")["settings"]["max_steps"] == 2
+    assert read_lineage(out / "sft_output")["settings"]["max_steps"] == 2
 
 
 @pytest.mark.parametrize("line, message", [
@@ -336,7 +343,7 @@ def test_malformed_rows_name_file_and_row(tiny_model_dir, tmp_path, line, messag
     data = tmp_path / "bad.jsonl"
     data.write_text(f"{good}\n{good}\n{line}\n")
     out = tmp_path / "out"
-    with pytest.raises(common.UserError, match=rf"bad\.jsonl.*(row|line) 3.*{message}"):
+    with pytest.raises(UserError, match=rf"bad\.jsonl.*(row|line) 3.*{message}"):
         sft.main(sft_args(tiny_model_dir, data, out))
     assert not (out / "sft_output").exists()
 
@@ -345,7 +352,7 @@ def test_non_utf8_data_is_a_clear_error(tiny_model_dir, tmp_path):
     data = tmp_path / "latin1.jsonl"
     data.write_bytes(json.dumps({"instruction": "Café?", "input": "", "output": "Oui"}, ensure_ascii=False)
                      .encode("latin-1") + b"\n")
-    with pytest.raises(common.UserError, match=r"latin1\.jsonl is not valid UTF-8"):
+    with pytest.raises(UserError, match=r"latin1\.jsonl is not valid UTF-8"):
         sft.main(sft_args(tiny_model_dir, data, tmp_path / "out"))
 
 
@@ -369,7 +376,7 @@ def test_bad_numbers_are_usage_errors_at_parse_time(script, flag, value, capsys)
 
 def test_max_length_past_the_context_is_refused(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", training_rows())
-    with pytest.raises(common.UserError, match=r"--max-length 512 is longer than the context .* \(256 positions\)"):
+    with pytest.raises(UserError, match=r"--max-length 512 is longer than the context .* \(256 positions\)"):
         sft.main(sft_args(tiny_model_dir, data, tmp_path / "out") + ["--max-length", "512"])
 
 
@@ -377,7 +384,7 @@ def test_accelerate_launch_without_multi_gpu_stops_with_the_working_command(tiny
     """accelerate launch --num_processes=2 without --multi_gpu starts one process on CPUs: refused before any work."""
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes=2", "--num_machines=1",
                            "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}",
-                           str(common.REPO / "SFT" / "qlora_fine_tune_trl.py"), "--model-dir", str(tiny_model_dir),
+                           str(REPO / "SFT" / "qlora_fine_tune_trl.py"), "--model-dir", str(tiny_model_dir),
                            "--run-dir", str(tmp_path / "run"), "--output-dir", str(tmp_path / "out"),
                            "--max-steps", "1"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -396,13 +403,13 @@ def test_two_processes_hf_dataset_and_inference(tiny_model_dir, tmp_path):
     dataset_dir = tmp_path / "alpaca"
     dataset_dir.mkdir()
     write_jsonl(dataset_dir / "train.jsonl", [{"instruction": t["prompt"], "input": "", "output": t["response"]}
-                                              for t in common.arithmetic_tasks(48, "train")])
+                                              for t in arithmetic_tasks(48, "train")])
     out = tmp_path / "out"
     args = [a for a in sft_args(base, "x", out) if a not in ("--data", "x")]
     args += ["--hf-dataset", str(dataset_dir), "--max-steps", "6", "--save-steps", "6"]
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
                            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-                           f"--main_process_port={free_port()}", str(common.REPO / "SFT" / "qlora_fine_tune_trl.py"),
+                           f"--main_process_port={free_port()}", str(REPO / "SFT" / "qlora_fine_tune_trl.py"),
                            *args],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -410,14 +417,14 @@ def test_two_processes_hf_dataset_and_inference(tiny_model_dir, tmp_path):
     log = (out / "train.log").read_text()
     assert "2 process(es)" in log and "trained to step 6" in log
     assert (out / "sft_output" / "adapter_model.safetensors").is_file() and (out / "eval.json").is_file()
-    assert common.read_lineage(out / "sft_output")["settings"]["processes"] == 2
+    assert read_lineage(out / "sft_output")["settings"]["processes"] == 2
     assert "FutureWarning" not in proc.stderr and "Setting accelerator to CPU" not in proc.stdout + proc.stderr
 
     chat = run_script("SFT/inference.py", "--model-dir", base, "--adapter-dir", out / "sft_output",
                       "--prompt", "What is 2 plus 3?", "--max-new-tokens", "5")
     assert "assistant:" in chat.stdout and "tokens/s" in chat.stdout
     inference = load_script("SFT/inference.py")
-    with pytest.raises(common.UserError, match=r"no merged model in .*nowhere.*--merge"):
+    with pytest.raises(UserError, match=r"no merged model in .*nowhere.*--merge"):
         inference.main(["--adapter-dir", str(tmp_path / "nowhere"), "--merged"])
 
     # The base is retrained after SFT: the adapter no longer belongs to it.
@@ -431,5 +438,5 @@ def test_two_processes_hf_dataset_and_inference(tiny_model_dir, tmp_path):
     assert stale.returncode == 2 and "Traceback" not in stale.stderr
     assert f"error: {out / 'sft_output'} was built from a different base than the one in {base}" in stale.stderr
     assert "python SFT/qlora_fine_tune_trl.py --model-dir" in stale.stderr
-    with pytest.raises(common.UserError, match="was built from a different base"):
+    with pytest.raises(UserError, match="was built from a different base"):
         sft.main([*args, "--eval-only"])

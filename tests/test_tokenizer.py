@@ -2,18 +2,22 @@
 and chat template, writes its report, and refuses bad input with one clear error."""
 import json
 
+from llm_train.corpus import default_corpus_files, read_jsonl_gz
+from llm_train.lineage import read_lineage
+from llm_train.sources import stackexchange_text
+from llm_train.tokenizer import EOT, PAD, SPECIAL_TOKENS, load_tokenizer, tokenizer_fingerprint
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hypothesis import given, settings, strategies as st
-
-import common
 from conftest import load_script, run_script, sample_texts
 
 stage = load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
 
 
 def test_round_trip_examples(tiny_tokenizer_dir):
-    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    tok = load_tokenizer(tiny_tokenizer_dir)
     for text in ["", " ", "  leading and trailing  ", "tabs\t\tand\r\nCRLF\n\n\n", "天地玄黄，宇宙洪荒。",
                  "emoji 😀👍🏽 and ZWJ 👩‍👩‍👧", "def f(x):\n    return x  # comment\n", "١٢٣ ＡＢＣ ﬁ é é",
                  "mixed 中文 English 代码 code 12345", "\x00\x01 control \u200b"]:
@@ -33,12 +37,12 @@ _cache = {}
 
 def _cached_tokenizer(path):
     if path not in _cache:
-        _cache[path] = common.load_tokenizer(path)
+        _cache[path] = load_tokenizer(path)
     return _cache[path]
 
 
 def test_digits_are_single_tokens(tiny_tokenizer_dir):
-    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    tok = load_tokenizer(tiny_tokenizer_dir)
     pieces = [tok.decode([i]) for i in tok.encode("12345 + 678", add_special_tokens=False)]
     assert [p for p in pieces if p.strip().isdigit()] == list("12345678")
 
@@ -48,14 +52,14 @@ def test_autotokenizer_layout_and_special_tokens(tiny_tokenizer_dir):
 
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     assert (tiny_tokenizer_dir / stage.RAW_NAME).is_file()
-    assert tok.eos_token == common.EOT and tok.pad_token == common.PAD
-    for special in common.SPECIAL_TOKENS:  # each is one id, never split into bytes
+    assert tok.eos_token == EOT and tok.pad_token == PAD
+    for special in SPECIAL_TOKENS:  # each is one id, never split into bytes
         assert len(tok.encode(special, add_special_tokens=False)) == 1
     assert tok.pad_token_id != tok.eos_token_id
 
 
 def test_chat_template_and_assistant_mask(tiny_tokenizer_dir):
-    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    tok = load_tokenizer(tiny_tokenizer_dir)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "The answer is 4."}]
     text = tok.apply_chat_template(messages, tokenize=False)
@@ -69,11 +73,11 @@ def test_chat_template_and_assistant_mask(tiny_tokenizer_dir):
 
 
 def test_fingerprint_stable_across_copies_and_differs_between_tokenizers(tiny_tokenizer_dir, tmp_path):
-    tok = common.load_tokenizer(tiny_tokenizer_dir)
+    tok = load_tokenizer(tiny_tokenizer_dir)
     tok.save_pretrained(str(tmp_path / "copy"))
-    assert common.tokenizer_fingerprint(tmp_path / "copy") == common.tokenizer_fingerprint(tiny_tokenizer_dir)
+    assert tokenizer_fingerprint(tmp_path / "copy") == tokenizer_fingerprint(tiny_tokenizer_dir)
     stage.save(stage.train(sample_texts()[:3], vocab_size=400), tmp_path / "other")
-    assert common.tokenizer_fingerprint(tmp_path / "other") != common.tokenizer_fingerprint(tiny_tokenizer_dir)
+    assert tokenizer_fingerprint(tmp_path / "other") != tokenizer_fingerprint(tiny_tokenizer_dir)
 
 
 def test_cli_writes_tokenizer_and_report(tmp_path):
@@ -86,10 +90,10 @@ def test_cli_writes_tokenizer_and_report(tmp_path):
                "--output-dir", out, cwd=tmp_path)
     report = json.loads((out / "report.json").read_text())
     assert report["vocab_size"] == 500 and report["train_seconds"] > 0
-    assert report["fingerprint"] == common.tokenizer_fingerprint(out)
+    assert report["fingerprint"] == tokenizer_fingerprint(out)
     # held-out bytes/token per language of the embedded corpus, when it is present
     assert set(report["bytes_per_token_heldout"]) == {
-        next(common.read_jsonl_gz(f))["lang"] for f in common.default_corpus_files("heldout")}
+        next(read_jsonl_gz(f))["lang"] for f in default_corpus_files("heldout")}
     assert all(v > 1.0 for v in report["bytes_per_token_heldout"].values())
 
 
@@ -161,7 +165,7 @@ def test_hf_dataset_takes_the_named_sources_and_samples_them_evenly(tmp_path):
     # the documents the trainer got are the cleaned ones (the cleaners' output itself is tested in test_preprocess)
     book = "CHAPTER I. " + "It was a dark night. " * 59 + "It was a dark night."
     assert chars["gutenberg"] == sources["gutenberg"]["documents"] * len(book)
-    post = common.stackexchange_text(question)
+    post = stackexchange_text(question)
     assert chars["stackexchange"] == sources["stackexchange"]["documents"] * len(post) and "<" not in post
 
 
@@ -179,8 +183,6 @@ def test_training_streams_the_input(tmp_path, monkeypatch):
     import sys
     import tracemalloc
 
-    import transformers  # noqa: F401  imported before measuring: module objects are not the input
-    from transformers import PreTrainedTokenizerFast  # noqa: F401
 
     rows = [json.dumps({"text": f"{i} " + "the quick brown fox jumps over the lazy dog " * 23}) for i in range(10000)]
     (tmp_path / "big.jsonl").write_text("\n".join(rows))
@@ -209,7 +211,7 @@ def test_rerun_is_a_no_op_and_replacing_needs_force(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was changed
     run_script("PreTrain/train_byte_level_bpe_tokenizer.py", *args[:3], 500, *args[4:], "--force")
     assert json.loads((out / "report.json").read_text())["vocab_size"] == 500
-    assert common.read_lineage(out)["settings"]["vocab_size"] == 500
+    assert read_lineage(out)["settings"]["vocab_size"] == 500
 
 
 @pytest.mark.parametrize("flag, value", [("--vocab-size", "0"), ("--vocab-size", "-5"), ("--min-frequency", "0"),

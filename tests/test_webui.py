@@ -8,19 +8,18 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
+from llm_train.arithmetic import arithmetic_answer, arithmetic_tasks, extract_answer
+from llm_train.rl import load_reward_model, reward_model_scores
+from llm_train.tokenizer import load_chat_tokenizer, load_tokenizer, render_messages
+
 import pytest
 
 from conftest import PY, REPO, free_port, load_script
-
-sys.path.insert(0, str(REPO / "RLHF"))  # the RLHF scripts' shared module, imported as the app imports it
-import common  # noqa: E402
-import rlhf_common  # noqa: E402
 
 APP = REPO / "WebUI" / "app.py"
 SCREENSHOT = REPO / "WebUI" / "screenshots" / "compare.png"  # git-ignored: for a person to look at
@@ -93,12 +92,12 @@ def reply_of(history):
 
 # ---------------------------------------------------------------------------------------------------------------
 def test_arithmetic_prompts_are_recognised_and_checked(app_module):
-    tasks = [t for split in ("train", "heldout") for t in common.arithmetic_tasks(200, split)]
-    assert {common.arithmetic_answer(t["prompt"]) for t in tasks[:5]} == {t["answer"] for t in tasks[:5]}
-    assert all(common.arithmetic_answer(t["prompt"]) == t["answer"] for t in tasks)
+    tasks = [t for split in ("train", "heldout") for t in arithmetic_tasks(200, split)]
+    assert {arithmetic_answer(t["prompt"]) for t in tasks[:5]} == {t["answer"] for t in tasks[:5]}
+    assert all(arithmetic_answer(t["prompt"]) == t["answer"] for t in tasks)
     assert {t["op"] for t in tasks} == {"add", "sub"} and {t["lang"] for t in tasks} == {"en", "zh"}
-    assert common.arithmetic_answer("Hello, how are you?") is None
-    assert common.arithmetic_answer("Tom has 3 apples and gets 4 more. How many apples does Tom have now?") == 7
+    assert arithmetic_answer("Hello, how are you?") is None
+    assert arithmetic_answer("Tom has 3 apples and gets 4 more. How many apples does Tom have now?") == 7
     t = tasks[0]
     assert app_module.verdict(t["answer"], t["response"]).startswith("✓ right")
     assert app_module.verdict(t["answer"], f"The answer is {t['answer'] + 1}.").startswith("✗ wrong")
@@ -107,19 +106,19 @@ def test_arithmetic_prompts_are_recognised_and_checked(app_module):
 
 
 def test_long_conversations_drop_their_oldest_messages(app_module, smoke_repo):
-    tok = common.load_chat_tokenizer(smoke_repo[0] / "SFT" / "sft_output")
+    tok = load_chat_tokenizer(smoke_repo[0] / "SFT" / "sft_output")
     turns = []
     for i in range(6):
         turns += [{"role": "user", "content": f"question {i}: what is the weather like?"},
                   {"role": "assistant", "content": f"answer {i}: sunny and warm today."}]
     messages = turns + [{"role": "user", "content": "and tomorrow?"}]
-    whole = len(tok(common.render_messages(messages, True), add_special_tokens=False).input_ids)
+    whole = len(tok(render_messages(messages, True), add_special_tokens=False).input_ids)
     ids, dropped = app_module.chat_ids(tok, messages, whole)
     assert dropped == 0 and len(ids) == whole
     ids, dropped = app_module.chat_ids(tok, messages, whole // 2)
     assert 0 < dropped < len(messages) and len(ids) <= whole // 2
     assert messages[dropped]["role"] == "user"  # what the model sees still starts with a user turn
-    assert ids == tok(common.render_messages(messages[dropped:], True), add_special_tokens=False).input_ids
+    assert ids == tok(render_messages(messages[dropped:], True), add_special_tokens=False).input_ids
     ids, dropped = app_module.chat_ids(tok, messages, 3)  # not even the last message fits: it is kept (and cut later)
     assert dropped == len(messages) - 1
 
@@ -129,7 +128,7 @@ def test_closing_the_stream_stops_generation(app_module, smoke_repo):
     from transformers import AutoModelForCausalLM
 
     base = smoke_repo[0] / "output"
-    model, tok = AutoModelForCausalLM.from_pretrained(str(base)).eval(), common.load_tokenizer(base)
+    model, tok = AutoModelForCausalLM.from_pretrained(str(base)).eval(), load_tokenizer(base)
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))  # one forward pass per generated token
     ids = tok("The history of").input_ids
@@ -176,11 +175,11 @@ def test_gradio_client_chat_streams_and_compare_scores(app_url, smoke_repo):
             break
     assert all(a.strip() for a in answers), answers
     # the scores shown are the reward model's scores of these answers
-    rm, rm_tok = rlhf_common.load_reward_model(smoke_repo[0] / "RLHF" / "reward_model")
-    scores = rlhf_common.reward_model_scores(rm, rm_tok, [[{"role": "user", "content": ARITH}]] * 3, list(answers))
+    rm, rm_tok = load_reward_model(smoke_repo[0] / "RLHF" / "reward_model")
+    scores = reward_model_scores(rm, rm_tok, [[{"role": "user", "content": ARITH}]] * 3, list(answers))
     for v, s, a in zip(verdicts, scores, answers):
         assert f"reward-model score **{s:+.3f}**" in v, (v, s)
-        assert ("✓ right" if common.extract_answer(a) == 85 else "✗") in v and "85" in v
+        assert ("✓ right" if extract_answer(a) == 85 else "✗") in v and "85" in v
 
     text, note = c.predict("Once upon a time", *FREE_SAMPLING, 20, api_name="/complete")
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") and "tokens/s" in note
@@ -207,7 +206,7 @@ def test_two_clients_chat_at_the_same_time(app_url):
                     times.append(time.perf_counter() - start)
                 history, _, note = update
                 results[name] = (times[0], times[-1], reply_of(history), int(re.search(r"(\d+) tokens", note)[1]))
-            except Exception as e:  # noqa: BLE001  (reported below, in the test's thread)
+            except Exception as e:
                 errors.append(e)
 
         threads = [threading.Thread(target=chat, args=(name,)) for name in clients]
@@ -274,7 +273,7 @@ def test_browser_chat_streams_and_compare_shows_three_scored_answers(app_url):
         prompt.clear()
         prompt.send_keys(ARITH)
         browser.find_element(By.ID, "compare-go").click()
-        verdicts = lambda b: [b.find_element(By.ID, f"verdict-{n}").text for n in ("base", "SFT", "GRPO")]  # noqa
+        verdicts = lambda b: [b.find_element(By.ID, f"verdict-{n}").text for n in ("base", "SFT", "GRPO")]
         wait.until(lambda b: all("reward-model score" in v for v in verdicts(b)))
         for name, v in zip(("base", "SFT", "GRPO"), verdicts(browser)):
             answer = browser.find_element(By.CSS_SELECTOR, f"#answer-{name} textarea").get_attribute("value")

@@ -2,16 +2,19 @@
 
 Every dataset is built in memory, at task load time, from what the repo already holds: the held-out corpus files
 data/default_corpus/heldout_{en,zh,code}.jsonl.gz (never trained on, by the tokenizer or pretraining), the held-out
-arithmetic problems of common.py, and (llm_train_bpb_pretrain_val only) the val split of pretrain_data_chunks/.
+arithmetic problems of py, and (llm_train_bpb_pretrain_val only) the val split of pretrain_data_chunks/.
 Nothing is downloaded and nothing is written.
 """
 import json
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import common  # noqa: E402
+from llm_train.arithmetic import arithmetic_tasks, extract_answer
+from llm_train.chunks import chunk_rows
+from llm_train.corpus import read_jsonl_gz
+from llm_train.errors import UserError
+from llm_train.paths import CHUNKS_DIR, DATA_DIR, TOKENIZER_DIR
+from llm_train.tokenizer import tokenizer_fingerprint
 
 PASSAGE_CHARS = 2000  # bits-per-byte documents: the held-out files cut at line ends, so --limit N means N passages
 ARITH_PROBLEMS = 200  # held-out problems with seed 0: SFT/eval.json's (--eval-tasks 64, --seed 0) are their prefix
@@ -26,7 +29,7 @@ def _test_split(rows):
 
 
 def heldout_documents(lang):
-    return [d["text"] for d in common.read_jsonl_gz(common.DATA_DIR / f"heldout_{lang}.jsonl.gz")]
+    return [d["text"] for d in read_jsonl_gz(DATA_DIR / f"heldout_{lang}.jsonl.gz")]
 
 
 def passages(text, size=PASSAGE_CHARS):
@@ -54,21 +57,21 @@ def pretrain_val_text(chunks_dir=None, tokenizer_dir=None, **_):
     import numpy as np
     from tokenizers import Tokenizer
 
-    chunks_dir = Path(chunks_dir or common.CHUNKS_DIR)
-    tokenizer_dir = Path(tokenizer_dir or common.TOKENIZER_DIR)
+    chunks_dir = Path(chunks_dir or CHUNKS_DIR)
+    tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
     manifest_file = chunks_dir / "manifest.json"
     if not manifest_file.is_file():
-        raise common.UserError(f"{manifest_file} not found: task llm_train_bpb_pretrain_val reads the val split of "
+        raise UserError(f"{manifest_file} not found: task llm_train_bpb_pretrain_val reads the val split of "
                                "the pretraining chunks; run PreTrain/preprocess_dataset_for_pretrain_map.py first")
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     if manifest.get("format") != 2:
-        raise common.UserError(f"{manifest_file}: chunks in format {manifest.get('format')!r}, task "
+        raise UserError(f"{manifest_file}: chunks in format {manifest.get('format')!r}, task "
                                "llm_train_bpb_pretrain_val reads format 2 (flat token files): re-run the chunks stage")
-    if common.tokenizer_fingerprint(tokenizer_dir) != manifest["tokenizer_fingerprint"]:
-        raise common.UserError(f"{chunks_dir} was tokenized with another tokenizer than the one in {tokenizer_dir}: "
+    if tokenizer_fingerprint(tokenizer_dir) != manifest["tokenizer_fingerprint"]:
+        raise UserError(f"{chunks_dir} was tokenized with another tokenizer than the one in {tokenizer_dir}: "
                                "re-run the chunks stage")
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    rows = common.chunk_rows(chunks_dir, manifest, "val", manifest["row_length"] - 1, tokenizer.get_vocab_size())
+    rows = chunk_rows(chunks_dir, manifest, "val", manifest["row_length"] - 1, tokenizer.get_vocab_size())
     ids = rows[:].reshape(-1)  # whole rows, in order: the split's token stream
     eot = manifest["eot_id"]
     pieces = np.split(ids, np.flatnonzero(ids == eot) + 1)  # each ends with its <|endoftext|>, but the last
@@ -79,12 +82,12 @@ def pretrain_val_text(chunks_dir=None, tokenizer_dir=None, **_):
 def arithmetic(lang, **_):
     """custom_dataset of llm_train_arith_{en,zh}: the held-out problems of one language, in stream order."""
     return _test_split([{k: t[k] for k in ("prompt", "answer", "op", "response")}
-                        for t in common.arithmetic_tasks(ARITH_PROBLEMS, "heldout", seed=0) if t["lang"] == lang])
+                        for t in arithmetic_tasks(ARITH_PROBLEMS, "heldout", seed=0) if t["lang"] == lang])
 
 
 def arithmetic_exact_match(doc, results):
     """process_results: 1 when the number after 'The answer is' / '答案是' is the answer (SFT/eval.json's rule)."""
-    return {"exact_match": int(common.extract_answer(results[0]) == doc["answer"])}
+    return {"exact_match": int(extract_answer(results[0]) == doc["answer"])}
 
 
 def _candidate_lines(text):

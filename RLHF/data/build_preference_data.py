@@ -1,6 +1,6 @@
 """Build the embedded preference pairs that the reward model trains on (run once by a maintainer; output committed).
 
-Reads:  the arithmetic task family in common.py, and the English and Simplified Chinese conversations of the
+Reads:  the arithmetic task family in py, and the English and Simplified Chinese conversations of the
         chatterbot-corpus package (BSD-3-Clause), fetched from PyPI with `pip download` unless --chatterbot-dir
         points at an unpacked copy of its chatterbot_corpus/data/ folder.
 Writes: RLHF/data/preference_train.jsonl.gz and RLHF/data/preference_heldout.jsonl.gz, one pair per line:
@@ -17,7 +17,7 @@ The chosen answer is always correct, on-format and in the asker's language. The 
                   invents the next turns of the dialogue
   truncated       the answer cut off before it is complete
   wrong_language  the answer in English to a Chinese question, or in Chinese to an English one
-Held-out pairs come from held-out arithmetic problems (common.arithmetic_split) and from conversations whose
+Held-out pairs come from held-out arithmetic problems (arithmetic_split) and from conversations whose
 prompt hashes into the held-out 12%, so no held-out prompt is ever trained on.
 
     python RLHF/data/build_preference_data.py            # downloads chatterbot-corpus 1.3.3 (~350 kB) from PyPI
@@ -34,8 +34,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import common  # noqa: E402
+from llm_train.arithmetic import arithmetic_tasks, worked_answer
+from llm_train.atomic import atomic_write_bytes
+from llm_train.errors import run_main
 
 HERE = Path(__file__).resolve().parent
 KINDS = ["wrong", "rambling", "off_format", "truncated", "wrong_language"]
@@ -164,7 +165,7 @@ def arithmetic_rejected(rng, task, kind):
         return truncate(rng, task["response"], lang)
     if kind == "wrong_language":
         other = dict(task, lang="zh" if lang == "en" else "en")
-        return common.worked_answer(*operands(task), task["op"], other["lang"])
+        return worked_answer(*operands(task), task["op"], other["lang"])
     raise ValueError(kind)
 
 
@@ -224,7 +225,7 @@ def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
 
     out = {"train": [], "heldout": []}
     for split, n in (("train", n_arith_train), ("heldout", n_arith_heldout)):
-        for i, task in enumerate(common.arithmetic_tasks(n, split, seed=seed + 7)):
+        for i, task in enumerate(arithmetic_tasks(n, split, seed=seed + 7)):
             prompt = [{"role": "user", "content": task["prompt"]}]
             for kind, kind_rng in kinds(i, split):
                 label = "wrong_number" if kind == "wrong" else kind  # reported on its own: the reward model's hard case
@@ -254,7 +255,7 @@ def write_jsonl_gz(path, rows):
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as f:  # mtime=0: the same input gives the same bytes
         for r in rows:
             f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    common.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main():
@@ -272,4 +273,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -1,0 +1,134 @@
+"""What post-training (reward model, GRPO) and the chat front ends share: the SFT policy and its prompts, the reward
+model and its scores, and the exact-answer reward.
+
+torch and transformers are imported inside the functions, so importing this stays cheap."""
+import json
+from pathlib import Path
+
+from llm_train.arithmetic import arithmetic_tasks, extract_answer
+from llm_train.corpus import read_jsonl_gz
+from llm_train.errors import UserError
+from llm_train.paths import PREFERENCE_FILES
+from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+
+
+def find_policy(sft_dir, base_dir):
+    """Where the SFT policy is: ('full', dir) for a full model dir (SFT's merged/ or any HF causal LM),
+    ('adapter', sft_dir) for a LoRA adapter on base_dir, or a UserError saying what to run first."""
+    sft_dir, base_dir = Path(sft_dir), Path(base_dir)
+    if (sft_dir / "merged" / "config.json").is_file():
+        return "full", sft_dir / "merged"
+    if (sft_dir / "adapter_config.json").is_file():
+        if not (base_dir / "config.json").is_file():
+            raise UserError(f"{sft_dir} holds a LoRA adapter but its base model {base_dir} is missing: "
+                            "pretrain first or pass --base-dir")
+        return "adapter", sft_dir
+    if (sft_dir / "config.json").is_file():
+        return "full", sft_dir
+    raise UserError(f"no SFT model in {sft_dir}: run `python SFT/qlora_fine_tune_trl.py` first "
+                    "(or pass --sft-dir DIR with a Hugging Face causal LM)")
+
+
+def policy_parents(sft_dir, base_dir):
+    """The lineage parents of an output built on the SFT policy: {'policy': the dir find_policy picks, 'base': the
+    base model an adapter sits on (None for a full model)}."""
+    kind, path = find_policy(sft_dir, base_dir)
+    return {"policy": path, "base": base_dir if kind == "adapter" else None}
+
+
+def load_policy(sft_dir, base_dir, dtype=None):
+    """(model, tokenizer) of the SFT policy: merged dir if present, else base + adapter merged in memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    kind, path = find_policy(sft_dir, base_dir)
+    if kind == "full":
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    tok = load_chat_tokenizer(path if (Path(path) / "tokenizer.json").is_file() else base_dir)
+    # Generation stops at the end of the assistant turn (and, as a fallback, at the end of a document).
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def rlhf_prompts(split, n_arithmetic, n_conversation, seed=0):
+    """Prompts for GRPO and its evaluation: arithmetic problems (with their exact answer) and chatterbot
+    conversation prompts from the embedded preference data (answer None), of one split ('train'/'heldout')."""
+    prompts = [{"prompt": [{"role": "user", "content": t["prompt"]}], "answer": t["answer"],
+                "kind": f"{t['op']}_{t['lang']}"} for t in arithmetic_tasks(n_arithmetic, split, seed=seed)]
+    seen = set()
+    for row in read_jsonl_gz(PREFERENCE_FILES[split]):
+        key = json.dumps(row["prompt"], ensure_ascii=False)
+        if row["source"] == "chatterbot" and key not in seen and len(seen) < n_conversation:
+            seen.add(key)
+            prompts.append({"prompt": row["prompt"], "answer": None, "kind": "chat"})
+    return prompts
+
+
+
+def render_chat(tokenizer, prompt, completion=None):
+    """Chat-template text of prompt messages (+ the assistant's completion, or the generation prompt if None)."""
+    messages = list(prompt) + ([] if completion is None else [{"role": "assistant", "content": completion}])
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=completion is None)
+
+
+def reward_model_input_ids(tokenizer, prompts, completions, max_len):
+    """Token ids the reward model reads for each (prompt messages, completion text): the chat template (no extra
+    special tokens), cut from the left to max_len tokens, since the score is read at the last one. Training
+    (reward_model.py) and scoring use this one function, so a long pair is judged as it was trained on."""
+    texts = [render_chat(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # verbose: no "too long" warning
+    return [x[-max_len:] for x in ids]                                              # for what is cut right here
+
+
+def reward_model_scores(reward_model, tokenizer, prompts, completions, batch_size=32):
+    """Reward-model score of each (prompt messages, completion text): reward_model_input_ids at the model's
+    context, right-padded (the score is read at the last real token)."""
+    import torch
+
+    max_len = reward_model.config.max_position_embeddings
+    dev = next(reward_model.parameters()).device
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        ids = reward_model_input_ids(tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size], max_len)
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=dev)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)
+        with torch.no_grad():
+            scores += reward_model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+    return scores
+
+
+def chat_reward_model_scores(reward_model, tokenizer, prompts, completions, answers):
+    """GRPO's reward-model reward: the score of each completion whose prompt has no checkable answer (answer None),
+    None where the exact answer judges it (there the reward model's scores would only add noise to the 0/1)."""
+    judged = [i for i, a in enumerate(answers) if a is None]
+    scores = iter(reward_model_scores(reward_model, tokenizer, [prompts[i] for i in judged],
+                                      [completions[i] for i in judged]))
+    return [next(scores) if a is None else None for a in answers]
+
+
+def exact_answer_reward(completions, answers):
+    """1.0 where a completion states the task's exact answer ("The answer is N." / "答案是N。"), else 0.0;
+    None for prompts without a verifiable answer (TRL then leaves this reward out for them)."""
+    return [None if a is None else float(extract_answer(c) == a) for c, a in zip(completions, answers)]
+
+
+def load_reward_model(path, dev=None):
+    """(reward model, its tokenizer), in eval mode on dev."""
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"no reward model in {path}: run `python RLHF/reward_model.py` first "
+                        "(or pass --rm-weight 0 to train on exact answers alone)")
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model.to(dev or "cpu"), load_chat_tokenizer(path)
+
+
