@@ -91,3 +91,40 @@ def test_every_script_has_help_that_does_nothing_else(script):
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (proc.stdout[-500:], proc.stderr[-2000:])
     assert "Looking in indexes" not in proc.stdout + proc.stderr  # no pip download ran
+
+
+def test_stage_protocol_noop_refuse_writable_and_output_with_lineage(tmp_path, capsys, monkeypatch):
+    """Stage: an output written through it is a no-op rerun with the same settings (not with other settings or with
+    its done_file missing), a file where a directory must be written is one UserError, and --force is needed to
+    replace an output that a later stage was built from."""
+    from llm_train.lineage import read_lineage
+    from llm_train.stage import Stage
+
+    parent = tmp_path / "base"
+    parent.mkdir()
+    (parent / "model.safetensors").write_bytes(b"weights")
+    out = tmp_path / "out"
+    stage = Stage("sft", "SFT model", out, {"lr": 1.0}, parents={"base": parent, "none": None})
+    assert not stage.done()
+    stage.prepare(writable=[tmp_path / "ckpt"])
+    assert (tmp_path / "ckpt").is_dir()
+    with stage.output() as tmp:
+        (tmp / "adapter.safetensors").write_bytes(b"adapter")
+    lineage = read_lineage(out)
+    assert lineage["stage"] == "sft" and lineage["settings"] == {"lr": 1.0} and set(lineage["parents"]) == {"base"}
+    assert stage.done() and "nothing to do" in capsys.readouterr().out
+    assert not Stage("sft", "SFT model", out, {"lr": 2.0}, parents={"base": parent}).done()
+    assert not Stage("sft", "SFT model", out, {"lr": 1.0}, parents={"base": parent}, done_file=out / "eval.json").done()
+    assert not Stage("sft", "SFT model", out, {"lr": 1.0}, force=True, parents={"base": parent}).done()
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="a_file"):
+        stage.prepare(writable=[tmp_path / "a_file" / "checkpoints"])
+    # a later stage built on out: replacing out needs --force
+    later = Stage("grpo", "GRPO model", tmp_path / "later", {}, parents={"policy": out})
+    with later.output() as tmp:
+        (tmp / "model.safetensors").write_bytes(b"grpo")
+    monkeypatch.setattr(paths, "GRPO_OUTPUT_DIR", tmp_path / "later")  # one of the outputs refuse_to_replace knows
+    with pytest.raises(UserError, match="--force"):
+        stage.prepare()
+    Stage("sft", "SFT model", out, {"lr": 1.0}, force=True, parents={"base": parent}).prepare()
