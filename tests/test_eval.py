@@ -4,12 +4,13 @@ SFT and GRPO evaluations' on the same items. The models are those of the smoke p
 `make eval` (--limit 8 --max-new-tokens 12); nothing is mocked and nothing comes from the hub."""
 import json
 import math
-import os
 import subprocess
 import types
 
 from llm_train.arithmetic import arithmetic_split, arithmetic_tasks, extract_answer
+from llm_train.rl import load_policy
 from llm_train.runtime import dtype_name
+from llm_train.sampling import generate_completions
 from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer, render_messages
 
 import pytest
@@ -130,17 +131,16 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
         assert {p: r.strip() for p, r in ours.items()} == replies
         assert by_kind(items, ours) == sft_eval[name]["exact_match_by_kind"]
 
-    rlhf = load_script("RLHF/py")
     messages = [[{"role": "user", "content": t["prompt"]}] for t in items]
     for name, path in (("sft", root / "SFT" / "sft_output"), ("grpo", root / "RLHF" / "grpo_output")):
         if name == "sft":
-            policy, tok = rlhf.load_policy(path, root / "output")
+            policy, tok = load_policy(path, root / "output")
         else:  # as RLHF/grpo_trl.py loads it
             policy, tok = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), \
                 load_chat_tokenizer(path)
             policy.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END),
                                                      tok.convert_tokens_to_ids(EOT)]
-        _, texts = rlhf.generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"], do_sample=False,
+        _, texts = generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"], do_sample=False,
                                              dtype=dtype_name(allow_fp16=True))  # as grpo_trl.py evaluates
         replies = dict(zip((t["prompt"] for t in items), texts))
         assert by_kind(items, replies) == {k: round(v, 4) for k, v in rlhf_eval[name]["exact_answer_by_kind"].items()}
