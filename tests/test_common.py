@@ -1,4 +1,4 @@
-"""py: atomic directories, lineage fingerprints and the dtype switch; every script's --help."""
+"""llm_train: atomic directories, lineage fingerprints and the dtype switch; every script's --help."""
 import json
 import subprocess
 import sys

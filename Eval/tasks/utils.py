@@ -2,7 +2,7 @@
 
 Every dataset is built in memory, at task load time, from what the repo already holds: the held-out corpus files
 data/default_corpus/heldout_{en,zh,code}.jsonl.gz (never trained on, by the tokenizer or pretraining), the held-out
-arithmetic problems of py, and (llm_train_bpb_pretrain_val only) the val split of pretrain_data_chunks/.
+arithmetic problems of llm_train/arithmetic.py, and (llm_train_bpb_pretrain_val only) the val split of pretrain_data_chunks/.
 Nothing is downloaded and nothing is written.
 """
 import json

@@ -1,6 +1,6 @@
 """Build the embedded preference pairs that the reward model trains on (run once by a maintainer; output committed).
 
-Reads:  the arithmetic task family in py, and the English and Simplified Chinese conversations of the
+Reads:  the arithmetic task family in llm_train/arithmetic.py, and the English and Simplified Chinese conversations of the
         chatterbot-corpus package (BSD-3-Clause), fetched from PyPI with `pip download` unless --chatterbot-dir
         points at an unpacked copy of its chatterbot_corpus/data/ folder.
 Writes: RLHF/data/preference_train.jsonl.gz and RLHF/data/preference_heldout.jsonl.gz, one pair per line:
