@@ -10,7 +10,7 @@ Writes: pretrain_data_chunks/ (--output-dir):
         Flat files so training can read any row straight from disk (no decoding, no loading of the whole split):
         np.fromfile(path, manifest["dtype"]).reshape(-1, manifest["row_length"]) reads one shard.
 
-    python PreTrain/preprocess_dataset_for_pretrain_map.py --context-length 256      # CPU default run (15-35 s)
+    python PreTrain/preprocess_dataset_for_pretrain_map.py --context-length 256      # CPU default run
     python PreTrain/preprocess_dataset_for_pretrain_map.py                           # embedded corpus, context 1024
     python PreTrain/preprocess_dataset_for_pretrain_map.py --sources my_texts/ notes.txt --num-proc 8
     python PreTrain/preprocess_dataset_for_pretrain_map.py --sources c4:0.6 wikipedia:0.2 tiny-codes:0.2 --max-tokens 2e9
@@ -35,9 +35,10 @@ Sources (--sources NAME[:WEIGHT] ...):
                    answers: [{answer_id, author, author_id, author_profile, pm_score, selected, text}]}
                    -> question + answers (highest pm_score first, downvoted ones left out), HTML made plain text
                    (entities unescaped, tags dropped, <pre>/<code> contents kept)
-                   Named sources (ids, cleaners) live in py: the tokenizer stage takes the same names.
+                   Named sources (ids, cleaners) live in llm_train/sources.py: the tokenizer stage takes the same
+                   names.
   midtrain         generated chat-format documents (mid-training, as nanochat does between base and SFT): the
-                   arithmetic word problems of py with worked answers (training split only, another seed than
+                   arithmetic word problems of llm_train/arithmetic.py with worked answers (training split only, another seed than
                    SFT's) and the embedded chatterbot training conversations, rendered with the chat template, their
                    <|im_start|>/<|im_end|> as the real special tokens; endless, so it needs --max-tokens. The base
                    model then knows the chat format and the digits before SFT.
@@ -54,9 +55,9 @@ the same mix. Without --max-tokens every source is read to its end and weights a
 Rows: each document's tokens are followed by <|endoftext|>, the stream is cut into rows of context_length + 1
 tokens (inputs = row[:-1], targets = row[1:]); the tail of a split that does not fill a row is dropped (logged).
 A generated chat document (midtrain) always starts a row of its own, cut at the row's end, and the rest of that row
-is filled with the text stream: GPT-2's positions are learned, and the worked arithmetic is learned from ~3x fewer
-problems when each one starts at position 0 (measured, see rows_starting_with_chats). Give the text sources enough
-weight to fill those rows (a chat of ~80 tokens in a row of 129 needs ~50 tokens of text).
+is filled with the text stream: GPT-2's positions are learned, and the worked arithmetic is learned from fewer
+problems when each one starts at position 0. Give the text sources enough weight to fill those rows (a chat of ~80
+tokens in a row of 129 needs ~50 tokens of text).
 Split: a document goes to val when a hash of its text falls under --val-fraction (the same text always lands in the
 same split); a source with more than one document always gets at least one val document (its second one if the
 hash picked none before). Text that spells a special token ("<|endoftext|>") is tokenized as plain text, except in
@@ -74,9 +75,9 @@ moves its output into place in one rename; a failed run leaves an existing compl
 finished run with the same settings (and tokenizer) does nothing and says so; replacing chunks that a pretrained
 model in output/ was built from needs --force.
 """
+
 import argparse
 import glob
-import hashlib
 import itertools
 import json
 import os
@@ -86,45 +87,44 @@ import time
 from pathlib import Path
 
 from llm_train.arithmetic import arithmetic_task_stream
-from llm_train.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable_dir
+from llm_train.atomic import atomic_write_json
+from llm_train.chunks import ShardWriter, doc_hash_fraction, raw_tokenizer, token_dtype, tokenize
 from llm_train.cli import nonnegative_float, positive_float, positive_int, settings_of
-from llm_train.corpus import default_corpus_files, read_jsonl_gz, read_text_file
+from llm_train.corpus import default_corpus_files, gzip_text_size, local_files, read_jsonl_gz, read_text_file, text_size
 from llm_train.errors import UserError, run_main
-from llm_train.lineage import already_done, check_output_dir, refuse_to_replace, write_lineage
 from llm_train.paths import CHUNKS_DIR, DATA_DIR, REPO, SFT_CHAT_FILE, TOKENIZER_DIR
 from llm_train.sources import NAMED_SOURCES, SHUFFLE_BUFFER_MB, named_source, named_texts, parse_data_files
+from llm_train.stage import Stage
 from llm_train.tokenizer import EOT, render_messages, tokenizer_fingerprint
-
-import numpy as np
 
 FORMAT = 2  # 1: parquet shards (list<int32> rows); 2: flat uint16/uint32 token files
 LAYOUT = "chats-start-rows"  # chunk sets made before chats started their rows (packed anywhere) are made again
+MIDTRAIN_SEED = 4242  # SFT draws its problems with other seeds; the train/held-out split is by hash either way
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Local files: read with read_text_file (the same formats and errors as the tokenizer stage).
-def gzip_text_size(path):
-    """Uncompressed size of a .gz file (< 4 GB), from its trailer: the corpus mix without reading the files."""
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        return int.from_bytes(f.read(4), "little")
-
-
-def text_size(path):
-    """About how many bytes of text a local file holds, without reading it (for the progress bar)."""
-    return gzip_text_size(path) if str(path).endswith(".gz") else Path(path).stat().st_size
-
-
-def local_files(path):
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-        if not files:
-            raise UserError(f"input directory {path} holds no files")
-        return files
-    if path.is_file():
-        return [path]
-    raise UserError(f"input {path} does not exist (and is not a named source: "
-                    f"{', '.join(['default', 'midtrain', *NAMED_SOURCES])})")
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sources", nargs="+", default=["default"], metavar="NAME[:WEIGHT]",
+                    help="default | midtrain | a file or directory | " + " | ".join(NAMED_SOURCES) +
+                    " (default: default)")
+    ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a named source from local files")
+    ap.add_argument("--shuffle-buffer-mb", type=nonnegative_float, default=SHUFFLE_BUFFER_MB,
+                    help="text in each named source's shuffle buffer (default %(default)s; 0 reads in file order)")
+    ap.add_argument("--max-tokens", type=positive_float, help="total tokens to take, shared by the sources' weights")
+    ap.add_argument("--context-length", type=positive_int, default=1024, help="model context; rows hold one more token")
+    ap.add_argument("--rows-per-shard", type=positive_int, default=16384,
+                    help="about this many rows per shard (16384 rows x 1025 ids x 2 B = 34 MB); one batch of text each")
+    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    ap.add_argument("--num-proc", type=positive_int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count(), help="tokenizer processes (default: the cores this process may use)")
+    ap.add_argument("--tokenizer-dir", default=str(TOKENIZER_DIR), help="default tokenizer/")
+    ap.add_argument("--output-dir", default=str(CHUNKS_DIR), help="default pretrain_data_chunks/")
+    ap.add_argument("--force", action="store_true", help="replace existing chunks that later stages were built from")
+    ap.add_argument("--stop-after-shards", type=int, help=argparse.SUPPRESS)  # tests: die like kill -9 after N shards
+    args = ap.parse_args()
+    if not 0 <= args.val_fraction < 1:
+        raise UserError("--val-fraction must be in [0, 1)")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,6 +133,29 @@ def local_files(path):
 # text in bytes if known without reading it.
 def skip_docs(texts, progress):
     return itertools.islice(texts, progress["docs"] if progress else 0, None)
+
+
+def default_sources(weight):
+    """The embedded corpus, one source per file, the weight split by the files' text sizes."""
+    files = default_corpus_files("train")
+    if not files:
+        raise UserError(f"embedded corpus missing in {DATA_DIR}: run python data/build_default_corpus.py")
+    sizes = [gzip_text_size(f) for f in files]
+    return [dict(name=f"default/{f.name.split('.')[0]}", weight=weight * size / sum(sizes),
+                 origin=str(f.relative_to(REPO)), hub=False, size=size,
+                 open=lambda p=None, f=f: skip_docs((d["text"] for d in read_jsonl_gz(f) if d["text"]), p))
+            for f, size in zip(files, sizes)]
+
+
+def midtrain_texts():
+    """Endless chat-format documents: seven arithmetic conversations for every chatterbot conversation (the
+    arithmetic needs every problem it can get; SFT brings the chatterbot conversations again)."""
+    chats = [r["messages"] for r in read_jsonl_gz(SFT_CHAT_FILE) if r["split"] == "train"]
+    for n, task in enumerate(arithmetic_task_stream("train", seed=MIDTRAIN_SEED)):
+        yield render_messages([{"role": "user", "content": task["prompt"]},
+                               {"role": "assistant", "content": task["response"]}])
+        if n % 7 == 6:
+            yield render_messages(chats[(n // 7) % len(chats)])
 
 
 def open_named(source, shuffle_mb, progress=None):
@@ -146,66 +169,56 @@ def open_named(source, shuffle_mb, progress=None):
     return named_texts(rows, source["name"], where)
 
 
+def named_dataset_source(name, weight, files, shuffle_mb):
+    origin = f"files {' '.join(files)}" if files else f"hub {NAMED_SOURCES[name]['hub']}"
+    size = sum(text_size(f) for pattern in files or [] for f in glob.glob(os.path.expanduser(pattern))) or None
+    source = dict(name=name, weight=weight, origin=origin, hub=not files, files=files, size=size)
+    source["open"] = lambda p=None: open_named(source, shuffle_mb, p)
+    return source
+
+
+def local_source(name, weight):
+    files = local_files(Path(name).expanduser(), f" (and is not a named source: "
+                        f"{', '.join(['default', 'midtrain', *NAMED_SOURCES])})")
+    return dict(name=name, weight=weight, origin=name, hub=False, size=sum(map(text_size, files)),
+                open=lambda p=None: skip_docs((t for f in files for t in read_text_file(f)), p))
+
+
+def parse_source_spec(spec):
+    """NAME[:WEIGHT] -> (name, weight); a colon not followed by a number is part of the name (a path)."""
+    name, weight = spec, 1.0
+    head, colon, tail = spec.rpartition(":")
+    if colon:
+        try:
+            name, weight = head, float(tail)
+        except ValueError:
+            pass
+    if not weight > 0:
+        raise UserError(f"--sources {spec}: the weight must be a positive number")
+    return name, weight
+
+
 def parse_sources(specs, data_files, shuffle_mb):
     """--sources NAME[:WEIGHT] ... -> list of sources; 'default' expands into one source per embedded corpus file."""
     overrides = parse_data_files(data_files)
     sources = []
-    for spec in specs:
-        name, weight = spec, 1.0
-        head, colon, tail = spec.rpartition(":")
-        if colon:
-            try:
-                name, weight = head, float(tail)
-            except ValueError:
-                pass
-        if not weight > 0:
-            raise UserError(f"--sources {spec}: the weight must be a positive number")
+    for name, weight in map(parse_source_spec, specs):
         if name == "default":
-            files = default_corpus_files("train")
-            if not files:
-                raise UserError(f"embedded corpus missing in {DATA_DIR}: run python data/build_default_corpus.py")
-            sizes = [gzip_text_size(f) for f in files]
-            for f, size in zip(files, sizes):
-                sources.append(dict(name=f"default/{f.name.split('.')[0]}", weight=weight * size / sum(sizes),
-                                    origin=str(f.relative_to(REPO)), hub=False, size=size,
-                                    open=lambda p=None, f=f: skip_docs((d["text"] for d in read_jsonl_gz(f)
-                                                                        if d["text"]), p)))
+            sources += default_sources(weight)
         elif name == "midtrain":
             sources.append(dict(name=name, weight=weight, origin="generated chats (arithmetic + chatterbot)",
                                 hub=False, endless=True, chat=True, size=None,
                                 open=lambda p=None: skip_docs(midtrain_texts(), p)))
         elif name in NAMED_SOURCES:
-            files = overrides.get(name)
-            origin = f"files {' '.join(files)}" if files else f"hub {NAMED_SOURCES[name]['hub']}"
-            size = sum(text_size(f) for pattern in files or [] for f in glob.glob(os.path.expanduser(pattern))) or None
-            source = dict(name=name, weight=weight, origin=origin, hub=not files, files=files, size=size)
-            source["open"] = lambda p=None, source=source: open_named(source, shuffle_mb, p)
-            sources.append(source)
+            sources.append(named_dataset_source(name, weight, overrides.get(name), shuffle_mb))
         else:
-            files = local_files(Path(name).expanduser())
-            sources.append(dict(name=name, weight=weight, origin=name, hub=False, size=sum(map(text_size, files)),
-                                open=lambda p=None, files=files: skip_docs(
-                                    (t for f in files for t in read_text_file(f)), p)))
+            sources.append(local_source(name, weight))
     if len({s["name"] for s in sources}) != len(sources):
         raise UserError(f"--sources {' '.join(specs)}: a source is given twice")
     unused = set(overrides) - {s["name"] for s in sources}
     if unused:
         raise UserError(f"--data-files given for {', '.join(sorted(unused))}, which is not in --sources")
     return sources
-
-
-MIDTRAIN_SEED = 4242  # SFT draws its problems with other seeds; the train/held-out split is by hash either way
-
-
-def midtrain_texts():
-    """Endless chat-format documents: seven arithmetic conversations for every chatterbot conversation (the
-    arithmetic needs every problem it can get; SFT brings the chatterbot conversations again)."""
-    chats = [r["messages"] for r in read_jsonl_gz(SFT_CHAT_FILE) if r["split"] == "train"]
-    render = render_messages
-    for n, task in enumerate(arithmetic_task_stream("train", seed=MIDTRAIN_SEED)):
-        yield render([{"role": "user", "content": task["prompt"]}, {"role": "assistant", "content": task["response"]}])
-        if n % 7 == 6:
-            yield render(chats[(n // 7) % len(chats)])
 
 
 def interleave(sources, progress, budgets, bytes_per_token):
@@ -235,158 +248,20 @@ def interleave(sources, progress, budgets, bytes_per_token):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenization: datasets.map over a batch of documents, --num-proc processes, each running the fast tokenizer.
-_TOKENIZERS = {}  # path -> tokenizers.Tokenizer; loaded once in the parent, inherited by forked map workers
-
-
-def raw_tokenizer(path, specials=False):
-    """The fast tokenizer; specials=False makes "<|endoftext|>" inside a document plain text, never the real token
-    (only our own generated chat documents get the real special tokens)."""
-    if (path, specials) not in _TOKENIZERS:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(path)
-        tok.encode_special_tokens = not specials
-        _TOKENIZERS[path, specials] = tok
-    return _TOKENIZERS[path, specials]
-
-
-def tokenize_batch(batch, tokenizer_path):
-    # encode_batch_fast: the same ids as encode_batch, without the character offsets (~40% less CPU)
-    ids = [None] * len(batch["text"])
-    for specials in (False, True):
-        rows = [i for i, chat in enumerate(batch["chat"]) if chat == specials]
-        if rows:
-            encodings = raw_tokenizer(tokenizer_path, specials).encode_batch_fast([batch["text"][i] for i in rows],
-                                                                                 add_special_tokens=False)
-            for i, e in zip(rows, encodings):
-                ids[i] = e.ids
-    return {"input_ids": ids}
-
-
-def tokenize(texts, chat, tokenizer_path, num_proc):
-    """list of texts (chat[i]: text i is a generated chat document) -> (all their token ids as one int32 array,
-    start and end of text i's ids in it)."""
-    from datasets import Dataset, Features, List, Value
-
-    num_proc = min(num_proc, len(texts))
-    # map gives process r a contiguous 1/num_proc of the rows; dealing the documents round-robin first gives each
-    # process the same mix of long and short documents (a batch may be ordered by source); undone below
-    order = np.concatenate([np.arange(r, len(texts), num_proc) for r in range(num_proc)])
-    ds = Dataset.from_dict({"text": [texts[i] for i in order], "chat": [chat[i] for i in order]})
-    out = ds.map(tokenize_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                 remove_columns=["text", "chat"], fn_kwargs={"tokenizer_path": tokenizer_path}, keep_in_memory=True,
-                 features=Features({"input_ids": List(Value("int32"))}), new_fingerprint=os.urandom(8).hex())
-    ids = out.data.table.column("input_ids").combine_chunks()
-    values = ids.flatten().to_numpy(zero_copy_only=False)
-    offsets = ids.offsets.to_numpy().astype(np.int64)
-    offsets -= offsets[0]
-    starts, ends = np.empty(len(texts), np.int64), np.empty(len(texts), np.int64)
-    starts[order], ends[order] = offsets[:-1], offsets[1:]
-    return values, starts, ends
-
-
-def join_with_eot(values, starts, ends, docs, eot_id):
-    """The token ids of documents `docs` (indices into starts/ends), each followed by eot_id, as one int32 array."""
-    eot = np.array([eot_id], dtype=np.int32)
-    return np.concatenate([part for d in docs for part in (values[starts[d]:ends[d]], eot)])
-
-
-def rows_starting_with_chats(values, starts, ends, chats, eot_id, row_length, text):
-    """Rows that each start with one chat document (+ eot; cut at the row's end) and are filled up with the text
-    stream `text`. Returns (the rows, the text not used). GPT-2's positions are learned: a chat document that always
-    starts at position 0 is learned from ~3x fewer examples than one packed at any offset (measured on the worked
-    arithmetic: 29% held-out exact match after 24k problems vs <= 3% through 36k). When the text runs out, the
-    chats left are packed into the stream like text."""
-    rows, used = [], 0
-    for n, k in enumerate(chats):
-        ids = np.append(values[starts[k]:ends[k]], np.int32(eot_id))[:row_length]
-        fill = text[used:used + row_length - len(ids)]
-        if len(ids) + len(fill) < row_length:
-            return rows, np.concatenate([text[used:], join_with_eot(values, starts, ends, chats[n:], eot_id)])
-        used += len(fill)
-        rows.append(np.concatenate([ids, fill]).astype(np.int32))
-    return rows, text[used:]
-
-
-def doc_hash_fraction(text):
-    """A stable number in [0, 1) from the document's text: decides its split."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shards and progress.
-def token_dtype(vocab_size):
-    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
-
-
-def write_shard(path, tokens, dtype):
-    """Write tokens (whole rows) as a flat token file, atomically (temp file, then rename)."""
-    atomic_write_bytes(path, np.asarray(tokens).astype(dtype).tobytes())
-
-
-def new_progress(sources):
-    return {
-        "splits": {s: {"shards": [], "rows": 0, "documents": 0, "text_bytes": 0, "doc_tokens": 0, "carry": []}
-                   for s in ("train", "val")},
-        "sources": [{"docs": 0, "bytes": 0, "done": False, "state": None, "documents": {"train": 0, "val": 0},
-                     "tokens": {"train": 0, "val": 0}} for _ in sources],
-    }
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sources", nargs="+", default=["default"], metavar="NAME[:WEIGHT]",
-                    help="default | midtrain | a file or directory | " + " | ".join(NAMED_SOURCES) +
-                    " (default: default)")
-    ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a named source from local files")
-    ap.add_argument("--shuffle-buffer-mb", type=nonnegative_float, default=SHUFFLE_BUFFER_MB,
-                    help="text in each named source's shuffle buffer (default %(default)s; 0 reads in file order)")
-    ap.add_argument("--max-tokens", type=positive_float, help="total tokens to take, shared by the sources' weights")
-    ap.add_argument("--context-length", type=positive_int, default=1024, help="model context; rows hold one more token")
-    ap.add_argument("--rows-per-shard", type=positive_int, default=16384,
-                    help="about this many rows per shard (16384 rows x 1025 ids x 2 B = 34 MB); one batch of text each")
-    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
-    ap.add_argument("--num-proc", type=positive_int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                    else os.cpu_count(), help="tokenizer processes (default: the cores this process may use)")
-    ap.add_argument("--tokenizer-dir", default=str(TOKENIZER_DIR), help="default tokenizer/")
-    ap.add_argument("--output-dir", default=str(CHUNKS_DIR), help="default pretrain_data_chunks/")
-    ap.add_argument("--force", action="store_true", help="replace existing chunks that later stages were built from")
-    ap.add_argument("--stop-after-shards", type=int, help=argparse.SUPPRESS)  # tests: die like kill -9 after N shards
-    args = ap.parse_args()
-    t_start = time.perf_counter()
-
-    # Everything that can be wrong is checked before any work: tokenizer, sources, output directory.
-    if args.context_length < 1 or args.rows_per_shard < 1 or not 0 <= args.val_fraction < 1 or args.num_proc < 1:
-        raise UserError("--context-length, --rows-per-shard and --num-proc must be >= 1, --val-fraction in [0, 1)")
-    tokenizer_dir = Path(args.tokenizer_dir)
-    fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    tokenizer_path = str(tokenizer_dir / "tokenizer.json")
+# The steps of main, in order.
+def load_tokenizer_checked(tokenizer_dir):
+    """(its fingerprint, the fast tokenizer, the end-of-text id), or one UserError."""
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)  # a missing tokenizer: one error naming the stage-1 script
+    tokenizer_path = str(Path(tokenizer_dir) / "tokenizer.json")
     tok = raw_tokenizer(tokenizer_path)
     eot_id = tok.token_to_id(EOT)
     if eot_id is None:
         raise UserError(f"{tokenizer_path} has no {EOT} token: retrain it with the stage-1 script")
-    sources = parse_sources(args.sources, args.data_files, args.shuffle_buffer_mb)
-    max_tokens = int(args.max_tokens) if args.max_tokens else None
-    if max_tokens is None and any(s["hub"] or s.get("endless") for s in sources):
-        raise UserError("hub datasets and midtrain are streams without end: give --max-tokens (e.g. --max-tokens 2e9)")
-    out_dir = Path(args.output_dir)
-    check_output_dir(out_dir, "chunks", "chunking")
-    settings = {**settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
-                                     "val_fraction", "shuffle_buffer_mb"), "tokenizer_fingerprint": fingerprint,
-                "format": FORMAT, "layout": LAYOUT}
-    if (out_dir / "manifest.json").is_file():
-        if not args.force and already_done(out_dir, "chunks", settings):
-            return
-        refuse_to_replace(out_dir, args.force, "chunk set")
-    check_writable_dir(out_dir.parent)
-    check_writable_dir(out_dir)
-    row_length = args.context_length + 1
-    dtype = token_dtype(tok.get_vocab_size())
+    return fingerprint, tok, eot_id
 
-    # Bytes per token of each source, from its first documents (in file order): turns token budgets into text.
-    total_weight = sum(s["weight"] for s in sources)
-    budgets = [max_tokens * s["weight"] / total_weight if max_tokens else float("inf") for s in sources]
+
+def measure_bytes_per_token(sources, tok):
+    """Bytes per token of each source, from its first documents (in file order): turns token budgets into text."""
     bytes_per_token = []
     for s in sources:
         sample = []
@@ -398,19 +273,34 @@ def main():
             raise UserError(f"source {s['name']} ({s['origin']}) holds no text: give files that contain text")
         n_tokens = sum(len(e.ids) for e in tok.encode_batch_fast(sample, add_special_tokens=False))
         bytes_per_token.append(sum(len(t.encode("utf-8")) for t in sample) / max(n_tokens, 1))
+    return bytes_per_token
 
-    # Text to read, for the progress bar: the budget, or less for a local source that holds less (by file size; a
-    # .jsonl's size counts its JSON syntax too: an estimate). Nothing is read ahead for it.
+
+def plan(sources, max_tokens, tok):
+    """(each source's token budget: its weight's share of max_tokens; its bytes per token; the text to read in all,
+    for the progress bar: the budget, or less for a local source that holds less by file size (a .jsonl's size
+    counts its JSON syntax too: an estimate; nothing is read ahead))."""
+    total_weight = sum(s["weight"] for s in sources)
+    budgets = [max_tokens * s["weight"] / total_weight if max_tokens else float("inf") for s in sources]
+    bytes_per_token = measure_bytes_per_token(sources, tok)
     expected_bytes = sum(min(budget * bpt, s["size"] if s["size"] is not None else float("inf"))
                          for s, budget, bpt in zip(sources, budgets, bytes_per_token))
+    return budgets, bytes_per_token, expected_bytes
 
-    config = dict(format=FORMAT, layout=LAYOUT, tokenizer_fingerprint=fingerprint, context_length=args.context_length,
-                  rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction, max_tokens=max_tokens,
-                  shuffle_buffer_mb=args.shuffle_buffer_mb,
-                  sources=[(s["name"], s["weight"], s["origin"]) for s in sources])
-    staging = out_dir / ".partial"
+
+def new_progress(sources):
+    return {
+        "splits": {s: {"shards": [], "rows": 0, "documents": 0, "text_bytes": 0, "doc_tokens": 0, "carry": []}
+                   for s in ("train", "val")},
+        "sources": [{"docs": 0, "bytes": 0, "done": False, "state": None, "documents": {"train": 0, "val": 0},
+                     "tokens": {"train": 0, "val": 0}} for _ in sources],
+    }
+
+
+def resume_or_start(staging, config, sources):
+    """The progress saved in staging/progress.json by a killed run with the same config (its shards still there),
+    or a fresh one in an emptied staging dir."""
     progress_path = staging / "progress.json"
-    progress = None
     if progress_path.is_file():
         saved = json.loads(progress_path.read_text())
         shards = [rel for info in saved.get("progress", {}).get("splits", {}).values() for rel in info["shards"]]
@@ -422,142 +312,170 @@ def main():
             for s, p in zip(sources, progress["sources"]):
                 if p.get("state"):
                     print(f"  {s['name']}: its stream continues where it stopped, after {p['docs']:,} documents")
-        else:
-            print(f"discarding {staging}: it was made with other settings (or lost shards)")
-    if progress is None:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        progress = new_progress(sources)
-    splits = progress["splits"]
+            return progress
+        print(f"discarding {staging}: it was made with other settings (or lost shards)")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return new_progress(sources)
 
+
+def next_batch(stream, batch_bytes):
+    """The next documents of the stream, about batch_bytes of text (at least one document unless it has ended)."""
+    batch, size = [], 0
+    for item in stream:  # breaking out leaves the generator where it is, for the next batch
+        batch.append(item)
+        size += item[3]
+        if size >= batch_bytes:
+            break
+    return batch, size
+
+
+def assign_splits(batch, lengths, progress, val_fraction):
+    """Whether each document of the batch goes to val (its text's hash under val_fraction, or a source's second
+    document when it has none in val yet); counted in progress."""
+    is_val = []
+    for (i, index, text, n_bytes), n_tokens in zip(batch, lengths):
+        source = progress["sources"][i]
+        val = doc_hash_fraction(text) < val_fraction or (index == 1 and source["documents"]["val"] == 0)
+        split = progress["splits"]["val" if val else "train"]
+        source["documents"]["val" if val else "train"] += 1
+        source["tokens"]["val" if val else "train"] += n_tokens
+        split["documents"] += 1
+        split["text_bytes"] += n_bytes
+        split["doc_tokens"] += n_tokens
+        is_val.append(val)
+    return is_val
+
+
+def tokenize_to_shards(args, sources, progress, budgets, bytes_per_token, expected_bytes, staging, config, eot_id,
+                       dtype):
+    """The main loop: a batch of documents (about one shard's worth) -> tokenize -> split by hash -> both splits'
+    complete rows go to disk as one shard each, and the progress is saved. Returns (text bytes read, tokens made)."""
+    import datasets
+    from tqdm import tqdm
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    row_length, tokenizer_path = args.context_length + 1, str(Path(args.tokenizer_dir) / "tokenizer.json")
+    mean_bytes_per_token = sum(s["weight"] * b for s, b in zip(sources, bytes_per_token)) / sum(
+        s["weight"] for s in sources)
+    batch_bytes = max(args.rows_per_shard * row_length * mean_bytes_per_token, 1 << 16)
+    writer = ShardWriter(staging, progress["splits"], row_length, dtype, eot_id)
+    stream = interleave(sources, progress["sources"], budgets, bytes_per_token)
+    bar = tqdm(total=round(expected_bytes) if expected_bytes < float("inf") else None,
+               initial=sum(p["bytes"] for p in progress["sources"]), unit="B", unit_scale=True, unit_divisor=1000,
+               desc="tokenize")
+    n_bytes_read = n_tokens_made = shards_this_run = 0
+    while True:
+        batch, size = next_batch(stream, batch_bytes)
+        if not batch:
+            bar.close()
+            return n_bytes_read, n_tokens_made
+        is_chat = [sources[i].get("chat", False) for i, _, _, _ in batch]
+        values, starts, ends = tokenize([text for _, _, text, _ in batch], is_chat, tokenizer_path, args.num_proc)
+        lengths = (ends - starts + 1).tolist()  # + the end-of-text token
+        is_val = assign_splits(batch, lengths, progress, args.val_fraction)
+        n_tokens_made += sum(lengths)
+        for split, in_split in (("train", False), ("val", True)):
+            writer.add(split, values, starts, ends, [k for k, val in enumerate(is_val) if val == in_split], is_chat)
+        n_bytes_read += size
+        bar.update(size)
+        writer.flush(tqdm.write)
+        for s, p in zip(sources, progress["sources"]):
+            if "rows" in s:  # a named source: where its stream is
+                p["state"] = s["rows"].state_dict()
+        atomic_write_json(staging / "progress.json", {"config": config, "progress": progress})
+        shards_this_run += 1
+        if args.stop_after_shards and shards_this_run >= args.stop_after_shards:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def manifest_of(progress, sources, tok, eot_id, fingerprint, context_length, dtype, config, seconds):
+    """manifest.json's contents: the format, the tokenizer, and each split's shards, rows, tokens, bytes and
+    documents (the dropped tail, less than a row, taken off the bytes pro rata so tokens / bytes stays true)."""
+    row_length = context_length + 1
+    manifest_splits = {}
+    for split, info in progress["splits"].items():
+        tokens = info["rows"] * row_length
+        manifest_splits[split] = {
+            "shards": info["shards"], "rows": info["rows"], "tokens": tokens,
+            "bytes": round(info["text_bytes"] * tokens / max(info["doc_tokens"], 1)), "documents": info["documents"],
+        }
+    return {
+        "format": FORMAT, "layout": LAYOUT, "tokenizer_fingerprint": fingerprint, "vocab_size": tok.get_vocab_size(),
+        "eot_id": eot_id, "context_length": context_length, "row_length": row_length, "dtype": dtype.str,
+        "splits": manifest_splits,
+        "sources": [{"name": s["name"], "weight": s["weight"], "origin": s["origin"], "documents": p["documents"],
+                     "tokens": p["tokens"]} for s, p in zip(sources, progress["sources"])],
+        "seconds": round(seconds, 2),
+        "config": config,
+    }
+
+
+def print_summary(manifest, progress, n_bytes_read, n_tokens_made, seconds_work):
+    for split, info in manifest["splits"].items():
+        dropped = progress["splits"][split]["doc_tokens"] - info["tokens"]
+        print(f"{split:>5}: {info['documents']:,} documents, {info['rows']:,} rows, {info['tokens']:,} tokens, "
+              f"{info['bytes'] / 1e6:.2f} MB of text, {len(info['shards'])} shards; dropped {dropped:,} "
+              "tokens (the last, less than a row, and chats longer than a row)")
+    rate = f"{n_bytes_read / 1e6 / seconds_work:.2f} MB/s, {n_tokens_made / seconds_work:,.0f} tokens/s"
+    print(f"tokenized {n_bytes_read / 1e6:.1f} MB into {n_tokens_made:,} tokens in {seconds_work:.1f}s ({rate}); "
+          f"total {manifest['seconds']:.1f}s")
+
+
+def main():
+    args = parse_args()
+    t_start = time.perf_counter()
+
+    # Everything that can be wrong is checked before any work: tokenizer, sources, output directory.
+    tokenizer_dir, out_dir = Path(args.tokenizer_dir), Path(args.output_dir)
+    fingerprint, tok, eot_id = load_tokenizer_checked(tokenizer_dir)
+    sources = parse_sources(args.sources, args.data_files, args.shuffle_buffer_mb)
+    max_tokens = int(args.max_tokens) if args.max_tokens else None
+    if max_tokens is None and any(s["hub"] or s.get("endless") for s in sources):
+        raise UserError("hub datasets and midtrain are streams without end: give --max-tokens (e.g. --max-tokens 2e9)")
+    settings = {**settings_of(args, "sources", "data_files", "max_tokens", "context_length", "rows_per_shard",
+                                     "val_fraction", "shuffle_buffer_mb"), "tokenizer_fingerprint": fingerprint,
+                "format": FORMAT, "layout": LAYOUT}
+    stage = Stage("chunks", "chunk set", out_dir, settings, force=args.force, parents={"tokenizer": tokenizer_dir},
+                  tokenizer_dir=tokenizer_dir, done_file=out_dir / "manifest.json")
+    if stage.done():
+        return
+    stage.prepare(writable=[out_dir])
+
+    budgets, bytes_per_token, expected_bytes = plan(sources, max_tokens, tok)
+    config = dict(format=FORMAT, layout=LAYOUT, tokenizer_fingerprint=fingerprint, context_length=args.context_length,
+                  rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction, max_tokens=max_tokens,
+                  shuffle_buffer_mb=args.shuffle_buffer_mb,
+                  sources=[(s["name"], s["weight"], s["origin"]) for s in sources])
+    staging = out_dir / ".partial"
+    progress = resume_or_start(staging, config, sources)
     print(f"tokenizer {tokenizer_dir} (vocab {tok.get_vocab_size()}, eot {eot_id}), context {args.context_length}, "
           f"{len(sources)} sources, {args.num_proc} processes, ~{expected_bytes / 1e6:,.1f} MB of text")
     for s, budget, bpt in zip(sources, budgets, bytes_per_token):
         share = f"{budget:,.0f} tokens" if max_tokens else "all"
         print(f"  {s['name']:<28} {s['origin']:<48} {share}, ~{bpt:.2f} bytes/token")
 
-    # The main loop: a batch of documents -> split by hash -> tokenize -> append to the split's token stream ->
-    # both splits' complete rows go to disk as one shard each, and the progress is saved.
-    import datasets
-    from tqdm import tqdm
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    mean_bytes_per_token = sum(s["weight"] * b for s, b in zip(sources, bytes_per_token)) / total_weight
-    batch_bytes = max(args.rows_per_shard * row_length * mean_bytes_per_token, 1 << 16)  # text for about one shard
-    pending = {s: [np.asarray(splits[s]["carry"], dtype=np.int32)] for s in splits}  # the text stream
-    chat_rows = {s: [] for s in splits}  # this batch's rows that start with a chat document
-    stream = interleave(sources, progress["sources"], budgets, bytes_per_token)
-    bytes_done_before = sum(p["bytes"] for p in progress["sources"])
-    bar = tqdm(total=round(expected_bytes) if expected_bytes < float("inf") else None, initial=bytes_done_before,
-               unit="B", unit_scale=True, unit_divisor=1000, desc="tokenize")
-    t_work, n_bytes_read, n_tokens_made, shards_this_run = time.perf_counter(), 0, 0, 0
-
-    def flush():
-        nonlocal shards_this_run
-        for split, info in splits.items():
-            stream_ = np.concatenate(pending[split])
-            n_text_rows = len(stream_) // row_length
-            n_rows = n_text_rows + len(chat_rows[split])
-            if n_rows:
-                rel = f"{split}/shard_{len(info['shards']):05d}.bin"
-                write_shard(staging / rel, np.concatenate([*chat_rows[split], stream_[: n_text_rows * row_length]]),
-                            dtype)
-                info["shards"].append(rel)
-                info["rows"] += n_rows
-                stream_ = stream_[n_text_rows * row_length:]
-                tqdm.write(f"wrote {rel} ({n_rows:,} rows)")
-            pending[split] = [stream_]
-            info["carry"] = stream_.tolist()  # less than one row: the only state a resumed run needs besides counts
-        for s, p in zip(sources, progress["sources"]):
-            if "rows" in s:  # a named source: where its stream is
-                p["state"] = s["rows"].state_dict()
-        progress["splits"] = splits
-        atomic_write_json(progress_path, {"config": config, "progress": progress})
-        shards_this_run += 1
-        if args.stop_after_shards and shards_this_run >= args.stop_after_shards:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    while True:
-        batch, size = [], 0
-        for item in stream:  # breaking out leaves the generator where it is, for the next batch
-            batch.append(item)
-            size += item[3]
-            if size >= batch_bytes:
-                break
-        if not batch:
-            break
-        is_chat = [sources[i].get("chat", False) for i, _, _, _ in batch]
-        values, starts, ends = tokenize([text for _, _, text, _ in batch], is_chat, tokenizer_path, args.num_proc)
-        lengths = ends - starts + 1  # + the end-of-text token
-        is_val = []
-        for (i, index, text, n_bytes), n_tokens in zip(batch, lengths.tolist()):
-            source = progress["sources"][i]
-            val = doc_hash_fraction(text) < args.val_fraction or (index == 1 and source["documents"]["val"] == 0)
-            split = "val" if val else "train"
-            source["documents"][split] += 1
-            source["tokens"][split] += n_tokens
-            splits[split]["documents"] += 1
-            splits[split]["text_bytes"] += n_bytes
-            splits[split]["doc_tokens"] += n_tokens
-            is_val.append(val)
-            n_tokens_made += n_tokens
-        for split, in_split in (("train", False), ("val", True)):
-            chat_rows[split] = []
-            docs = [k for k, val in enumerate(is_val) if val == in_split]
-            texts = [k for k in docs if not is_chat[k]]
-            if texts:
-                pending[split].append(join_with_eot(values, starts, ends, texts, eot_id))
-            chats = [k for k in docs if is_chat[k]]
-            if chats:
-                chat_rows[split], rest = rows_starting_with_chats(values, starts, ends, chats, eot_id, row_length,
-                                                                  np.concatenate(pending[split]))
-                pending[split] = [rest]
-        n_bytes_read += size
-        bar.update(size)
-        flush()
-    bar.close()
+    row_length, dtype = args.context_length + 1, token_dtype(tok.get_vocab_size())
+    t_work = time.perf_counter()
+    n_bytes_read, n_tokens_made = tokenize_to_shards(args, sources, progress, budgets, bytes_per_token,
+                                                     expected_bytes, staging, config, eot_id, dtype)
     seconds_work = time.perf_counter() - t_work
 
     # The manifest, written last; then the whole directory replaces the old output in one rename.
-    if splits["train"]["rows"] == 0:
+    if progress["splits"]["train"]["rows"] == 0:
         raise UserError(f"too little text for one training row of {row_length} tokens: give more text "
                         "or a smaller --context-length")
-    if splits["val"]["rows"] == 0:
+    if progress["splits"]["val"]["rows"] == 0:
         print("warning: the validation split is empty (too few or too small documents)")
-    manifest_splits, dropped = {}, {}
-    for split, info in splits.items():
-        tokens = info["rows"] * row_length
-        dropped[split] = info["doc_tokens"] - tokens
-        manifest_splits[split] = {
-            "shards": info["shards"], "rows": info["rows"], "tokens": tokens,
-            # the dropped tail (< 1 row) is taken off pro rata, so tokens / bytes is the split's true ratio
-            "bytes": round(info["text_bytes"] * tokens / max(info["doc_tokens"], 1)),
-            "documents": info["documents"],
-        }
-    manifest = {
-        "format": FORMAT, "layout": LAYOUT, "tokenizer_fingerprint": fingerprint, "vocab_size": tok.get_vocab_size(),
-        "eot_id": eot_id, "context_length": args.context_length, "row_length": row_length, "dtype": dtype.str,
-        "splits": manifest_splits,
-        "sources": [{"name": s["name"], "weight": s["weight"], "origin": s["origin"], "documents": p["documents"],
-                     "tokens": p["tokens"]} for s, p in zip(sources, progress["sources"])],
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "config": config,
-    }
+    manifest = manifest_of(progress, sources, tok, eot_id, fingerprint, args.context_length, dtype, config,
+                           time.perf_counter() - t_start)
     atomic_write_json(staging / "manifest.json", manifest)
-    with atomic_dir(out_dir) as tmp:
+    with stage.output() as tmp:
         for name in ("train", "val", "manifest.json"):
             if (staging / name).exists():
                 os.replace(staging / name, tmp / name)
-        write_lineage(tmp, "chunks", settings, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer_dir)
-
-    for split, info in manifest_splits.items():
-        print(f"{split:>5}: {info['documents']:,} documents, {info['rows']:,} rows, {info['tokens']:,} tokens, "
-              f"{info['bytes'] / 1e6:.2f} MB of text, {len(info['shards'])} shards; dropped {dropped[split]:,} "
-              "tokens (the last, less than a row, and chats longer than a row)")
-    rate = f"{n_bytes_read / 1e6 / seconds_work:.2f} MB/s, {n_tokens_made / seconds_work:,.0f} tokens/s"
-    print(f"tokenized {n_bytes_read / 1e6:.1f} MB into {n_tokens_made:,} tokens in {seconds_work:.1f}s ({rate}); "
-          f"total {manifest['seconds']:.1f}s")
+    print_summary(manifest, progress, n_bytes_read, n_tokens_made, seconds_work)
     print(f"wrote {out_dir}/manifest.json")
 
 

@@ -7,7 +7,7 @@ Reads:  the embedded corpus data/default_corpus/*.jsonl.gz (default), or local f
 Writes: tokenizer/ so that AutoTokenizer.from_pretrained("./tokenizer") works (tokenizer.json,
         tokenizer_config.json with the chat template), the raw tokenizers file
         tokenizer/byte_level_bpe_tokenizer_v1.json, and tokenizer/report.json (bytes per token on held-out
-        English, Chinese and code; training time).
+        English, Chinese and code; training time; the vocabulary size reached and the one asked for).
 
     cd PreTrain && python train_byte_level_bpe_tokenizer.py                 # embedded corpus, 50k vocab
     python PreTrain/train_byte_level_bpe_tokenizer.py --vocab-size 8192     # what the CPU default run uses
@@ -19,6 +19,9 @@ the next document always comes from the source that has given the fewest charact
 all (a source that runs out leaves its share to the others). Documents stream into the BPE trainer as it counts
 them: memory is the trainer's word counts (bounded by the vocabulary of the text, not its length), never the text.
 
+The trainer stops short of --vocab-size when the text has no more pairs seen --min-frequency times: the run then
+says so (a warning naming both sizes; "warnings" in report.json) and keeps the smaller vocabulary.
+
 Rerunning the same command on a finished tokenizer/ does nothing (and says so). Replacing a tokenizer with another
 one (other settings or data) needs --force or a new --output-dir: every later stage output built on it (chunks,
 models, adapters) would no longer match, and the error lists them.
@@ -27,18 +30,20 @@ Design: no normalizer (so decode(encode(x)) == x for any string), a GPT-4-style 
 its own pre-token (arithmetic stays learnable), runs of CJK characters and code whitespace kept as pre-tokens,
 then byte-level mapping so any byte sequence is representable with no unknown token.
 """
+
 import argparse
 import json
 import time
 from pathlib import Path
 
-from llm_train.atomic import atomic_dir, atomic_write_json, check_writable_dir
+from llm_train.atomic import atomic_dir, atomic_write_json
 from llm_train.cli import positive_float, positive_int, settings_of
-from llm_train.corpus import default_corpus_files, read_jsonl_gz, read_text_file
+from llm_train.corpus import default_corpus_files, local_files, read_jsonl_gz, read_text_file
 from llm_train.errors import UserError, run_main
-from llm_train.lineage import already_done, stale_if_replaced, write_lineage
+from llm_train.lineage import stale_if_replaced
 from llm_train.paths import DATA_DIR, TOKENIZER_DIR
 from llm_train.sources import NAMED_SOURCES, named_source, named_texts, parse_data_files
+from llm_train.stage import Stage
 from llm_train.tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, tokenizer_fingerprint
 
 # Letters with an optional leading non-letter (" the", "(foo"), single digits, punctuation runs, newlines, spaces.
@@ -48,41 +53,46 @@ SPLIT_PATTERN = (
 RAW_NAME = "byte_level_bpe_tokenizer_v1.json"
 
 
-def local_files(inputs):
-    files = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"input {p} does not exist")
-    if not files:
-        raise UserError(f"no input files found in {', '.join(inputs)}")
-    return files
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab-size", type=positive_int, default=50_000, help="target vocabulary size (default 50000)")
+    ap.add_argument("--input", nargs="+", help="local files or directories (.txt, .jsonl[.gz], .parquet)")
+    ap.add_argument("--hf-dataset", nargs="+", metavar="NAME",
+                    help="named Hugging Face datasets, streamed: " + " | ".join(NAMED_SOURCES))
+    ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a --hf-dataset from local files")
+    ap.add_argument("--max-chars", type=positive_float, default=1e9, help="stop reading after this many characters")
+    ap.add_argument("--min-frequency", type=positive_int, default=2, help="minimum pair count for a merge")
+    ap.add_argument("--output-dir", default=str(TOKENIZER_DIR), help="where to write (default tokenizer/)")
+    ap.add_argument("--force", action="store_true", help="replace an existing, different tokenizer in --output-dir")
+    args = ap.parse_args()
+    args.max_chars = int(args.max_chars)
+    if args.vocab_size < 300:
+        raise UserError(f"--vocab-size {args.vocab_size} is too small: it must exceed the 256 byte symbols + specials")
+    return args
 
 
-def open_sources(args):
-    """[(name, iterator over its documents)], opened (and checked) before any training."""
-    if args.data_files and not args.hf_dataset:
+def open_sources(inputs, hf_dataset, data_files):
+    """[(name, iterator over its documents)], opened (and checked) before any training: the named datasets, else
+    the local inputs, else the embedded corpus's training files."""
+    if data_files and not hf_dataset:
         raise UserError("--data-files reads a --hf-dataset source from local files: give --hf-dataset NAME too")
-    if args.hf_dataset:
-        unknown = [name for name in args.hf_dataset if name not in NAMED_SOURCES]
+    if hf_dataset:
+        unknown = [name for name in hf_dataset if name not in NAMED_SOURCES]
         if unknown:
             raise UserError(f"--hf-dataset {unknown[0]}: unknown name; use {', '.join(NAMED_SOURCES)} (see "
                             "NAMED_SOURCES), or download the files and pass them with --input")
-        files = parse_data_files(args.data_files)
-        if set(files) - set(args.hf_dataset):
-            raise UserError(f"--data-files given for {', '.join(sorted(set(files) - set(args.hf_dataset)))}, which "
+        files = parse_data_files(data_files)
+        if set(files) - set(hf_dataset):
+            raise UserError(f"--data-files given for {', '.join(sorted(set(files) - set(hf_dataset)))}, which "
                             "is not in --hf-dataset")
         sources = []
-        for name in dict.fromkeys(args.hf_dataset):
+        for name in dict.fromkeys(hf_dataset):
             rows, where = named_source(name, files.get(name))
             sources.append((name, named_texts(rows, name, where)))
         return sources
-    if args.input:
+    if inputs:
         return [(p, (t for f in files for t in read_text_file(f)))
-                for p, files in [(p, local_files([p])) for p in args.input]]
+                for p, files in [(p, local_files(p)) for p in inputs]]
     files = default_corpus_files("train")
     if not files:
         raise UserError(f"embedded corpus missing in {DATA_DIR}: run python data/build_default_corpus.py")
@@ -133,9 +143,8 @@ def train(texts, vocab_size, min_frequency=2):
     return tok
 
 
-def save(tok, out_dir, settings=None):
-    """Write the HF tokenizer files + the raw tokenizers json (+ lineage.json with the settings) into out_dir,
-    atomically."""
+def write_tokenizer(tok, directory):
+    """The HF tokenizer files (AutoTokenizer loads them; chat template included) + the raw tokenizers json."""
     from transformers import PreTrainedTokenizerFast
 
     hf_tok = PreTrainedTokenizerFast(
@@ -144,13 +153,15 @@ def save(tok, out_dir, settings=None):
         model_max_length=1024,
     )
     hf_tok.chat_template = CHAT_TEMPLATE
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        hf_tok.save_pretrained(str(tmp))
-        tok.save(str(tmp / RAW_NAME))
-        if settings is not None:
-            write_lineage(tmp, "tokenizer", settings)
+    hf_tok.save_pretrained(str(directory))
+    tok.save(str(Path(directory) / RAW_NAME))
     return hf_tok
+
+
+def save(tok, out_dir):
+    """write_tokenizer into out_dir, atomically (no lineage: for tests and benchmarks)."""
+    with atomic_dir(out_dir) as tmp:
+        return write_tokenizer(tok, tmp)
 
 
 def bytes_per_token(tok, texts):
@@ -169,37 +180,39 @@ def heldout_report(tok):
     return report
 
 
+def vocab_warnings(reached, asked, min_frequency):
+    """The trainer stops early, without a word, when no pair is seen min_frequency times any more: say so."""
+    if reached >= asked:
+        return []
+    return [f"the vocabulary has {reached:,} tokens, not the {asked:,} asked for (--vocab-size): the training text "
+            f"has no more pairs seen at least {min_frequency} times (--min-frequency). Give more text, or pass "
+            f"--vocab-size {reached} to ask for what it holds; later stages use the {reached:,} tokens it has"]
+
+
+def check_replacing(out_dir, force):
+    """Another tokenizer in out_dir is replaced only with --force: every output built on it would no longer match."""
+    if force or not (out_dir / "tokenizer.json").is_file():
+        return
+    stale = stale_if_replaced(out_dir)
+    built = f"; {', '.join(stale)} were built from it and would go stale" if stale else ""
+    raise UserError(f"{out_dir} already holds a trained tokenizer (other settings or data){built}. Pass --force "
+                    "to replace it (then rerun the later stages), or write to another --output-dir; nothing "
+                    "was changed")
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab-size", type=positive_int, default=50_000, help="target vocabulary size (default 50000)")
-    ap.add_argument("--input", nargs="+", help="local files or directories (.txt, .jsonl[.gz], .parquet)")
-    ap.add_argument("--hf-dataset", nargs="+", metavar="NAME",
-                    help="named Hugging Face datasets, streamed: " + " | ".join(NAMED_SOURCES))
-    ap.add_argument("--data-files", nargs="+", metavar="NAME=GLOB", help="read a --hf-dataset from local files")
-    ap.add_argument("--max-chars", type=positive_float, default=1e9, help="stop reading after this many characters")
-    ap.add_argument("--min-frequency", type=positive_int, default=2, help="minimum pair count for a merge")
-    ap.add_argument("--output-dir", default=str(TOKENIZER_DIR), help="where to write (default tokenizer/)")
-    ap.add_argument("--force", action="store_true", help="replace an existing, different tokenizer in --output-dir")
-    args = ap.parse_args()
-    args.max_chars = int(args.max_chars)
-    if args.vocab_size < 300:
-        raise UserError(f"--vocab-size {args.vocab_size} is too small: it must exceed the 256 byte symbols + specials")
+    args = parse_args()
     out_dir = Path(args.output_dir)
     settings = settings_of(args, "vocab_size", "input", "hf_dataset", "max_chars", "min_frequency")
     if args.data_files:  # only when given: tokenizers made before the flag existed stay finished
         settings["data_files"] = args.data_files
-    if (out_dir / "tokenizer.json").is_file():
-        if not args.force and already_done(out_dir, "tokenizer", settings):
-            return
-        if not args.force:
-            stale = stale_if_replaced(out_dir)
-            built = f"; {', '.join(stale)} were built from it and would go stale" if stale else ""
-            raise UserError(f"{out_dir} already holds a trained tokenizer (other settings or data){built}. Pass --force "
-                            "to replace it (then rerun the later stages), or write to another --output-dir; nothing "
-                            "was changed")
-    check_writable_dir(out_dir.parent)
+    stage = Stage("tokenizer", "tokenizer", out_dir, settings, force=args.force, done_file=out_dir / "tokenizer.json")
+    if stage.done():
+        return
+    check_replacing(out_dir, args.force)
+    stage.prepare()
 
-    sources = open_sources(args)
+    sources = open_sources(args.input, args.hf_dataset, args.data_files)
     t0 = time.perf_counter()
     stats = {}
     tok = train(iter_corpus(sources, args.max_chars, stats), args.vocab_size, args.min_frequency)
@@ -210,19 +223,24 @@ def main():
                         "give files that contain text")
     print(f"read {sum(st['documents'] for st in stats.values()):,} documents, {n_bytes / 1e6:.1f} MB (" +
           ", ".join(f"{name} {st['chars'] / 1e6:.2f}M chars" for name, st in stats.items()) + ")")
-    save(tok, out_dir, settings)
-
-    report = {
-        "vocab_size": tok.get_vocab_size(),
-        "train_bytes": n_bytes,
-        "train_sources": stats,
-        "train_seconds": round(train_seconds, 2),
-        "seconds_per_mb": round(train_seconds / max(n_bytes / 1e6, 1e-9), 3),
-        "bytes_per_token_heldout": heldout_report(tok),
-        "fingerprint": tokenizer_fingerprint(out_dir),
-    }
-    atomic_write_json(out_dir / "report.json", report)
+    warnings = vocab_warnings(tok.get_vocab_size(), args.vocab_size, args.min_frequency)
+    with stage.output() as tmp:
+        write_tokenizer(tok, tmp)
+        report = {
+            "vocab_size": tok.get_vocab_size(),
+            "requested_vocab_size": args.vocab_size,
+            "warnings": warnings,
+            "train_bytes": n_bytes,
+            "train_sources": stats,
+            "train_seconds": round(train_seconds, 2),
+            "seconds_per_mb": round(train_seconds / max(n_bytes / 1e6, 1e-9), 3),
+            "bytes_per_token_heldout": heldout_report(tok),
+            "fingerprint": tokenizer_fingerprint(tmp),
+        }
+        atomic_write_json(tmp / "report.json", report)
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    for warning in warnings:
+        print(f"warning: {warning}", flush=True)
     print(f"wrote {out_dir}")
 
 

