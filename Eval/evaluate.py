@@ -29,6 +29,10 @@ log-likelihood tasks score plain text, as lm-eval's leaderboards do. Without net
 the run with one error before any model is loaded. Weights are fp32; $LLM_TRAIN_DTYPE / auto (bf16 on GPUs) is the
 autocast dtype, as in SFT's evaluation. An adapter on another base, or a GRPO model whose parents were replaced, is
 refused with the command that rebuilds it.
+
+Every model asked for with --models (default: all three) must exist: a missing one stops the run (exit 2) with its
+directory and the command that builds it. A results.json this run would make less complete (a model or task it does
+not evaluate, or fewer documents per task) is not replaced unless --force; use --output-dir to keep both.
 """
 import argparse
 import json
@@ -39,11 +43,13 @@ from pathlib import Path
 
 from llm_train.atomic import atomic_write_bytes, atomic_write_json, check_writable_dir
 from llm_train.cli import positive_int
+from llm_train.engine import stop_token_ids
 from llm_train.errors import UserError, run_main
 from llm_train.lineage import check_lineage, recorded_parents
 from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, SFT_OUTPUT_DIR
 from llm_train.runtime import compute_dtype, dtype_name
-from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+from llm_train.stage_files import read_json
+from llm_train.tokenizer import load_chat_tokenizer
 
 EVAL_DIR = REPO / "Eval"
 TASKS_DIR = EVAL_DIR / "tasks"
@@ -59,7 +65,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tasks", default="llm_train",
                    help="comma-separated lm-eval task, group or tag names; llm_train = the offline tasks")
-    p.add_argument("--models", nargs="+", choices=MODELS, help="which models (not given: every one that exists)")
+    p.add_argument("--models", nargs="+", choices=MODELS,
+                   help="which models (not given: all three; a missing one is an error naming the command that "
+                        "builds it)")
     p.add_argument("--limit", type=positive_int, help="only the first N documents of each task (not given: all)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward pass")
     p.add_argument("--device", help="cuda, cuda:N or cpu (not given: cuda when there is a GPU, else cpu)")
@@ -69,35 +77,55 @@ def parse_args(argv=None):
     p.add_argument("--sft-dir", type=Path, default=SFT_OUTPUT_DIR, help="the SFT LoRA adapter (on --base-dir)")
     p.add_argument("--grpo-dir", type=Path, default=GRPO_OUTPUT_DIR, help="the merged GRPO policy")
     p.add_argument("--output-dir", type=Path, default=EVAL_DIR, help="results.json and samples/ go here")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing results.json even if it holds models or tasks this run does not "
+                        "evaluate, or more documents per task (without it such a run stops before evaluating)")
     return p.parse_args(argv)
 
 
+BUILT_BY = {"base": "python PreTrain/model.py", "sft": "python SFT/qlora_fine_tune_trl.py",
+            "grpo": "python RLHF/grpo_trl.py"}
+
+
 def find_models(args):
-    """{name: (model dir, adapter dir or None, tokenizer dir)} of the models to evaluate, after checking that each
-    still belongs to the outputs it was built from."""
+    """{name: (model dir, adapter dir or None, tokenizer dir)} of the models asked for (default: all three), after
+    checking that each exists and still belongs to the outputs it was built from."""
     base, sft, grpo = args.base_dir, args.sft_dir, args.grpo_dir
-    found = {}
-    if (base / "config.json").is_file():
-        found["base"] = (base, None, base)
-    if (sft / "adapter_config.json").is_file() and "base" in found:
-        found["sft"] = (base, sft, sft)
-    if (grpo / "config.json").is_file():
-        found["grpo"] = (grpo, None, grpo)
-    wanted = args.models or list(found)
-    if not wanted:
-        raise UserError(f"no model to evaluate in {base}, {sft} or {grpo}: run the pipeline first (make all)")
-    where = {"base": (base, "--base-dir"), "sft": (sft, "--sft-dir, with its base in --base-dir"),
-             "grpo": (grpo, "--grpo-dir")}
+    needs = {"base": [(base, "config.json", "--base-dir")],
+             "sft": [(sft, "adapter_config.json", "--sft-dir"), (base, "config.json", "--base-dir")],
+             "grpo": [(grpo, "config.json", "--grpo-dir")]}
+    wanted = args.models or list(MODELS)
     for name in wanted:
-        if name not in found:
-            raise UserError(f"no {name} model in {where[name][0]}: run its stage first (make all), or pass "
-                            f"{where[name][1]}")
+        for where, file, flag in needs[name]:
+            if not (where / file).is_file():
+                owner = "base" if flag == "--base-dir" else name  # an adapter's base is missing: build the base
+                what = f"{name} model" if owner == name else f"base model (the {name} adapter's)"
+                raise UserError(f"no {what} in {where} ({file} missing): build it with `{BUILT_BY[owner]}` "
+                                f"(or `make all`), pass {flag} DIR, or leave it out with --models")
     if "sft" in wanted:
         check_lineage(sft, f"python SFT/qlora_fine_tune_trl.py --force --model-dir {base} --output-dir {sft}",
-                             base=base)
+                      base=base)
     if "grpo" in wanted:  # against the parents its lineage names that still exist (as RLHF/grpo_trl.py does)
         check_lineage(grpo, "python RLHF/grpo_trl.py --force", **recorded_parents(grpo))
+    found = {"base": (base, None, base), "sft": (base, sft, sft), "grpo": (grpo, None, grpo)}
     return {name: found[name] for name in wanted}
+
+
+def check_replaceable(path, models, names, limit, force):
+    """UserError before any evaluation if the results.json in path holds more than this run will write (a model or
+    task name it lacks, or all documents / more of them per task), unless force: a partial run never silently
+    replaces a fuller one."""
+    old = read_json(path, lenient=True)
+    if force or not old:
+        return
+    lost = [f"model {m}" for m in old.get("models", {}) if m not in models]
+    lost += [f"task {t}" for t in old.get("settings", {}).get("tasks", []) if t not in names]
+    old_limit = old.get("settings", {}).get("limit")
+    if limit is not None and (old_limit is None or old_limit > limit):
+        lost.append(f"{'all' if old_limit is None else old_limit} documents per task (this run: {limit})")
+    if lost:
+        raise UserError(f"{path} holds results this run would drop ({', '.join(lost)}): pass --force to replace "
+                        f"it anyway, or --output-dir DIR to write elsewhere; nothing was evaluated")
 
 
 def resolve_tasks(names):
@@ -144,8 +172,7 @@ def load_model(model_dir, adapter_dir, tokenizer_dir, args):
               mixed_precision_dtype=None if dtype == torch.float32 else dtype, softmax_dtype=torch.float32)
     # A reply ends at <|im_end|> (or <|endoftext|>), as in SFT's and GRPO's own evaluations: the rows of a batch that
     # are done get pad tokens while the others finish, not the text after the end of their turn.
-    lm.model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(IM_END),
-                                               tokenizer.convert_tokens_to_ids(EOT)]
+    lm.model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     return lm
 
 
@@ -221,6 +248,7 @@ def main(argv=None):
         raise UserError("--tasks is empty: give task names, e.g. --tasks llm_train")
     models = find_models(args)
     check_writable_dir(args.output_dir)
+    check_replaceable(args.output_dir / "results.json", models, names, args.limit, args.force)
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

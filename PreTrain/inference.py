@@ -7,18 +7,19 @@ Reads:  output/ (the Hugging Face GPT-2 checkpoint written by PreTrain/model.py:
     python PreTrain/inference.py --prompt "Once upon a time" --temperature 0.7 --top-k 40 --max-new-tokens 200
     python PreTrain/inference.py --model-dir SFT/sft_output --prompt "..."   # any GPT-2 dir in the same layout
 
-Sampling uses Hugging Face generate() with the KV cache (use_cache=True), so each new token costs one position of
+Sampling uses llm_train.engine (Hugging Face generate() with the KV cache), so each new token costs one position of
 compute, not a pass over the whole text. The model sees at most its context (config n_positions) tokens: a longer
 prompt keeps its end, and when the context is full the window slides, generation going on from the last half
 context of tokens, so --max-new-tokens may exceed the context. --dtype (default: $LLM_TRAIN_DTYPE, else auto): bf16
 autocast on CUDA and on CPUs with bf16 matmul units (AMX / AVX512-BF16); fp32 elsewhere, because on an AVX2-only CPU
-bf16 matmuls are ~12x slower than fp32 (measured). Prints each continuation and its tokens/s.
+bf16 matmuls are much slower than fp32. Prints each continuation and its tokens/s.
 """
 import argparse
 import time
 from pathlib import Path
 
 from llm_train.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
+from llm_train.engine import GREEDY, Engine, Sampling
 from llm_train.errors import UserError, run_main
 from llm_train.paths import OUTPUT_DIR
 from llm_train.runtime import DTYPE_ENV, DTYPES, dtype_name
@@ -31,25 +32,13 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def generate(model, ids, max_new_tokens, eos_token_id, **gen_kwargs):
+def generate(model, ids, max_new_tokens, eos_token_id, sampling=GREEDY, pad_token_id=None, do_sample=None):
     """(new token ids (1, N), number of window slides): ids (1, T) continued by max_new_tokens tokens, fewer if
-    eos comes first. Past the context the window slides: the next generate() call starts from the last half
-    context of tokens (a new KV cache), so no position beyond the model's n_positions is ever asked for."""
-    import torch
-
-    context = model.config.n_positions
-    keep = max(1, context // 2)
-    window = ids[:, -(context - 1):]
-    new, slides = ids[:, :0], 0
-    while True:
-        n = min(max_new_tokens - new.shape[1], context - window.shape[1])
-        chunk = model.generate(window, attention_mask=torch.ones_like(window), max_new_tokens=n,
-                               eos_token_id=eos_token_id, **gen_kwargs)[:, window.shape[1]:]
-        new = torch.cat([new, chunk], dim=1)
-        if new.shape[1] >= max_new_tokens or chunk.shape[1] < n or chunk[0, -1].item() == eos_token_id:
-            return new, slides
-        window = torch.cat([window, chunk], dim=1)[:, -keep:]
-        slides += 1
+    eos comes first; Engine.generate_sliding (past the context, the window slides to its last half). do_sample=False
+    is accepted for the callers of the former generate(**generate_kwargs)."""
+    engine = Engine(model, None, stops=[eos_token_id])
+    engine.pad_token_id = pad_token_id if pad_token_id is not None else engine.pad_token_id
+    return engine.generate_sliding(ids, max_new_tokens, GREEDY if do_sample is False else sampling)
 
 
 def main(argv=None):
@@ -82,19 +71,14 @@ def main(argv=None):
                         "generate")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    sample = args.temperature > 0
-    gen_kwargs = dict(do_sample=sample, use_cache=True, pad_token_id=tokenizer.pad_token_id)
-    if sample:
-        gen_kwargs.update(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
-    else:
-        gen_kwargs.update(temperature=None, top_k=None, top_p=None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name(args.dtype) == "bf16")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    # a plain text ends with its document: <|endoftext|> (the tokenizer's eos) is the only stop
+    engine = Engine(model, tokenizer, dtype=dtype_name(args.dtype), stops=[tokenizer.eos_token_id])
     context = model.config.n_positions
     for prompt in args.prompt or DEFAULT_PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         start = time.perf_counter()
-        with torch.no_grad(), autocast:
-            new, slides = generate(model, ids, args.max_new_tokens, tokenizer.eos_token_id, **gen_kwargs)
+        new, slides = engine.generate_sliding(ids, args.max_new_tokens, sampling)
         seconds = time.perf_counter() - start
         print("=" * 80)
         print(prompt + tokenizer.decode(new[0], skip_special_tokens=False))

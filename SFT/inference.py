@@ -8,8 +8,9 @@ Reads:  output/ and SFT/sft_output/ (or SFT/sft_output/merged/). Writes nothing.
     python SFT/inference.py --interactive            # multi-turn chat, streamed; empty line or Ctrl-D quits
     python SFT/inference.py --merged                 # use the merged model instead of base + adapter
 
-Replies stream as they are generated and stop at <|im_end|>; each is followed by its tokens/s. An adapter trained on
-another base than --model-dir (e.g. output/ was retrained since) is refused with the command that retrains it.
+Replies stream as they are generated (llm_train.engine) and stop at <|im_end|> or <|endoftext|>; each is followed by
+its tokens/s. An adapter trained on another base than --model-dir (e.g. output/ was retrained since) is refused with
+the command that retrains it.
 """
 import argparse
 import logging
@@ -18,12 +19,13 @@ import warnings
 from pathlib import Path
 
 from llm_train.arithmetic import arithmetic_tasks
-from llm_train.cli import nonnegative_float, positive_float, positive_int
+from llm_train.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
+from llm_train.engine import Engine, Sampling, reply_budget
 from llm_train.errors import UserError, run_main
 from llm_train.lineage import check_lineage
 from llm_train.paths import OUTPUT_DIR, SFT_OUTPUT_DIR
 from llm_train.runtime import compute_dtype
-from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+from llm_train.tokenizer import load_chat_tokenizer
 
 warnings.filterwarnings("ignore", r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)  # peft
 # bitsandbytes on AVX512-BF16 CPUs: an optional faster kernel package (`kernels`) is not installed; nothing is wrong.
@@ -46,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--interactive", action="store_true", help="chat turn by turn, keeping the conversation")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=positive_float, default=0.9)
+    p.add_argument("--top-k", type=nonnegative_int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=positive_float, default=0.9, help="1 = off")
     args = p.parse_args(argv)
     if args.top_p > 1:
         p.error(f"argument --top-p: must be at most 1, got {args.top_p}")
@@ -83,39 +86,30 @@ def load_chat_model(args):
     return model.to(device).eval(), tokenizer
 
 
-def reply(model, tokenizer, messages, args):
+def reply(engine, messages, args):
     """Stream one assistant reply to stdout; returns (text, tokens generated, seconds)."""
-    import torch
-    from transformers import TextStreamer
-
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    # the model sees at most n_positions tokens: keep the conversation's end and leave room for the reply
-    context = model.config.n_positions
-    max_new_tokens = min(args.max_new_tokens, context // 2)
-    ids = {k: v[:, -(context - max_new_tokens):].to(model.device) for k, v in ids.items()}
-    stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(EOT)]
-    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
-        dict(do_sample=False)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    t0 = time.time()
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                             pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
-    seconds = time.time() - t0
-    new = out[0, ids["input_ids"].shape[1]:]
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new), seconds
+    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    max_new_tokens = reply_budget(engine.model, args.max_new_tokens)  # the conversation's end keeps the rest
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    t0, printed, n = time.time(), "", 0
+    for text, n in engine.stream_text(ids, max_new_tokens, sampling):
+        print(text[len(printed):], end="", flush=True)
+        printed = text
+    print()
+    return printed.strip(), n, time.time() - t0
 
 
-def chat(model, tokenizer, messages, args):
+def chat(engine, messages, args):
     print("assistant: ", end="", flush=True)
-    text, n, seconds = reply(model, tokenizer, messages, args)
+    text, n, seconds = reply(engine, messages, args)
     print(f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]", flush=True)
     return text
 
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer = load_chat_model(args)
+    engine = Engine(*load_chat_model(args))  # the weights are in the compute dtype: no autocast
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.interactive:
         messages = list(system)
@@ -127,11 +121,11 @@ def main(argv=None):
             if not line:
                 break
             messages.append({"role": "user", "content": line})
-            messages.append({"role": "assistant", "content": chat(model, tokenizer, messages, args)})
+            messages.append({"role": "assistant", "content": chat(engine, messages, args)})
         return
     for prompt in args.prompt or DEFAULT_PROMPTS:
         print(f"\nuser: {prompt}")
-        chat(model, tokenizer, system + [{"role": "user", "content": prompt}], args)
+        chat(engine, system + [{"role": "user", "content": prompt}], args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 LLM_TRAIN_DTYPE=bf16|fp32 forces the dtype for every stage (the tests run the precision-sensitive cases under
 both); auto = bf16 on CUDA (fp16 on pre-Ampere GPUs where allowed) and on CPUs with bf16 matmul units
-(AMX / AVX512-BF16), else fp32: on an AVX2-only CPU a bf16 matmul is ~100x slower."""
+(AMX / AVX512-BF16), else fp32: on an AVX2-only CPU bf16 matmuls are far slower than fp32."""
 import contextlib
 import os
 from pathlib import Path
@@ -53,14 +53,18 @@ def device():
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def autocast(dev, dtype_name):
-    """What the Trainer's mixed precision does for bf16/fp16 (autocast over fp32 weights); nothing for fp32."""
+def autocast(dev, dtype=None):
+    """What the Trainer's mixed precision does for bf16/fp16 (autocast over fp32 weights); nothing for fp32.
+
+    dev: a torch.device or its type ('cuda', 'cpu'); dtype: 'bf16', 'fp16', 'fp32', a torch dtype, or None for the
+    run's compute dtype (compute_dtype(allow_fp16=True)). The one autocast helper of every stage."""
     import torch
 
-    if dtype_name == "fp32":
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    name = names.get(dtype, dtype) if dtype is not None else dtype_name(allow_fp16=True)
+    if name == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(dev.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name])
-
+    return torch.autocast(getattr(dev, "type", dev), dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[name])
 
 
 def default_scale():

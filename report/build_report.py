@@ -14,32 +14,21 @@ Every number in the report is read from those files; nothing is typed in. A stag
 reported as "not run".
 """
 import argparse
-import json
 import platform
 from pathlib import Path
 
 from llm_train.atomic import atomic_write_bytes, atomic_write_json
 from llm_train.cli import positive_int
+from llm_train.engine import GREEDY, Engine, Sampling
 from llm_train.errors import run_main
 from llm_train.paths import CHUNKS_DIR, GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, SFT_OUTPUT_DIR, TOKENIZER_DIR
+from llm_train.stage_files import read_json, read_jsonl, series, tokenizer_report
 from llm_train.tokenizer import IM_END, load_tokenizer, render_messages
 
 REPORT_DIR = REPO / "report"
 STAGES = ["tokenizer", "chunks", "pretrain", "sft", "reward_model", "grpo", "eval", "report"]  # in pipeline order
 PROMPTS = ["The history of the United States", "子曰：学而时习之",
            "Tom has 47 apples and gets 38 more. How many apples does Tom have now?", "def fibonacci(n):"]
-
-
-def read_json(path):
-    path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def read_jsonl(path):
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def machine():
@@ -84,46 +73,44 @@ def plot(path, series, title, xlabel="step"):
     return path.name
 
 
-def column(rows, key):
-    rows = [r for r in rows if r.get(key) is not None]
-    return [r["step"] for r in rows], [r[key] for r in rows]
+SAMPLINGS = (("greedy", GREEDY), ("sampled", Sampling(temperature=0.8, top_k=50, top_p=1.0)))
 
 
-def generate_samples(max_new_tokens, seed=0):
+def generate_samples(max_new_tokens, seed=0, base_dir=OUTPUT_DIR, sft_dir=SFT_OUTPUT_DIR, grpo_dir=GRPO_OUTPUT_DIR):
     """Continuations of the same prompts by the base, SFT and GRPO models (those that exist): greedy, and sampled at
     temperature 0.8 (top-k 50, fixed seed), since greedy decoding of a small model loops. The base continues the
     plain text, and answers it as a user message through the chat template too (it was mid-trained on chats); the
-    SFT and GRPO models answer through the chat template."""
-    import torch
+    SFT and GRPO models answer through the chat template. Each model with the tokenizer saved with it."""
     from transformers import AutoModelForCausalLM
 
     # full models only: SFT's merged/ copy, GRPO's output dir (it saves the merged policy there); the base twice
-    runs = [("pretrained", OUTPUT_DIR, False), ("pretrained, chat template", OUTPUT_DIR, True),
-            ("sft", SFT_OUTPUT_DIR / "merged", True), ("grpo", GRPO_OUTPUT_DIR, True)]
+    runs = [("pretrained", base_dir, False), ("pretrained, chat template", base_dir, True),
+            ("sft", Path(sft_dir) / "merged", True), ("grpo", grpo_dir, True)]
     samples, loaded = {}, None
     for label, path, chat in runs:
         if not (Path(path) / "config.json").is_file():
             continue
         if path != loaded:
             tok = load_tokenizer(path)
-            model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
-            stops, loaded = [tok.convert_tokens_to_ids(IM_END), tok.eos_token_id], path
-        samples[label] = {}
-        for prompt in PROMPTS:
-            text = render_messages([{"role": "user", "content": prompt}], True) if chat else prompt
-            ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-            samples[label][prompt] = {}
-            for mode, sampling in (("greedy", dict(do_sample=False)),
-                                   ("sampled", dict(do_sample=True, temperature=0.8, top_k=50, top_p=1.0))):
-                torch.manual_seed(seed)
-                with torch.no_grad():
-                    new = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=stops, **sampling)[0, ids.shape[1]:]
-                reply = tok.decode(new, skip_special_tokens=True)
-                # an empty line would read as a failure to generate: say which token ended it
-                samples[label][prompt][mode] = reply if reply.strip() else \
-                    f"(nothing: its first token is {tok.decode(new[:1])})"
+            engine, loaded = Engine(AutoModelForCausalLM.from_pretrained(str(path)).eval(), tok), path  # fp32
+        samples[label] = {prompt: prompt_samples(engine, prompt, chat, max_new_tokens, seed) for prompt in PROMPTS}
     return samples
+
+
+def prompt_samples(engine, prompt, chat, max_new_tokens, seed):
+    """{mode: reply} of one prompt, each sampling mode from the same seed."""
+    import torch
+
+    text = render_messages([{"role": "user", "content": prompt}], True) if chat else prompt
+    ids = engine.fit(engine.tokenizer(text, add_special_tokens=False).input_ids, max_new_tokens)
+    out = {}
+    for mode, sampling in SAMPLINGS:
+        torch.manual_seed(seed)
+        new = engine.generate(torch.tensor([ids], device=engine.device), max_new_tokens, sampling)[0]
+        reply = engine.decode(new)
+        # an empty line would read as a failure to generate: say which token ended it
+        out[mode] = reply if reply.strip() else f"(nothing: its first token is {engine.tokenizer.decode(new[:1])})"
+    return out
 
 
 def eval_rows(results):
@@ -205,18 +192,14 @@ def fmt(x, digits=3):
     return str(x)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of each sample generation")
-    ap.add_argument("--no-samples", action="store_true", help="skip loading models for sample generations")
-    args = ap.parse_args()
-    REPORT_DIR.mkdir(exist_ok=True)
-
+def collect():
+    """Every stage's numbers, read from the files it wrote."""
+    timings = REPORT_DIR / "timings"
     metrics = {
         "machine": machine(),
-        "timings": {stage: read_json(REPORT_DIR / "timings" / f"{stage}.json") for stage in STAGES
-                    if (REPORT_DIR / "timings" / f"{stage}.json").is_file()},
-        "tokenizer": read_json(TOKENIZER_DIR / "report.json"),
+        "timings": {stage: read_json(timings / f"{stage}.json") for stage in STAGES
+                    if (timings / f"{stage}.json").is_file()},
+        "tokenizer": None,
         "chunks": read_json(CHUNKS_DIR / "manifest.json"),
         "pretrain": read_json(OUTPUT_DIR / "pretrain_summary.json"),
         "sft": read_json(REPO / "SFT" / "eval.json"),
@@ -224,23 +207,39 @@ def main():
         "grpo": read_json(REPO / "RLHF" / "eval.json"),
         "eval": read_json(REPO / "Eval" / "results.json"),
     }
-    pre_hist = read_jsonl(OUTPUT_DIR / "history.jsonl")
-    sft_hist = read_jsonl(SFT_OUTPUT_DIR / "history.jsonl")
-    grpo_hist = read_jsonl(GRPO_OUTPUT_DIR / "history.jsonl")
-    plots = {
-        "pretrain_loss": plot(REPORT_DIR / "pretrain_loss.png",
-                              [("train loss", *column(pre_hist, "loss"), 0),
-                               ("val loss", *column(pre_hist, "val_loss"), 0)], "Pretraining loss"),
-        "sft_loss": plot(REPORT_DIR / "sft_loss.png",
-                         [("train loss", *column(sft_hist, "loss"), 0),
-                          ("eval loss", *column(sft_hist, "eval_loss"), 0)], "SFT loss (assistant tokens)"),
-        "grpo": plot(REPORT_DIR / "grpo.png", [("reward", *column(grpo_hist, "reward"), 0),
-                                               ("held-out exact answer", *column(grpo_hist, "heldout/exact_answer"), 0),
-                                               ("held-out, sampled", *column(grpo_hist, "heldout/sampled_exact_answer"), 0),
-                                               ("KL", *column(grpo_hist, "kl"), 1)], "GRPO reward and KL"),
-        "eval": eval_chart(REPORT_DIR / "eval.png", metrics["eval"]),
+    # tokenizer/ retrained after the models: its report describes another tokenizer than theirs
+    metrics["tokenizer"], mismatch = tokenizer_report(TOKENIZER_DIR, OUTPUT_DIR)
+    if mismatch:
+        metrics["tokenizer_mismatch"] = mismatch
+    return metrics
+
+
+def make_plots(results):
+    """The PNG plots of the stages' history.jsonl files and of the lm-eval results: {name: file name or None}."""
+    def curves(path, keys):  # [(label, steps, values, axis)]
+        rows = read_jsonl(path)
+        return [(label, *series(rows, key), axis) for key, label, axis in keys]
+
+    return {
+        "pretrain_loss": plot(REPORT_DIR / "pretrain_loss.png", curves(OUTPUT_DIR / "history.jsonl", [
+            ("loss", "train loss", 0), ("val_loss", "val loss", 0)]), "Pretraining loss"),
+        "sft_loss": plot(REPORT_DIR / "sft_loss.png", curves(SFT_OUTPUT_DIR / "history.jsonl", [
+            ("loss", "train loss", 0), ("eval_loss", "eval loss", 0)]), "SFT loss (assistant tokens)"),
+        "grpo": plot(REPORT_DIR / "grpo.png", curves(GRPO_OUTPUT_DIR / "history.jsonl", [
+            ("reward", "reward", 0), ("heldout/exact_answer", "held-out exact answer", 0),
+            ("heldout/sampled_exact_answer", "held-out, sampled", 0), ("kl", "KL", 1)]), "GRPO reward and KL"),
+        "eval": eval_chart(REPORT_DIR / "eval.png", results),
     }
-    metrics["plots"] = plots
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of each sample generation")
+    ap.add_argument("--no-samples", action="store_true", help="skip loading models for sample generations")
+    args = ap.parse_args()
+    REPORT_DIR.mkdir(exist_ok=True)
+    metrics = collect()
+    metrics["plots"] = make_plots(metrics["eval"])
     metrics["samples"] = {} if args.no_samples else generate_samples(args.max_new_tokens)
     atomic_write_json(REPORT_DIR / "metrics.json", metrics)
     atomic_write_bytes(REPORT_DIR / "report.md", render(metrics).encode("utf-8"))
@@ -248,84 +247,100 @@ def main():
 
 
 def render(m):
-    lines = ["# llm_train report card", "",
-             "Every number below was read from the files the stages wrote (see report/metrics.json).", ""]
+    """report.md's text: one section after the other."""
+    sections = (header, timings_section, lessons_section, tokenizer_section, pretraining_sections, sft_section,
+                reward_model_section, grpo_section, eval_section, samples_section)
+    return "\n".join(line for section in sections for line in section(m)) + "\n"
+
+
+def header(m):
     mach = m["machine"]
-    lines += [f"Machine: {mach['cpu']}, {mach['cpu_count']} cores"
-              + (f", GPUs: {', '.join(mach['gpus'])}" if mach.get("gpus") else ", no GPU")
-              + f"; torch {mach['torch']}, Python {mach['python']}.", ""]
+    return ["# llm_train report card", "",
+            "Every number below was read from the files the stages wrote (see report/metrics.json).", "",
+            f"Machine: {mach['cpu']}, {mach['cpu_count']} cores"
+            + (f", GPUs: {', '.join(mach['gpus'])}" if mach.get("gpus") else ", no GPU")
+            + f"; torch {mach['torch']}, Python {mach['python']}.", ""]
 
-    if m["timings"]:
-        lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {fmt(v.get('seconds'), 1)} |" for k, v in m["timings"].items() if v]
-        lines += [f"| total | {fmt(sum(v.get('seconds', 0) for v in m['timings'].values() if v), 1)} |", ""]
 
-    tok = m["tokenizer"]
+def timings_section(m):
+    if not m["timings"]:
+        return []
+    return (["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+            + [f"| {k} | {fmt(v.get('seconds'), 1)} |" for k, v in m["timings"].items() if v]
+            + [f"| total | {fmt(sum(v.get('seconds', 0) for v in m['timings'].values() if v), 1)} |", ""])
+
+
+def lessons_section(m):
     lessons = stage_lessons(m)
-    if lessons:
-        lines += ["## What each stage taught (held-out problems)", "", "| metric | base | SFT | GRPO |", "|---|---|---|---|"]
-        lines += [f"| {name} | {fmt(b)} | {fmt(s)} | {fmt(g)} |" for name, b, s, g in lessons]
-        lines += [""]
+    if not lessons:
+        return []
+    return (["## What each stage taught (held-out problems)", "", "| metric | base | SFT | GRPO |", "|---|---|---|---|"]
+            + [f"| {name} | {fmt(b)} | {fmt(s)} | {fmt(g)} |" for name, b, s, g in lessons] + [""])
 
-    lines += ["## Tokenizer", ""]
-    if tok:
-        bpt = tok.get("bytes_per_token_heldout", {})
-        lines += [f"Vocabulary {tok['vocab_size']:,}, trained on {tok['train_bytes'] / 1e6:.1f} MB in "
-                  f"{fmt(tok['train_seconds'], 1)} s. Held-out bytes per token: "
-                  + ", ".join(f"{k} {fmt(v, 2)}" for k, v in bpt.items()) + ".", ""]
-    else:
-        lines += ["not run", ""]
 
-    ch = m["chunks"]
+def tokenizer_section(m):
+    tok = m["tokenizer"]
+    if m.get("tokenizer_mismatch"):
+        return ["## Tokenizer", "", m["tokenizer_mismatch"] + ".", ""]
+    if not tok:
+        return ["## Tokenizer", "", "not run", ""]
+    bpt = tok.get("bytes_per_token_heldout", {})
+    return ["## Tokenizer", "", f"Vocabulary {tok['vocab_size']:,}, trained on {tok['train_bytes'] / 1e6:.1f} MB in "
+            f"{fmt(tok['train_seconds'], 1)} s. Held-out bytes per token: "
+            + ", ".join(f"{k} {fmt(v, 2)}" for k, v in bpt.items()) + ".", ""]
+
+
+def pretraining_sections(m):
+    lines, ch, pre = [], m["chunks"], m["pretrain"]
     if ch:
         tr, va = ch["splits"]["train"], ch["splits"]["val"]
         lines += ["## Pretraining data", "", f"{tr['tokens']:,} train tokens / {va['tokens']:,} validation tokens "
                   f"in rows of {ch['row_length']} tokens.", ""]
-
-    pre = m["pretrain"]
     lines += ["## Pretraining", ""]
     if pre:
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {fmt(v)} |" for k, v in pre.items() if not isinstance(v, (dict, list))]
-        lines += [""]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in pre.items() if not isinstance(v, (dict, list))] + [""]
     else:
         lines += ["not run", ""]
-    if m["plots"].get("pretrain_loss"):
-        lines += [f"![pretraining loss]({m['plots']['pretrain_loss']})", ""]
+    return lines + image(m, "pretrain_loss", "pretraining loss")
 
-    lines += ["## Supervised fine-tuning (QLoRA)", ""]
-    lines += table_base_vs(m["sft"], "base", "sft")
-    if m["plots"].get("sft_loss"):
-        lines += [f"![SFT loss]({m['plots']['sft_loss']})", ""]
 
+def image(m, plot_name, alt):
+    return [f"![{alt}]({m['plots'][plot_name]})", ""] if m["plots"].get(plot_name) else []
+
+
+def sft_section(m):
+    return ["## Supervised fine-tuning (QLoRA)", ""] + table_base_vs(m["sft"], "base", "sft") + image(m, "sft_loss",
+                                                                                                      "SFT loss")
+
+
+def reward_model_section(m):
     rm = m["reward_model"]
-    lines += ["## Reward model", ""]
-    if rm:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {fmt(v)} |" for k, v in flatten(rm).items()]
+    if not rm:
+        return ["## Reward model", "", "not run", ""]
+    return ["## Reward model", "", "| metric | value |", "|---|---|"] + [
+        f"| {k} | {fmt(v)} |" for k, v in flatten(rm).items()] + [""]
+
+
+def grpo_section(m):
+    return ["## GRPO", ""] + table_base_vs(m["grpo"], "sft", "grpo") + image(m, "grpo", "GRPO reward and KL")
+
+
+def eval_section(m):
+    return (["## Evaluation with lm-evaluation-harness (every model, the same tasks)", ""] + eval_table(m["eval"])
+            + image(m, "eval", "lm-eval results"))
+
+
+def samples_section(m):
+    if not m["samples"]:
+        return []
+    lines = ["## Samples (same prompts; greedy, and sampled at temperature 0.8 with a fixed seed)", ""]
+    for prompt in PROMPTS:
+        lines += [f"**{prompt}**", ""]
+        for stage, outs in m["samples"].items():
+            lines += [f"- {stage}, {mode}: {out.replace(chr(10), ' ⏎ ')}" for mode, out in outs.get(prompt, {}).items()]
         lines += [""]
-    else:
-        lines += ["not run", ""]
-
-    lines += ["## GRPO", ""]
-    lines += table_base_vs(m["grpo"], "sft", "grpo")
-    if m["plots"].get("grpo"):
-        lines += [f"![GRPO reward and KL]({m['plots']['grpo']})", ""]
-
-    lines += ["## Evaluation with lm-evaluation-harness (every model, the same tasks)", ""]
-    lines += eval_table(m["eval"])
-    if m["plots"].get("eval"):
-        lines += [f"![lm-eval results]({m['plots']['eval']})", ""]
-
-    if m["samples"]:
-        lines += ["## Samples (same prompts; greedy, and sampled at temperature 0.8 with a fixed seed)", ""]
-        for prompt in PROMPTS:
-            lines += [f"**{prompt}**", ""]
-            for stage, outs in m["samples"].items():
-                for mode, out in outs.get(prompt, {}).items():
-                    lines += [f"- {stage}, {mode}: {out.replace(chr(10), ' ⏎ ')}"]
-            lines += [""]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def flatten(d, prefix=""):

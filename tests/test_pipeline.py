@@ -4,6 +4,8 @@ import json
 import shutil
 import subprocess
 
+from llm_train.tokenizer import tokenizer_fingerprint
+
 from conftest import checkout_env
 
 
@@ -78,3 +80,28 @@ def test_replacing_an_upstream_output_is_refused_or_detected(smoke_repo, tmp_pat
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "sft_output" in proc.stderr and "output" in proc.stderr and "qlora_fine_tune_trl.py" in proc.stderr
+
+
+def retrain_tokenizer(root, other_tokenizer_dir):
+    """Make root/tokenizer/ look retrained after the models: another tokenizer.json, with its own report.json."""
+    shutil.copy(other_tokenizer_dir / "tokenizer.json", root / "tokenizer" / "tokenizer.json")
+    report = read(root / "tokenizer" / "report.json")
+    report.update(vocab_size=600, fingerprint=tokenizer_fingerprint(root / "tokenizer"))
+    (root / "tokenizer" / "report.json").write_text(json.dumps(report))
+
+
+def test_a_retrained_tokenizer_is_not_reported_as_the_models(smoke_repo, tmp_path, tiny_tokenizer_dir):
+    """The report card used to show tokenizer/'s vocabulary beside models trained on another tokenizer."""
+    root = tmp_path / "llm_train"
+    shutil.copytree(smoke_repo[0], root, symlinks=True)
+    models_vocab = read(root / "tokenizer" / "report.json")["vocab_size"]
+    retrain_tokenizer(root, tiny_tokenizer_dir)
+    proc = subprocess.run([str(root / ".venv" / "bin" / "python"), "report/build_report.py", "--no-samples"],
+                          cwd=root, env=checkout_env(root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (root / "report" / "report.md").read_text(encoding="utf-8")
+    section = report.split("## Tokenizer")[1].split("##")[0]
+    assert "holds another tokenizer (vocabulary 600)" in section and "Vocabulary 600" not in section
+    assert f"vocabulary {models_vocab:,}, the copy saved in output/" in section
+    metrics = read(root / "report" / "metrics.json")
+    assert metrics["tokenizer"] is None and "another tokenizer" in metrics["tokenizer_mismatch"]

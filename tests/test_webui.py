@@ -14,12 +14,14 @@ import urllib.request
 from pathlib import Path
 
 from llm_train.arithmetic import arithmetic_answer, arithmetic_tasks, extract_answer
+from llm_train.engine import Engine, Sampling
 from llm_train.rl import load_reward_model, reward_model_scores
 from llm_train.tokenizer import load_chat_tokenizer, load_tokenizer, render_messages
 
 import pytest
+from test_pipeline import retrain_tokenizer
 
-from conftest import PY, REPO, free_port, load_script
+from conftest import PY, REPO, checkout_env, free_port, load_script
 
 APP = REPO / "WebUI" / "app.py"
 SCREENSHOT = REPO / "WebUI" / "screenshots" / "compare.png"  # git-ignored: for a person to look at
@@ -45,7 +47,7 @@ def running_app(args, log):
     port = free_port()
     env = {**os.environ, "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "PYTHONPATH": str(REPO)}
     with open(log, "w") as out:
         proc = subprocess.Popen([PY, str(APP), "--port", str(port), *map(str, args)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env)
@@ -132,14 +134,15 @@ def test_closing_the_stream_stops_generation(app_module, smoke_repo):
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))  # one forward pass per generated token
     ids = tok("The history of").input_ids
+    engine = Engine(model, tok)
     torch.manual_seed(0)
-    full = list(app_module.stream_generate(model, tok, ids, 64, *FREE_SAMPLING))  # left alone
+    full = list(engine.stream_text(ids, 64, Sampling(*FREE_SAMPLING)))  # left alone
     texts = [t for t, _ in full]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:])) and len(set(texts)) > 2  # streamed, growing
     assert full[-1][1] == len(forwards) == 64  # with this seed the base does not end the text within 64 tokens
     forwards.clear()
     torch.manual_seed(0)  # the same tokens again, but stopped after the first word
-    stream = app_module.stream_generate(model, tok, ids, 64, *FREE_SAMPLING)
+    stream = engine.stream_text(ids, 64, Sampling(*FREE_SAMPLING))
     assert next(stream)[0] == texts[0]
     stream.close()  # what gradio does when the stop button cancels the request
     assert not [t for t in threading.enumerate() if t.name == "generate"], "generation still running"
@@ -312,8 +315,9 @@ def test_missing_and_mismatched_stages_are_explained_not_fatal(smoke_repo, tmp_p
         c = client(url)
         history, box, note = c.predict("Hello", [], "SFT", *FREE_SAMPLING, 16, api_name="/chat")
         assert history == [] and box == "Hello"
-        assert f"was built from a different base than the one in {base}" in note
-        assert "Rebuild it with `python SFT/qlora_fine_tune_trl.py --merge --model-dir" in note
+        # no server path in the page: repo-relative names, "…/" and the last part elsewhere
+        assert "was built from a different base than the one in …/output" in note
+        assert "Rebuild it with `python SFT/qlora_fine_tune_trl.py --merge --model-dir …/output" in note
         out = c.predict(ARITH, *FREE_SAMPLING, 16, api_name="/compare")
         assert out[0].strip() and out[1:3] == ("", "")  # the base answers; SFT and GRPO are explained instead
         assert "no reward-model score (no reward model in" in out[3] and "python RLHF/reward_model.py" in out[3]
@@ -324,6 +328,11 @@ def test_missing_and_mismatched_stages_are_explained_not_fatal(smoke_repo, tmp_p
         assert loss and tokenizer and report is None
         text, _ = c.predict("Once upon a time", *FREE_SAMPLING, 8, api_name="/complete")
         assert len(text) > len("Once upon a time")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        page = opener.open(f"{url}/config", timeout=30).read().decode()
+        shown = json.dumps([note, out, status], ensure_ascii=False) + page
+        assert "grpo_output" in page and "`python RLHF/grpo_trl.py`" in page  # the stage status is in the page
+        assert str(tmp_path) not in shown and str(root) not in shown and str(REPO) not in shown
     log = (tmp_path / "app.log").read_text()
     assert "Traceback" not in log, log[-3000:]
 
@@ -335,6 +344,59 @@ def test_a_port_in_use_is_one_clear_error():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run([PY, str(APP), "--port", str(port)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([PY, str(APP), "--port", str(port)], capture_output=True, text=True, timeout=120,
+                              env=checkout_env(REPO))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"cannot serve on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr
+
+
+def call_raw(url, api, data):
+    """The last value a request to /gradio_api/call/API returns, sent as raw JSON: gradio_client refuses to send NaN,
+    a browser's or any other client's request need not."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"{url}/gradio_api/call/{api}", json.dumps({"data": data}).encode(),
+                                     {"Content-Type": "application/json"})
+    event = json.loads(opener.open(request, timeout=30).read())["event_id"]
+    events = opener.open(f"{url}/gradio_api/call/{api}/{event}", timeout=120).read().decode()
+    kind, data = re.findall(r"event: (\w+)\ndata: (.*)", events)[-1]
+    return kind, json.loads(data)
+
+
+def test_nan_or_out_of_range_settings_are_a_clear_message(app_url):
+    """NaN sliders sent through the API used to reach generate(): top-p NaN was used as is, the others failed with
+    {"error": null}. (Values beyond a slider's range gradio refuses itself.)"""
+    nan = float("nan")
+    for settings, what in (((nan, 50, 0.95, 8), "temperature"), ((0.7, 50, nan, 8), "top_p"),
+                           ((0.7, nan, 0.95, 8), "top_k"), ((0.7, 2.5, 0.95, 8), "top_k"),
+                           ((0.7, 50, 0.95, nan), "max_new_tokens")):
+        kind, (history, box, note) = call_raw(app_url, "chat", ["Hello", [], "SFT", *settings])
+        assert kind == "complete" and history == [] and box == "Hello", (settings, note)
+        assert note.startswith(f"Not sent: {what} must be"), (settings, note)
+        kind, (text, note) = call_raw(app_url, "complete", ["Once", *settings])
+        assert kind == "complete" and text == "Once" and f"{what} must be" in note
+        kind, out = call_raw(app_url, "compare", ["Hi", *settings])
+        assert kind == "complete" and out[:3] == ["", "", ""] and all(f"{what} must be" in v for v in out[3:])
+    assert call_raw(app_url, "complete", ["Once", 0.7, 50, 0.95, 4])[1][0] != "Once"  # the same call, valid values
+
+
+def test_the_port_must_be_a_tcp_port():
+    proc = subprocess.run([PY, str(APP), "--port", "70000"], capture_output=True, text=True, timeout=120,
+                          env=checkout_env(REPO))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "argument --port: must be a TCP port, 1 to 65535, got 70000" in proc.stderr
+
+
+def test_a_retrained_tokenizer_is_named_not_shown(app_module, smoke_repo, tmp_path, tiny_tokenizer_dir):
+    """The Training tab used to plot tokenizer/'s report beside models trained on another tokenizer."""
+    import views  # next to app.py (app_module put its folder on the path)
+
+    root = tmp_path / "llm_train"
+    shutil.copytree(smoke_repo[0] / "tokenizer", root / "tokenizer")
+    args = app_module.parse_args([str(a) for a in dirs_of(smoke_repo[0])] + ["--tokenizer-dir", str(root / "tokenizer")])
+    status, _, _, figure = views.training_view(args)
+    assert "another tokenizer" not in status and figure is not None
+    retrain_tokenizer(root, tiny_tokenizer_dir)
+    status, _, _, figure = views.training_view(args)
+    assert "tokenizer/ holds another tokenizer (vocabulary 600)" in status and "the copy saved in output/" in status
+    assert str(root) not in status
+    assert "holds another tokenizer" in figure.axes[0].texts[0].get_text()

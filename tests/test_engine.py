@@ -1,0 +1,91 @@
+"""llm_train/engine.py, the one generation engine: stop tokens, validated sampling settings, the context window,
+batches and streaming give the same tokens as a direct generate() call (greedy), on the tiny GPT-2 of conftest."""
+import math
+
+from llm_train.engine import GREEDY, Engine, Sampling, new_token_count, stop_token_ids
+from llm_train.errors import UserError
+from llm_train.runtime import autocast
+from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return Engine(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval(), load_chat_tokenizer(tiny_model_dir))
+
+
+@pytest.mark.parametrize("settings, what", [((math.nan, 0, 1.0), "temperature"), ((-0.1, 0, 1.0), "temperature"),
+                                            ((math.inf, 0, 1.0), "temperature"), ((1.0, math.nan, 1.0), "top_k"),
+                                            ((1.0, -1, 1.0), "top_k"), ((1.0, 2.5, 1.0), "top_k"),
+                                            ((1.0, 0, math.nan), "top_p"), ((1.0, 0, 0.0), "top_p"),
+                                            ((1.0, 0, 1.5), "top_p"), ((None, 0, 1.0), "temperature")])
+def test_bad_sampling_settings_are_a_clear_error(settings, what):
+    with pytest.raises(UserError, match=f"^{what} must be"):
+        Sampling(*settings)
+
+
+def test_sampling_settings():
+    assert GREEDY.greedy and GREEDY.generate_kwargs() == dict(do_sample=False, temperature=None, top_k=None,
+                                                              top_p=None)
+    s = Sampling(0.7, 50.0, 0.95)  # slider values come as floats
+    assert s.top_k == 50 and isinstance(s.top_k, int)
+    assert s.generate_kwargs() == dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.95)
+    assert Sampling(1.0, 0, 1.0).generate_kwargs()["top_k"] is None  # 0 = off, not generate()'s default of 50
+    assert new_token_count(64.0) == 64
+    for bad in (math.nan, 0, 2.5, "x"):
+        with pytest.raises(UserError, match="max_new_tokens must be"):
+            new_token_count(bad)
+
+
+def test_stop_tokens_and_context(engine):
+    tok = engine.tokenizer
+    assert engine.stops == stop_token_ids(tok) == [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)]
+    ids = list(range(10, 10 + 300))
+    assert engine.fit(ids, 56) == ids[-200:]  # n_positions 256: the prompt keeps its end
+    assert engine.cut_at_stop([5, 6, engine.stops[0], 7]) == [5, 6, engine.stops[0]]
+
+
+def test_greedy_is_the_direct_generate_call_token_for_token(engine):
+    import torch
+
+    tok = engine.tokenizer
+    prompts = [tok("The quick brown fox").input_ids, tok("你好").input_ids]
+    direct = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        out = engine.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                    eos_token_id=engine.stops, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        direct.append(engine.cut_at_stop(out))
+    assert engine.generate_batch(prompts, 12) == direct  # left-padded batch
+    for ids, expected in zip(prompts, direct):
+        streamed = list(engine.stream(ids, 12))
+        assert streamed == expected
+        texts = list(engine.stream_text(ids, 12))
+        assert texts[-1] == (engine.decode(expected), len(expected))
+        assert all(b[0].startswith(a[0]) for a, b in zip(texts, texts[1:]))
+
+
+def test_sampled_streams_match_sampled_batches(engine):
+    import torch
+
+    ids = engine.tokenizer("Once upon").input_ids
+    sampling = Sampling(1.0, 20, 0.9)
+    torch.manual_seed(3)
+    batch = engine.generate_batch([ids], 16, sampling)[0]
+    torch.manual_seed(3)
+    assert list(engine.stream(ids, 16, sampling)) == batch
+
+
+def test_autocast_takes_names_dtypes_or_the_run_default():
+    import torch
+
+    assert autocast("cpu", "fp32").__class__.__name__ == "nullcontext"
+    assert autocast(torch.device("cpu"), torch.float32).__class__.__name__ == "nullcontext"
+    with autocast("cpu", "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+    autocast("cpu")  # None: the run's compute dtype
