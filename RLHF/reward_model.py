@@ -1,20 +1,20 @@
 """RLHF step 1: train a reward model on chosen/rejected answer pairs with TRL's RewardTrainer.
 
 Reads:  the SFT policy as the starting point (SFT/sft_output/merged/, else output/ + the LoRA adapter in
-        SFT/sft_output/ merged in memory; if there is no SFT output yet, the pretrained model in output/), and
-        preference pairs: by default the embedded RLHF/data/preference_{train,heldout}.jsonl.gz, or your own.
+        SFT/sft_output/ merged in memory; if --sft-dir holds no model yet, the pretrained model in output/; a
+        --sft-dir that does not exist, or an adapter trained on another base, is an error), and preference pairs:
+        by default the embedded RLHF/data/preference_{train,heldout}.jsonl.gz, or your own.
 Writes: RLHF/reward_model/      GPT2ForSequenceClassification (num_labels=1) + tokenizer; load it with
                                 AutoModelForSequenceClassification.from_pretrained("RLHF/reward_model")
                                 and lineage.json (settings; the SFT policy and base it was built from)
         RLHF/reward_eval.json   held-out pairwise accuracy (chosen scored above rejected), overall and per kind
-        RLHF/checkpoints/reward_model/  resumable checkpoints (a killed run resumes when rerun with the same command)
+        RLHF/checkpoints/reward_model/  resumable checkpoints
         RLHF/train.log, RLHF/runs/reward_model/ (TensorBoard)
 
-Reruns: the same command on a finished run does nothing and says so. A killed run, rerun, resumes from its last
-checkpoint and logs what the uninterrupted run would have (data order, RNG and lr schedule restored). Checkpoints
-of a run with other settings (another --max-steps or --epochs changes the cosine schedule of every step) or of
-another SFT policy are an error that names the difference: rerun with that run's flags to finish it, or pass
---force to start over (--force also redoes a finished run and replaces a reward model GRPO was built from).
+Reruns (llm_train/stage.py): the same command on a finished run does nothing and says so; a killed run resumes from
+its last checkpoint and logs what the uninterrupted run would have; checkpoints of a run with other settings or of
+another SFT policy are an error that names the difference (--force starts over, redoes a finished run and replaces a
+reward model GRPO was built from).
 
 Your own pairs (--data FILE..., --hf-dataset NAME): jsonl(.gz) or parquet rows in one of these layouts
   conversational   {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  (prompt optional: the
@@ -33,19 +33,18 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from llm_train import rl
-from llm_train.atomic import atomic_dir, atomic_write_json, check_writable_dir
+from llm_train.atomic import atomic_write_json
 from llm_train.cli import apply_preset, nonnegative_int, positive_float, positive_int, settings_of
 from llm_train.errors import UserError, run_main
-from llm_train.lineage import already_done, refuse_to_replace, write_lineage
 from llm_train.paths import OUTPUT_DIR, PREFERENCE_FILES, REWARD_MODEL_DIR, SFT_OUTPUT_DIR
 from llm_train.rl import load_policy, reward_model_input_ids, reward_model_scores
-from llm_train.runtime import default_scale, dtype_name, end_distributed
+from llm_train.runtime import default_scale, dtype_name
+from llm_train.stage import Stage
 from llm_train.tokenizer import load_chat_tokenizer
-from llm_train.trainer_runs import checkpoint_to_resume, mean_logged, train_or_finish
+from llm_train.trainer_runs import append_jsonl, jsonl_log_callback, mean_logged, train_and_end
 
 import torch
 
@@ -53,31 +52,14 @@ RLHF_DIR = REWARD_MODEL_DIR.parent
 STAGE = "reward_model"
 
 # Budget and optimizer per scale of policy, in one place (README table); each value can be overridden by its flag.
-# All weights are trained (the scalar head is new), so the lr is lower than a LoRA run's. cpu, measured (held-out
-# accuracy / on the 40 "wrong number" pairs). One pair per training prompt (2,572 pairs), 2 epochs: lr 3e-4 0.868 / 0.53;
-# lr 1e-4 0.865-0.879 / 0.57-0.68 over four policies and seeds (3 epochs 0.868 / 0.57); "wrong reply" at chance (0.41-
-# 0.48). Two pairs per training prompt (5,144), 1 epoch, the same 322 steps: 0.902 / 0.70 and 0.876 / 0.53 with two
-# draws of the rejected answers on one policy; all five kinds per prompt (12,860 pairs, 804 steps, 2.5x the time):
-# 0.885-0.899 / 0.60-0.70; lr 2e-4 0.891 / 0.53; LoRA r=32 lr 3e-4 0.899 / 0.62, lr 1e-3 0.874 / 0.47. Which
-# rejected answers are drawn moves the total by +-0.013 and "wrong number" by +-0.09. Plus one final-sentence
-# contradiction per arithmetic problem (6,344 pairs, 397 steps; one policy, bf16): lr 1e-4 0.879 / 0.68, 2e-4 0.899 /
-# 0.70 and 0.894 / 0.75 (seeds 0, 1), 3e-4 0.876 / 0.55 (random slips instead of contradictions: 0.879 / 0.65 at
-# 1e-4, 0.876 / 0.60 at 2e-4); the errors left are wrong replies to chat prompts (~0.6: it
-# takes knowledge of the world) and cut-off one-word replies ("Mex" for "Mexico"). Batches of pairs of like length
-# (the Trainer's group_by_length: 55% of the padded tokens are real in random batches) train 30% faster (134 -> 88-96
-# s) but scored 0.885 / 0.60 and 0.888 / 0.70 (seeds 0, 1): less mixed batches, left out. Two epochs (794 steps,
-# 282-314 s instead of 134): 0.911 / 0.78 and 0.899 / 0.68 (seeds 0, 1), within the seeds' spread for twice the
-# time: left out.
+# All weights are trained (the scalar head is new), so the lr is lower than a LoRA run's. cpu: 1 epoch over two
+# rejected kinds per prompt plus a contradiction per problem, lr 2e-4 (more epochs, other lrs, LoRA, length-grouped
+# batches: no better within the seeds' spread; see docs/experiments.md#reward-model).
 PRESETS = {
     "gpu": dict(epochs=1.0, max_steps=-1, batch_size=32, lr=5e-5, save_steps=100),
     "cpu": dict(epochs=1.0, max_steps=-1, batch_size=16, lr=2e-4, save_steps=100),
     "smoke": dict(epochs=1.0, max_steps=6, batch_size=16, lr=3e-4, save_steps=50),
 }
-
-
-def log_line(log_file, record):
-    with open(log_file, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +169,7 @@ def policy_parents(sft_dir, base_dir):
     try:
         parents = rl.policy_parents(sft_dir, base_dir)
         return parents, f"SFT policy {parents['policy']}"
-    except UserError:
+    except rl.NoSFTModel:  # a missing --sft-dir, or one built on another base, is an error (find_policy)
         if not (Path(base_dir) / "config.json").is_file():
             raise UserError(f"no SFT model in {sft_dir} and no pretrained model in {base_dir}: "
                                    "run pretraining and SFT first") from None
@@ -262,71 +244,52 @@ def build_parser():
     return parser
 
 
-def main():
-    args = apply_preset(build_parser().parse_args(), PRESETS, default_scale())
-
-    # Data first: a bad file fails in a second, before any model is loaded or anything is written.
+def load_preference_pairs(args):
+    """(training pairs, held-out pairs) from --hf-dataset, --data (and --eval-data, else 5% held out by hash) or the
+    embedded files."""
     if args.hf_dataset:
-        train_pairs = load_hf_pairs(args.hf_dataset, args.hf_split)
-        eval_pairs = load_hf_pairs(args.hf_dataset, args.hf_eval_split)
-    elif args.data:
-        train_pairs = load_pairs(args.data)
-        eval_pairs = load_pairs(args.eval_data) if args.eval_data else None
-        if eval_pairs is None:
-            train_pairs, eval_pairs = heldout_by_hash(train_pairs)
-            if not eval_pairs:
-                raise UserError("too few pairs to hold any out: pass --eval-data")
-    else:
-        train_pairs = load_pairs([PREFERENCE_FILES["train"]])
-        eval_pairs = load_pairs([PREFERENCE_FILES["heldout"]])
-    out_model = args.out_dir / "reward_model"
-    ckpt_dir = args.checkpoint_dir or args.out_dir / "checkpoints" / "reward_model"
-    log_file = args.out_dir / "train.log"
+        return load_hf_pairs(args.hf_dataset, args.hf_split), load_hf_pairs(args.hf_dataset, args.hf_eval_split)
+    if not args.data:
+        return load_pairs([PREFERENCE_FILES["train"]]), load_pairs([PREFERENCE_FILES["heldout"]])
+    if args.eval_data:
+        return load_pairs(args.data), load_pairs(args.eval_data)
+    train_pairs, eval_pairs = heldout_by_hash(load_pairs(args.data))
+    if not eval_pairs:
+        raise UserError("too few pairs to hold any out: pass --eval-data")
+    return train_pairs, eval_pairs
 
-    # A rerun of a finished run is a no-op; checkpoints are resumed only by the run that wrote them.
-    parents, source = policy_parents(args.sft_dir, args.base_dir)
-    dtype = dtype_name(allow_fp16=True)
-    settings = {**settings_of(args, "hf_dataset", "hf_split", "hf_eval_split", "epochs", "max_steps",
-                                     "batch_size", "lr", "max_length", "seed"),
-                "data": [str(p.resolve()) for p in args.data or []],
-                "eval_data": [str(p.resolve()) for p in args.eval_data or []],
-                "pairs_sha256": hashlib.sha256(json.dumps([train_pairs, eval_pairs], ensure_ascii=False).encode())
-                .hexdigest(),  # edited data files make a new run
-                "dtype": dtype, "processes": int(os.environ.get("WORLD_SIZE", "1"))}
-    if not args.force and (args.out_dir / "reward_eval.json").is_file() and already_done(
-            out_model, STAGE, settings, **parents):
-        return
-    if (out_model / "config.json").is_file():
-        refuse_to_replace(out_model, args.force, "reward model")
-    check_writable_dir(args.out_dir)
-    resume, finished = checkpoint_to_resume(ckpt_dir, STAGE, settings, args.force, **parents)
 
+def run_settings(args, train_pairs, eval_pairs):
+    """What decides the reward model, besides its parents: compared with the checkpoints' run before resuming it, and
+    recorded in reward_model/lineage.json, where an identical rerun finds it finished."""
+    return {**settings_of(args, "hf_dataset", "hf_split", "hf_eval_split", "epochs", "max_steps", "batch_size", "lr",
+                          "max_length", "seed"),
+            "data": [str(p.resolve()) for p in args.data or []],
+            "eval_data": [str(p.resolve()) for p in args.eval_data or []],
+            "pairs_sha256": hashlib.sha256(json.dumps([train_pairs, eval_pairs], ensure_ascii=False).encode())
+            .hexdigest(),  # edited data files make a new run
+            "dtype": dtype_name(allow_fp16=True), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def pair_dataset(tok, pairs, max_len):
+    """The pairs' chosen and rejected token ids, tokenized as scoring tokenizes them (TRL would drop every pair
+    longer than max_length, a quarter of the embedded "rambling" pairs, while scoring cuts them from the left: the
+    model never saw what it was judged on)."""
     from datasets import Dataset
+
+    def input_ids(side):
+        return reward_model_input_ids(tok, [p["prompt"] + p[side][:-1] for p in pairs],
+                                      [p[side][-1]["content"] for p in pairs], max_len)
+
+    return Dataset.from_dict({"chosen_ids": input_ids("chosen"), "rejected_ids": input_ids("rejected")})
+
+
+def build_trainer(args, model, tok, train_ds, ckpt_dir):
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import TrainerCallback
     from transformers.integrations import TensorBoardCallback
     from trl import RewardConfig, RewardTrainer
 
-    torch.manual_seed(args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tok = init_reward_model(args.sft_dir, args.base_dir, parents, tmp)
-    print(f"reward model initialised from {source}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
-          f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
-    # Tokenized here as scoring tokenizes (TRL would drop every pair longer than max_length, a quarter of the
-    # embedded "rambling" pairs, while scoring cuts them from the left: the model never saw what it was judged on).
-    max_len = min(args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
-
-    def input_ids(side):
-        return reward_model_input_ids(tok, [p["prompt"] + p[side][:-1] for p in train_pairs],
-                                                  [p[side][-1]["content"] for p in train_pairs], max_len)
-
-    train_ds = Dataset.from_dict({"chosen_ids": input_ids("chosen"), "rejected_ids": input_ids("rejected")})
-
-    class LogFile(TrainerCallback):
-        def on_log(self, a, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs:
-                log_line(log_file, {"stage": STAGE, "step": state.global_step, "time": time.time(), **logs})
-
+    dtype = dtype_name(allow_fp16=True)
     config = RewardConfig(
         output_dir=str(ckpt_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
@@ -335,33 +298,52 @@ def main():
         logging_steps=5, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=2, report_to="none", seed=args.seed, dataloader_num_workers=0,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available())
-    callbacks = [LogFile()]
+    callbacks = [jsonl_log_callback({args.out_dir / "train.log": {"stage": STAGE}})]
     if int(os.environ.get("RANK", "0")) == 0:
         callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / STAGE))))
-    trainer = RewardTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)
-    if resume and trainer.accelerator.is_main_process:  # train.log marks where the killed run's lines end
-        print(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
-        log_line(log_file, {"stage": STAGE, "event": "resume", "checkpoint": resume, "time": time.time()})
-    t0 = time.time()
-    train_or_finish(trainer, resume, finished)
-    end_distributed()  # rank 0 goes on alone: saving and evaluating use no collectives
-    train_seconds = time.time() - t0
+    return RewardTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)
 
+
+def save_and_evaluate(args, stage, trainer, tok, eval_pairs, report):
+    """reward_model/ (model, tokenizer, lineage.json), then its held-out accuracy into reward_eval.json (after the
+    run's numbers in report) and train.log."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with stage.output() as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    metrics = evaluate(model, tok, eval_pairs)
+    atomic_write_json(args.out_dir / "reward_eval.json", {**report, "heldout": metrics})
+    append_jsonl(args.out_dir / "train.log", {"stage": STAGE, "event": "eval", **metrics})
+    kinds = ", ".join(f"{k} {v:.2f}" for k, v in metrics["accuracy_by_kind"].items())
+    print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} ({kinds}); saved {stage.out_dir} "
+          f"and {args.out_dir / 'reward_eval.json'}")
+
+
+def main():
+    args = apply_preset(build_parser().parse_args(), PRESETS, default_scale())
+    train_pairs, eval_pairs = load_preference_pairs(args)  # a bad file fails in a second, before any model loads
+    ckpt_dir = args.checkpoint_dir or args.out_dir / "checkpoints" / "reward_model"
+    parents, source = policy_parents(args.sft_dir, args.base_dir)
+    stage = Stage(STAGE, "reward model", args.out_dir / "reward_model", run_settings(args, train_pairs, eval_pairs),
+                  force=args.force, parents=parents, done_file=args.out_dir / "reward_eval.json")
+    if stage.done():
+        return
+    stage.prepare(writable=[args.out_dir, ckpt_dir])
+    resume, finished = stage.resume_point(ckpt_dir)
+
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok = init_reward_model(args.sft_dir, args.base_dir, parents, tmp)
+    print(f"reward model initialised from {source}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
+          f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
+    max_len = min(args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    trainer = build_trainer(args, model, tok, pair_dataset(tok, train_pairs, max_len), ckpt_dir)
+    seconds = train_and_end(trainer, resume, finished, args.out_dir / "train.log", STAGE)
     if trainer.accelerator.is_main_process:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        with atomic_dir(out_model) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            write_lineage(tmp, STAGE, settings, **parents)
-        metrics = evaluate(model, tok, eval_pairs)
-        report = {"initialised_from": source, "train_pairs": len(train_pairs), "steps": trainer.state.global_step,
-                  "train_loss": mean_logged(trainer.state, "loss"),  # the whole run, also after a resume
-                  "train_seconds": round(train_seconds, 1), "heldout": metrics}
-        atomic_write_json(args.out_dir / "reward_eval.json", report)
-        log_line(log_file, {"stage": STAGE, "event": "eval", **metrics})
-        kinds = ", ".join(f"{k} {v:.2f}" for k, v in metrics["accuracy_by_kind"].items())
-        print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} ({kinds}); saved {out_model} "
-              f"and {args.out_dir / 'reward_eval.json'}")
+        save_and_evaluate(args, stage, trainer, tok, eval_pairs, {
+            "initialised_from": source, "train_pairs": len(train_pairs), "steps": trainer.state.global_step,
+            "train_loss": mean_logged(trainer.state, "loss"),  # the whole run, also after a resume
+            "train_seconds": round(seconds, 1)})
 
 
 if __name__ == "__main__":

@@ -8,17 +8,15 @@ Writes: SFT/sft_output/   LoRA adapter (adapter_config.json, adapter_model.safet
                           generation_config.json, history.jsonl (step, loss, lr, eval_loss), lineage.json (the
                           settings and the base it was trained on); with --merge also merged/ (full model +
                           tokenizer + lineage.json, for the RLHF stage)
-        SFT/checkpoints/  Trainer checkpoints + lineage.json (the run's settings and base; a rerun resumes only
-                          checkpoints of the same run: checkpoint_to_resume)
+        SFT/checkpoints/  Trainer checkpoints + lineage.json (the run's settings and base)
         SFT/runs/         TensorBoard logs;  SFT/train.log: the log;  SFT/eval.json: base vs SFT on held-out data
 
-Reruns: the same command on a finished run is a no-op that says so. A killed run rerun with the same command resumes
-from the latest complete checkpoint and logs the same losses as an uninterrupted run (killed after saving its final
-checkpoint, it writes its outputs from that checkpoint without training a step more). Checkpoints of a run with other
-training settings (another --max-steps, --lr, data, base, ...) are never resumed from: the run stops and names the
-setting. --force starts over then (deleting those checkpoints), replaces an sft_output that the reward model or GRPO
-were built from (refused without it), and on a finished run rewrites its outputs and evaluation from its last
-checkpoint. SFT/inference.py and --eval-only refuse an adapter trained on another base than --model-dir.
+Reruns (llm_train/stage.py): the same command on a finished run is a no-op that says so; a killed run resumes from
+its latest complete checkpoint and logs the same losses as an uninterrupted run; checkpoints of a run with other
+training settings (--max-steps, --lr, data, base, ...) are never resumed from (--force starts over); --force also
+replaces an sft_output the reward model or GRPO were built from, and on a finished run rewrites its outputs and
+evaluation from its last checkpoint. SFT/inference.py, --eval-only and the later stages refuse an adapter trained on
+another base than --model-dir.
 
     python SFT/qlora_fine_tune_trl.py                       # preset cpu without CUDA, gpu with it (PRESETS below)
     python SFT/qlora_fine_tune_trl.py --preset smoke        # seconds
@@ -29,11 +27,10 @@ checkpoint. SFT/inference.py and --eval-only refuse an adapter trained on anothe
     python SFT/qlora_fine_tune_trl.py --hf-dataset tatsu-lab/alpaca --max-steps -1 --epochs 1
     python SFT/qlora_fine_tune_trl.py --eval-only           # re-measure base vs SFT from SFT/sft_output
 
-QLoRA (the gpu and smoke presets): the frozen base is loaded in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute). GPT-2 keeps its
-projections in transformers' Conv1D (weight stored in x out); transformers 5 quantizes those into bnb Linear4bit with
-the weight transposed to the Linear layout, so LoRA trains on Linear4bit layers (fan_in_fan_out=False). A LoRA
-adapter's A/B matrices are the same in either layout, so the saved adapter_config says fan_in_fan_out=True: right
-for the plain Conv1D model that PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("output"), ...) gives.
+QLoRA (the gpu and smoke presets): the frozen base in 4-bit NF4 (bitsandbytes, double quantization); transformers
+quantizes GPT-2's Conv1D projections into Linear4bit (weight transposed), so LoRA trains with fan_in_fan_out=False,
+and the saved adapter_config says fan_in_fan_out=True: right for the plain Conv1D model that
+PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("output"), ...) gives (A/B are layout-independent).
 The compute dtype is compute_dtype ($LLM_TRAIN_DTYPE=bf16|fp32 forces it): bf16 on GPUs and bf16-capable CPUs.
 """
 import argparse
@@ -41,22 +38,24 @@ import hashlib
 import json
 import logging
 import os
-import shlex
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from llm_train.arithmetic import arithmetic_tasks, extract_answer
-from llm_train.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable_dir
+from llm_train.atomic import atomic_write_json, check_writable_dir
 from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
+from llm_train.conversations import read_rows, split_train_val, to_messages
 from llm_train.corpus import read_jsonl_gz
+from llm_train.engine import Engine, prompt_token_ids
 from llm_train.errors import UserError, run_main
-from llm_train.lineage import already_done, check_lineage, refuse_to_replace, write_lineage
+from llm_train.lineage import check_lineage, refuse_to_replace
 from llm_train.paths import OUTPUT_DIR, REPO, SFT_OUTPUT_DIR
-from llm_train.runtime import compute_dtype, default_scale, dtype_name, end_distributed
+from llm_train.runtime import autocast, compute_dtype, default_scale, dtype_name, end_distributed
+from llm_train.stage import Stage
 from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
-from llm_train.trainer_runs import checkpoint_to_resume, train_or_finish
+from llm_train.trainer_runs import check_launch, mean_train_loss, train_or_finish, write_history
 
 warnings.filterwarnings("ignore", r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)  # peft
 # bitsandbytes on AVX512-BF16 CPUs: an optional faster kernel package (`kernels`) is not installed; nothing is wrong.
@@ -67,24 +66,20 @@ logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" 
 SFT_DIR = REPO / "SFT"
 EMBEDDED_DATA = SFT_DIR / "data" / "chatterbot_sft.jsonl.gz"
 LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2 attention qkv + output projection, MLP up + down projections
-ROLES = {"system", "user", "assistant"}
 log = logging.getLogger("sft")
 
 # Budget and optimizer per scale of base model, in one place (README table); each value can be overridden by its flag.
-PRESETS = {
-    # The seed's QLoRA recipe for the 100M model: lr 1e-4, batch 4 (x4 accumulated), r=64, 3 epochs over the embedded
-    # chats + 10k arithmetic problems (~2.3k steps).
+PRESETS = {  # measured: see docs/experiments.md#sft
+    # the seed's QLoRA recipe for the 100M model (~2.3k steps)
     "gpu": dict(four_bit=True, arith_tasks=10000, max_steps=-1, epochs=3.0, batch_size=4, grad_accum=4, lr=1e-4,
                 lora_r=64, lora_alpha=128, save_steps=500, eval_steps=500, eval_tasks=200, eval_chats=32,
                 max_new_tokens=64),
-    # The 3.4M CPU model learns its arithmetic in mid-training (a LoRA step costs ~5x a pretraining step per token
-    # here), so SFT is short, at a LoRA lr 10x the gpu one, two thirds of it arithmetic (measured on the cpu base:
-    # held-out exact match 71% -> 82.5%). LoRA on the fp32 base: NF4 halves the CPU step rate. 200 held-out
-    # problems: the exact match of 64 moves by +-6 points from chance alone.
+    # short: the 3.4M model learns its arithmetic in mid-training; LoRA on the fp32 base (NF4 halves the CPU step
+    # rate); 200 held-out problems (the exact match of 64 moves by +-6 points from chance alone)
     "cpu": dict(four_bit=False, arith_tasks=4000, max_steps=100, epochs=1.0, batch_size=16, grad_accum=1, lr=1e-3,
                 lora_r=16, lora_alpha=32, save_steps=50, eval_steps=50, eval_tasks=200, eval_chats=16,
                 max_new_tokens=64),
-    # Seconds: the same code paths.
+    # seconds: the same code paths
     "smoke": dict(four_bit=True, arith_tasks=300, max_steps=6, epochs=1.0, batch_size=4, grad_accum=1, lr=1e-3,
                   lora_r=8, lora_alpha=16, save_steps=50, eval_steps=50, eval_tasks=8, eval_chats=4, max_new_tokens=12),
 }
@@ -144,75 +139,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: everything becomes {"messages": [{"role", "content"}, ...]}; a bad row is a UserError naming file and row.
-def to_messages(row, where):
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise UserError(f"{where}: each message needs a role in {sorted(ROLES)} and a string content, got {m!r:.120}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{where}: conversation has no assistant message, so nothing to learn")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    if "instruction" in row and "output" in row:  # Alpaca / BELLE
-        fields = (row["instruction"], row.get("input") or "", row["output"])
-        if not all(isinstance(f, str) for f in fields) or not fields[0].strip():
-            raise UserError(f"{where}: Alpaca row needs string 'instruction' (non-empty), 'input' and 'output'")
-        prompt = fields[0] + ("\n\n" + fields[1] if fields[1].strip() else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields[2]}]
-    raise UserError(f"{where}: expected a 'messages' list or Alpaca 'instruction'/'input'/'output' fields, "
-                    f"got keys {sorted(row)}")
-
-
-def read_rows(path):
-    """(row number, row) of a local .jsonl[.gz], .json (a list) or .parquet file."""
-    import gzip
-
-    if not path.is_file():
-        raise UserError(f"data file {path} not found")
-    name = path.name
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        yield from enumerate(pq.read_table(path).to_pylist(), 1)
-    elif name.endswith(".json"):
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid UTF-8 JSON ({e})") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: a .json file must hold a list of rows (use .jsonl for one row per line)")
-        yield from enumerate(rows, 1)
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        try:
-            with opener(path, "rt", encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield n, json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise UserError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not valid UTF-8 text: convert it to UTF-8 (e.g. with iconv)") from None
-        except (gzip.BadGzipFile, EOFError) as e:
-            raise UserError(f"{path}: not a readable gzip file ({e})") from None
-    else:
-        raise UserError(f"{path}: unsupported file type; give .jsonl, .jsonl.gz, .json or .parquet")
-
-
-def split_train_val(conversations, val_size, seed):
-    """Hold out val_size conversations, chosen by a hash of their text (stable across runs and data order)."""
-    def key(c):
-        return hashlib.sha1((str(seed) + json.dumps(c, ensure_ascii=False)).encode()).hexdigest()
-    held = set(sorted(range(len(conversations)), key=lambda i: key(conversations[i]))[:min(val_size, len(conversations) // 10)])
-    return ([c for i, c in enumerate(conversations) if i not in held], [c for i, c in enumerate(conversations) if i in held])
-
-
+# Data: everything becomes {"messages": [{"role", "content"}, ...]} (llm_train/conversations.py).
 def arithmetic_conversation(task):
     return [{"role": "user", "content": task["prompt"]}, {"role": "assistant", "content": task["response"]}]
 
@@ -261,15 +188,6 @@ def drop_too_long(conversations, tokenizer, max_length, what):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model
-def autocast(device):
-    import contextlib
-
-    import torch
-
-    dtype = compute_dtype(allow_fp16=True)
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
 def load_base(model_dir, four_bit):
     import torch
     from accelerate import PartialState
@@ -325,7 +243,7 @@ def assistant_loss(model, tokenizer, conversations, batch_size=16):
             ids[row, :n] = torch.tensor(e["input_ids"])
             mask[row, :n] = 1
             labels[row, :n] = torch.where(torch.tensor(e["assistant_masks"]) == 1, ids[row, :n], -100)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, dtype_name(allow_fp16=True)):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         targets = labels[:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
@@ -336,28 +254,12 @@ def assistant_loss(model, tokenizer, conversations, batch_size=16):
 
 
 def generate(model, tokenizer, conversations, max_new_tokens, batch_size=32):
-    """Greedy replies; returns (text, ended with <|im_end|>) per conversation."""
-    import torch
-
-    device = next(model.parameters()).device
+    """Greedy replies (llm_train.engine: chat template, prompt cut to fit the context, stop tokens, compute dtype);
+    returns (text, ended with <|im_end|>) per conversation."""
+    engine = Engine(model, tokenizer, dtype_name(allow_fp16=True))
+    replies = engine.generate_batch(prompt_token_ids(tokenizer, conversations), max_new_tokens, batch_size=batch_size)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    stops = [im_end, tokenizer.convert_tokens_to_ids(EOT)]
-    tokenizer.padding_side = tokenizer.truncation_side = "left"  # generation continues from each prompt's right end
-    replies = []
-    for i in range(0, len(conversations), batch_size):
-        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                   for c in conversations[i:i + batch_size]]
-        # a prompt longer than the context minus the reply keeps its end, where the reply starts
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
-                          max_length=max(model.config.n_positions - max_new_tokens, 1)).to(device)
-        with torch.no_grad(), autocast(device):
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
-            ended = next((t for t in row if t in stops), None) == im_end
-            replies.append((tokenizer.decode(row, skip_special_tokens=True).strip(), ended))
-    tokenizer.padding_side = tokenizer.truncation_side = "right"
-    return replies
+    return [(engine.decode(ids).strip(), bool(ids) and ids[-1] == im_end) for ids in replies]
 
 
 def measure(model, tokenizer, val, tasks, chat_prompts, max_new_tokens):
@@ -422,21 +324,9 @@ def setup_logging(run_dir, is_main):
     transformers.utils.logging.enable_propagation()
 
 
-def write_history(log_history, path):
-    rows = {}
-    for entry in log_history:
-        row = rows.setdefault(entry["step"], {"step": entry["step"], "loss": None, "lr": None, "eval_loss": None})
-        if "loss" in entry:
-            row.update(loss=round(entry["loss"], 4), lr=entry.get("learning_rate"))
-        if "eval_loss" in entry:
-            row["eval_loss"] = round(entry["eval_loss"], 4)
-    lines = "".join(json.dumps(r) + "\n" for r in sorted(rows.values(), key=lambda r: r["step"]))
-    atomic_write_bytes(path, lines.encode())
-
-
-def save_outputs(trainer, tokenizer, args, settings):
-    """Adapter + tokenizer + generation config + lineage (+ merged model), written to a temporary dir renamed into
-    place."""
+def save_outputs(trainer, tokenizer, args, stage):
+    """Adapter + tokenizer + generation config + history + lineage (+ merged model), written to a temporary dir
+    renamed into place."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -444,7 +334,7 @@ def save_outputs(trainer, tokenizer, args, settings):
     stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(EOT)]
     generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                                          bos_token_id=tokenizer.convert_tokens_to_ids(EOT))
-    with atomic_dir(args.output_dir) as tmp:
+    with stage.output() as tmp:
         trainer.model.save_pretrained(str(tmp))
         config_path = tmp / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
@@ -458,47 +348,24 @@ def save_outputs(trainer, tokenizer, args, settings):
         tokenizer.save_pretrained(str(tmp))
         generation_config.save_pretrained(str(tmp))
         write_history(trainer.state.log_history, tmp / "history.jsonl")
-        write_lineage(tmp, "sft", settings, tokenizer_dir=tmp, base=args.model_dir)
         if args.merge:
-            base = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.float32)
-            merged = PeftModel.from_pretrained(base, str(tmp)).merge_and_unload()
-            merged.generation_config = generation_config
-            merged.config.eos_token_id = stops[0]
-            merged.save_pretrained(str(tmp / "merged"))
-            tokenizer.save_pretrained(str(tmp / "merged"))
-            write_lineage(tmp / "merged", "sft", settings, tokenizer_dir=tmp / "merged", base=args.model_dir)
+            with stage.output(tmp / "merged") as merged_dir:
+                base = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.float32)
+                merged = PeftModel.from_pretrained(base, str(tmp)).merge_and_unload()
+                merged.generation_config = generation_config
+                merged.config.eos_token_id = stops[0]
+                merged.save_pretrained(str(merged_dir))
+                tokenizer.save_pretrained(str(merged_dir))
     log.info(f"wrote adapter, tokenizer{' and merged model' if args.merge else ''} to {args.output_dir}")
 
 
-def mean_train_loss(log_history):
-    """(mean training loss over steps 1..N, N) from the Trainer's log history, which a resumed run restores from the
-    checkpoint: each logged loss is the mean over the steps since the previous log. (The Trainer's own training_loss
-    after a resume is the resumed steps' loss sum divided by all steps.)"""
-    total, last = 0.0, 0
-    for entry in log_history:
-        if "loss" in entry:
-            total, last = total + entry["loss"] * (entry["step"] - last), entry["step"]
-    return total / max(last, 1), last
-
-
-def train(args, tokenizer, train_conversations, val, settings, resume, finished):
-    import datasets
+def sft_config(args, checkpoint_dir):
     import torch
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    four_bit = args.four_bit
-    model = load_base(args.model_dir, four_bit)
-    if four_bit:
-        # Freezes the base and upcasts norms/embeddings to fp32.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
-                      fan_in_fan_out=not four_bit)  # Linear4bit is (out, in); unquantized GPT-2 Conv1D is (in, out)
     dtype = compute_dtype(allow_fp16=True)
-    checkpoint_dir = args.checkpoint_dir or args.run_dir / "checkpoints"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(args.run_dir / "runs"))
-    config = SFTConfig(
+    return SFTConfig(
         output_dir=str(checkpoint_dir), max_steps=args.max_steps, num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size * 4,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="cosine",
@@ -512,8 +379,23 @@ def train(args, tokenizer, train_conversations, val, settings, resume, finished)
         report_to=["tensorboard"], seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
         ddp_find_unused_parameters=False, dataset_num_proc=None,
     )
-    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, peft_config=lora,
-                         train_dataset=datasets.Dataset.from_dict({"messages": train_conversations}),
+
+
+def build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir):
+    """SFTTrainer with LoRA on the (4-bit, with --4bit) base, its adapters in fp32."""
+    import datasets
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from trl import SFTTrainer
+
+    model = load_base(args.model_dir, args.four_bit)
+    if args.four_bit:
+        # Freezes the base and upcasts norms/embeddings to fp32.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
+                      fan_in_fan_out=not args.four_bit)  # Linear4bit is (out, in); unquantized GPT-2 Conv1D (in, out)
+    trainer = SFTTrainer(model=model, args=sft_config(args, checkpoint_dir), processing_class=tokenizer,
+                         peft_config=lora, train_dataset=datasets.Dataset.from_dict({"messages": train_conversations}),
                          eval_dataset=datasets.Dataset.from_dict({"messages": val}))
     # TRL casts QLoRA adapters to bf16. Keep them fp32 in every dtype: the Trainer's autocast still computes in bf16,
     # the optimizer updates fp32 master weights (a bf16 weight drops updates below 2^-8 of its size), and a resumed run
@@ -521,12 +403,19 @@ def train(args, tokenizer, train_conversations, val, settings, resume, finished)
     for param in trainer.model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    return trainer
+
+
+def train(args, stage, tokenizer, train_conversations, val, checkpoint_dir, resume, finished):
+    """Train (or finish) the run from checkpoint `resume`, then save_outputs on the main process."""
+    trainer = build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir)
     if trainer.accelerator.is_main_process:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
-        log.info(f"{'4-bit NF4' if four_bit else 'full-precision'} base, LoRA r={args.lora_r} alpha={args.lora_alpha} "
-                 f"on {LORA_TARGETS}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M parameters; "
-                 f"{len(train_conversations)} training conversations, {trainer.args.world_size} process(es)")
+        log.info(f"{'4-bit NF4' if args.four_bit else 'full-precision'} base, LoRA r={args.lora_r} alpha="
+                 f"{args.lora_alpha} on {LORA_TARGETS}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M "
+                 f"parameters; {len(train_conversations)} training conversations, {trainer.args.world_size} "
+                 "process(es)")
         if resume:  # finished too when rerun with --force after the run ended, or killed while writing its outputs
             log.info(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
     t0 = time.time()
@@ -536,27 +425,11 @@ def train(args, tokenizer, train_conversations, val, settings, resume, finished)
         log.info(f"trained to step {trainer.state.global_step} ({time.time() - t0:.0f}s); "
                  + (f"mean train loss over steps 1-{n_steps}: {loss:.4f}" if n_steps else
                     f"no train loss logged yet (it is logged every {trainer.args.logging_steps} steps)"))
-        save_outputs(trainer, tokenizer, args, {**settings, "merge": args.merge})
+        save_outputs(trainer, tokenizer, args, stage)
     return trainer
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def check_launch():
-    """`accelerate launch --num_processes=N` without --multi_gpu on a machine without GPUs starts ONE process (it sets
-    MASTER_ADDR for the N asked for, but no WORLD_SIZE): stop instead of silently training alone."""
-    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ or "MASTER_ADDR" not in os.environ or "WORLD_SIZE" in os.environ:
-        return
-    try:  # the launcher's own command line says how many processes were asked for
-        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        launcher = []
-    asked = next((arg.partition("=")[2] or after for arg, after in zip(launcher, launcher[1:] + [""])
-                  if arg.partition("=")[0] in ("--num_processes", "--num-processes")), "N")
-    raise UserError(f"accelerate launch started 1 process, not the {asked} asked for (without --multi_gpu it runs one "
-                    f"process on CPUs): run `accelerate launch --multi_gpu --num_processes={asked} "
-                    f"{shlex.join(sys.argv)}` (gloo on CPUs, nccl on GPUs)")
-
-
 def data_fingerprint(paths):
     """sha256 of the --data files' contents (not their paths): an edited file is other training data."""
     digest = hashlib.sha256()
@@ -578,9 +451,9 @@ def run_settings(args, processes):
             "dtype": dtype_name(allow_fp16=True), "processes": processes}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    check_launch()
+def check_inputs(args):
+    """The flags that can be checked before anything loads: one data source, the base, --max-length (set to the
+    base's context if not given)."""
     if args.data and args.hf_dataset:
         raise UserError("give --data or --hf-dataset, not both")
     check_model_dir(args.model_dir)
@@ -590,25 +463,32 @@ def main(argv=None):
     if args.max_length > n_positions:
         raise UserError(f"--max-length {args.max_length} is longer than the context of {args.model_dir} "
                         f"({n_positions} positions)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_launch()
+    check_inputs(args)
     import torch
     from accelerate import PartialState
 
     # Under torchrun / accelerate launch this joins the process group (gloo on CPU, nccl on GPUs).
     state = PartialState(cpu=not torch.cuda.is_available())
     settings = run_settings(args, state.num_processes)
+    checkpoint_dir = args.checkpoint_dir or args.run_dir / "checkpoints"
+    # The outputs record whether merged/ was written; the checkpoints' run does not depend on it.
+    stage = Stage("sft", "SFT model", args.output_dir, {**settings, "merge": args.merge}, force=args.force,
+                  parents={"base": args.model_dir})
     if args.eval_only:
         check_lineage(args.output_dir, f"python SFT/qlora_fine_tune_trl.py --model-dir {args.model_dir} "
-                                              f"--output-dir {args.output_dir}", base=args.model_dir)
-    else:
-        if not args.force and already_done(args.output_dir, "sft", {**settings, "merge": args.merge},
-                                                  base=args.model_dir):
-            return None, None
-        for out in (args.output_dir, args.output_dir / "merged"):  # later stages may have been built from either
-            refuse_to_replace(out, args.force, "SFT model")
-    setup_logging(args.run_dir, state.is_main_process)
-    if state.is_main_process:
+                                       f"--output-dir {args.output_dir}", base=args.model_dir)
         check_writable_dir(args.run_dir)
-        check_writable_dir(args.output_dir.parent)
+    else:
+        if stage.done():
+            return None, None
+        refuse_to_replace(args.output_dir / "merged", args.force, "SFT model")  # later stages may use merged/
+        stage.prepare(writable=[args.run_dir, checkpoint_dir])
+    setup_logging(args.run_dir, state.is_main_process)
     tokenizer = load_chat_tokenizer(args.model_dir)
     train_conversations, val, chat_prompts = load_conversations(args)
     train_conversations = drop_too_long(train_conversations, tokenizer, args.max_length, "training")
@@ -616,9 +496,9 @@ def main(argv=None):
     trainer = report = None
     if not args.eval_only:
         # after the data checks: --force may delete the checkpoints of a run with other settings
-        resume, finished = checkpoint_to_resume(args.checkpoint_dir or args.run_dir / "checkpoints", "sft",
-                                                       settings, args.force, base=args.model_dir)
-        trainer = train(args, tokenizer, train_conversations, val, settings, resume, finished)
+        run = Stage("sft", "SFT model", args.output_dir, settings, force=args.force, parents={"base": args.model_dir})
+        resume, finished = run.resume_point(checkpoint_dir)
+        trainer = train(args, stage, tokenizer, train_conversations, val, checkpoint_dir, resume, finished)
     end_distributed()  # before rank 1 exits (else gloo may abort it); rank 0's evaluation uses no collectives
     if state.is_main_process:
         report = evaluate(args, tokenizer, val, chat_prompts)

@@ -8,25 +8,41 @@ from pathlib import Path
 from llm_train.arithmetic import arithmetic_tasks, extract_answer
 from llm_train.corpus import read_jsonl_gz
 from llm_train.errors import UserError
-from llm_train.paths import PREFERENCE_FILES
+from llm_train.lineage import check_lineage
+from llm_train.paths import OUTPUT_DIR, PREFERENCE_FILES, SFT_OUTPUT_DIR
 from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+from llm_train.trainer_runs import rerun_command
+
+
+class NoSFTModel(UserError):
+    """--sft-dir exists but holds no model (the reward model then starts from the pretrained base)."""
 
 
 def find_policy(sft_dir, base_dir):
     """Where the SFT policy is: ('full', dir) for a full model dir (SFT's merged/ or any HF causal LM),
-    ('adapter', sft_dir) for a LoRA adapter on base_dir, or a UserError saying what to run first."""
+    ('adapter', sft_dir) for a LoRA adapter on base_dir, or a UserError saying what to run first. SFT's outputs
+    must have been trained on base_dir as it is now (their lineage.json says; a UserError otherwise), so that no
+    later stage trains on an adapter whose base was replaced."""
     sft_dir, base_dir = Path(sft_dir), Path(base_dir)
+    if not sft_dir.exists():
+        raise UserError(f"SFT directory {sft_dir} does not exist: pass the --sft-dir that "
+                        "`python SFT/qlora_fine_tune_trl.py` wrote (default SFT/sft_output)")
     if (sft_dir / "merged" / "config.json").is_file():
-        return "full", sft_dir / "merged"
-    if (sft_dir / "adapter_config.json").is_file():
+        kind, path = "full", sft_dir / "merged"
+    elif (sft_dir / "adapter_config.json").is_file():
         if not (base_dir / "config.json").is_file():
             raise UserError(f"{sft_dir} holds a LoRA adapter but its base model {base_dir} is missing: "
                             "pretrain first or pass --base-dir")
-        return "adapter", sft_dir
-    if (sft_dir / "config.json").is_file():
-        return "full", sft_dir
-    raise UserError(f"no SFT model in {sft_dir}: run `python SFT/qlora_fine_tune_trl.py` first "
-                    "(or pass --sft-dir DIR with a Hugging Face causal LM)")
+        kind, path = "adapter", sft_dir
+    elif (sft_dir / "config.json").is_file():
+        kind, path = "full", sft_dir
+    else:
+        raise NoSFTModel(f"no SFT model in {sft_dir}: run `python SFT/qlora_fine_tune_trl.py` first "
+                         "(or pass --sft-dir DIR with a Hugging Face causal LM)")
+    rebuild = rerun_command("SFT/qlora_fine_tune_trl.py" + (" --merge" if path != sft_dir else ""),
+                            model_dir=(base_dir, OUTPUT_DIR), output_dir=(sft_dir, SFT_OUTPUT_DIR))
+    check_lineage(path, rebuild, base=base_dir)
+    return kind, path
 
 
 def policy_parents(sft_dir, base_dir):
@@ -69,7 +85,6 @@ def rlhf_prompts(split, n_arithmetic, n_conversation, seed=0):
             seen.add(key)
             prompts.append({"prompt": row["prompt"], "answer": None, "kind": "chat"})
     return prompts
-
 
 
 def render_chat(tokenizer, prompt, completion=None):

@@ -1,12 +1,17 @@
-"""Trainer runs (SFT, reward model, GRPO): what a rerun resumes, and finishing a run whose last checkpoint is
-already written. The checkpoint dir holds a lineage.json of the run that writes it."""
+"""Trainer runs (SFT, reward model, GRPO): what a rerun resumes (the checkpoint dir holds a lineage.json of the run
+that writes it), training on from a checkpoint with the logging window it was in, or only finishing a run whose last
+checkpoint is already written; the runs' JSON-lines logs and history, and the launch check of multi-process runs."""
 import json
+import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
+from llm_train.atomic import atomic_write_bytes
 from llm_train.errors import UserError
 from llm_train.lineage import output_fingerprint, read_lineage, write_lineage
-from llm_train.runtime import DTYPE_ENV
+from llm_train.runtime import DTYPE_ENV, end_distributed
 
 
 def latest_trainer_checkpoint(checkpoint_dir):
@@ -68,16 +73,85 @@ def checkpoint_to_resume(ckpt_dir, stage, settings, force, may_grow=(), **parent
     return (None, False) if why else (latest, finished)
 
 
+LOG_WINDOW = "log_window_rank{}.json"
+
+
+def _log_window_callback(trainer, resume):
+    """A TrainerCallback that keeps the Trainer's logging window across a resume. The Trainer logs the mean loss of
+    the steps since its last log, but a checkpoint does not hold the loss summed since then: a run resumed from a
+    checkpoint between two logging steps logged the mean of the steps after the checkpoint only (another number than
+    the uninterrupted run's). Each checkpoint gets that sum and the window's first step (per process, as each
+    process logs its own sum before they are averaged), and a resumed run starts from them."""
+    from transformers import TrainerCallback
+
+    class KeepLogWindow(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            window = Path(resume or "") / LOG_WINDOW.format(args.process_index)
+            if resume and window.is_file():
+                saved = json.loads(window.read_text())
+                trainer._tr_loss += saved["loss_sum"]
+                trainer._globalstep_last_logged = saved["last_logged_step"]
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                (checkpoint / LOG_WINDOW.format(args.process_index)).write_text(json.dumps(
+                    {"loss_sum": trainer._tr_loss.item(), "last_logged_step": trainer._globalstep_last_logged}))
+
+    return KeepLogWindow()
+
+
 def train_or_finish(trainer, resume, finished):
-    """trainer.train(), resuming from checkpoint `resume`. A checkpoint at the run's last step is only loaded:
-    the Trainer would otherwise train one step past the end before noticing it is done."""
+    """trainer.train(), resuming from checkpoint `resume` with the logging window it was in (so every logged loss is
+    the uninterrupted run's). A checkpoint at the run's last step is only loaded: the Trainer would otherwise train
+    one step past the end before noticing it is done."""
     if finished:
         from transformers import TrainerState
 
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
         return
+    trainer.add_callback(_log_window_callback(trainer, resume))
     trainer.train(resume_from_checkpoint=resume)
+
+
+def train_and_end(trainer, resume, finished, log_file, stage):
+    """train_or_finish, after saying on the main process that the run resumes (and marking in log_file where the
+    killed run's lines end); then the process group ends (rank 0 goes on alone: saving and evaluating use no
+    collectives). Returns the seconds it took."""
+    import time
+
+    if resume and trainer.accelerator.is_main_process:
+        print(f"resuming from {resume}" + (" (the run's last step: nothing left to train)" if finished else ""))
+        append_jsonl(log_file, {"stage": stage, "event": "resume", "checkpoint": resume, "time": time.time()})
+    t0 = time.time()
+    train_or_finish(trainer, resume, finished)
+    end_distributed()
+    return time.time() - t0
+
+
+def jsonl_log_callback(files):
+    """A TrainerCallback appending each log of the main process as one JSON line to every file in files ({path:
+    fields}): {**fields, step, epoch, time, **logs} (train.log of all stages, a run's history.jsonl)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+                for path, fields in files.items():
+                    append_jsonl(path, {**fields, **record})
+
+    return JsonlLog()
+
+
+def append_jsonl(path, record):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def rerun_command(script, **flags):
@@ -94,8 +168,48 @@ def checkpoint_epoch(checkpoint):
     return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["epoch"])
 
 
+def mean_train_loss(log_history):
+    """(mean training loss over steps 1..N, N) from the Trainer's log history, which a resumed run restores from the
+    checkpoint: each logged loss is the mean over the steps since the previous log. (The Trainer's own training_loss
+    after a resume is the resumed steps' loss sum divided by all steps.)"""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total, last = total + entry["loss"] * (entry["step"] - last), entry["step"]
+    return total / max(last, 1), last
+
+
 def mean_logged(state, key):
     """Mean of the values logged under `key` over the whole run (a resumed run's log history includes the steps
     before the resume), or None if none were logged."""
     values = [h[key] for h in state.log_history if key in h]
     return sum(values) / len(values) if values else None
+
+
+def check_launch():
+    """`accelerate launch --num_processes=N` without --multi_gpu on a machine without GPUs starts ONE process (it sets
+    MASTER_ADDR for the N asked for, but no WORLD_SIZE): stop instead of silently training alone."""
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ or "MASTER_ADDR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    try:  # the launcher's own command line says how many processes were asked for
+        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        launcher = []
+    asked = next((arg.partition("=")[2] or after for arg, after in zip(launcher, launcher[1:] + [""])
+                  if arg.partition("=")[0] in ("--num_processes", "--num-processes")), "N")
+    raise UserError(f"accelerate launch started 1 process, not the {asked} asked for (without --multi_gpu it runs one "
+                    f"process on CPUs): run `accelerate launch --multi_gpu --num_processes={asked} "
+                    f"{shlex.join(sys.argv)}` (gloo on CPUs, nccl on GPUs)")
+
+
+def write_history(log_history, path):
+    """A Trainer's log history as one JSON line per step: {step, loss, lr, eval_loss} (4 decimals)."""
+    rows = {}
+    for entry in log_history:
+        row = rows.setdefault(entry["step"], {"step": entry["step"], "loss": None, "lr": None, "eval_loss": None})
+        if "loss" in entry:
+            row.update(loss=round(entry["loss"], 4), lr=entry.get("learning_rate"))
+        if "eval_loss" in entry:
+            row["eval_loss"] = round(entry["eval_loss"], 4)
+    lines = "".join(json.dumps(r) + "\n" for r in sorted(rows.values(), key=lambda r: r["step"]))
+    atomic_write_bytes(path, lines.encode())

@@ -657,3 +657,95 @@ def test_prompts_longer_than_the_context_are_cut_the_same_for_sampling_and_scori
     with torch.no_grad():
         logps, mask = completion_logps(model, cut, ids)
     assert mask.sum().item() == sum(map(len, ids)) and (logps[mask.bool()] < 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage protocol's holes, closed: each is one clear error, or a no-op rerun.
+def lora_adapter(base_dir, path):
+    """A LoRA adapter on base_dir saved like SFT's sft_output (lineage.json names its base)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)), LoraConfig(
+        r=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    model.save_pretrained(str(path))
+    write_lineage(path, "sft", {}, base=base_dir)
+    return path
+
+
+def test_a_missing_sft_dir_is_one_clear_error(tiny_model_dir, tmp_path):
+    """The reward model used to train from the pretrained base when --sft-dir did not exist, and exit 0."""
+    missing = tmp_path / "no_such_sft_output"
+    proc = run_script("RLHF/reward_model.py", "--sft-dir", missing, "--base-dir", tiny_model_dir, "--out-dir",
+                      tmp_path / "rm", *small_pairs(tmp_path), "--max-steps", 1, "--batch-size", 4, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: SFT directory {missing} does not exist" in proc.stderr
+    assert not (tmp_path / "rm" / "reward_model").exists()
+    with pytest.raises(UserError, match=f"SFT directory {missing} does not exist"):
+        main_of("RLHF/grpo_trl.py", grpo_args(missing, tmp_path / "grpo", "--rm-weight", 0))
+
+
+def test_an_adapter_on_a_replaced_base_is_refused_by_every_loader_of_the_policy(tiny_model_dir, tmp_path):
+    """The reward model and GRPO (without a reward model) trained on an SFT adapter whose base was replaced since:
+    the lineage check of SFT inference is in load_policy/find_policy now, so every stage that loads the policy has it."""
+    adapter = lora_adapter(tiny_model_dir, tmp_path / "sft_output")
+    assert load_policy(adapter, tiny_model_dir)[0] is not None  # its own base: fine
+    other_base = other_policy(tiny_model_dir, tmp_path / "other_base")
+    message = f"{adapter} was built from a different base than the one in {other_base}"
+    with pytest.raises(UserError, match=message) as error:
+        load_policy(adapter, other_base)
+    assert "Rebuild it with `python SFT/qlora_fine_tune_trl.py --model-dir" in str(error.value)
+    with pytest.raises(UserError, match=message):
+        main_of("RLHF/reward_model.py", ["--sft-dir", adapter, "--base-dir", other_base, "--out-dir", tmp_path / "rm",
+                                         *small_pairs(tmp_path), "--max-steps", 1, "--batch-size", 4])
+    with pytest.raises(UserError, match=message):
+        main_of("RLHF/grpo_trl.py", grpo_args(adapter, tmp_path / "grpo", "--base-dir", other_base,
+                                              "--rm-weight", 0))
+    assert not (tmp_path / "rm").exists() and not (tmp_path / "grpo").exists()
+
+
+def test_an_unwritable_checkpoint_dir_is_one_clear_error(rlhf_dir, tiny_model_dir, tmp_path):
+    """A --checkpoint-dir under a regular file (tests run as root: chmod would not stop them) used to end in a
+    traceback from the first checkpoint write."""
+    (tmp_path / "a_file").write_text("")
+    ckpt = tmp_path / "a_file" / "checkpoints"
+    proc = run_script("RLHF/reward_model.py", "--sft-dir", tiny_model_dir, "--out-dir", tmp_path / "rm",
+                      "--checkpoint-dir", ckpt, *small_pairs(tmp_path), "--max-steps", 1, "--batch-size", 4,
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: cannot write to output directory {ckpt}" in proc.stderr
+    with pytest.raises(UserError, match=f"cannot write to output directory {ckpt}"):
+        main_of("RLHF/grpo_trl.py", grpo_args(tiny_model_dir, tmp_path / "grpo", "--rm-weight", 0,
+                                              "--checkpoint-dir", ckpt))
+
+
+def test_plain_pytorch_grpo_rerun_is_a_noop(rlhf_dir, tiny_model_dir):
+    args = ["--sft-dir", tiny_model_dir, "--out-dir", rlhf_dir, "--num-prompts", 4, "--prompts-per-step", 4,
+            "--num-generations", 2, "--max-completion-length", 4, "--rm-weight", 0, "--seed", 7]
+    run_script("RLHF/grpo_training.py", *args)
+    weights = rlhf_dir / "checkpoints" / "grpo_training" / "model.safetensors"
+    log, mtime = (rlhf_dir / "train.log").read_text(), weights.stat().st_mtime_ns
+    assert "already finished with these settings; nothing to do" in main_of("RLHF/grpo_training.py", args)
+    assert (rlhf_dir / "train.log").read_text() == log and weights.stat().st_mtime_ns == mtime
+
+
+def test_a_resume_between_two_logging_steps_logs_the_uninterrupted_losses(tiny_model_dir, tmp_path):
+    """The loss is logged every 5 steps as the mean since the last log; a run resumed from checkpoint-9 used to log
+    at step 10 the loss of step 10 alone instead of the mean over steps 6-10 (the checkpoint did not hold the loss
+    summed since step 5): the Trainer's logging window is kept across the resume (train_or_finish)."""
+    def cmd(out):
+        return ["--sft-dir", tiny_model_dir, "--out-dir", out, *small_pairs(tmp_path), "--max-steps", 10,
+                "--save-steps", 3, "--batch-size", 4, "--lr", 1e-3, "--max-length", 96]
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in jsonl(out / "train.log") if "loss" in r}
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_script("RLHF/reward_model.py", *cmd(full))
+    shutil.copytree(full / "checkpoints", killed / "checkpoints")
+    shutil.rmtree(killed / "checkpoints" / "reward_model" / "checkpoint-10")
+    resumed = run_script("RLHF/reward_model.py", *cmd(killed))
+    assert "checkpoint-9" in resumed.stdout
+    assert sorted(losses(full)) == [5, 10] and losses(killed) == {10: losses(full)[10]}
+    assert (killed / "reward_model" / "model.safetensors").read_bytes() == \
+        (full / "reward_model" / "model.safetensors").read_bytes()

@@ -440,3 +440,32 @@ def test_two_processes_hf_dataset_and_inference(tiny_model_dir, tmp_path):
     assert "python SFT/qlora_fine_tune_trl.py --model-dir" in stale.stderr
     with pytest.raises(UserError, match="was built from a different base"):
         sft.main([*args, "--eval-only"])
+
+
+def test_an_unwritable_checkpoint_dir_or_a_run_dir_that_is_a_file_is_one_clear_error(tiny_model_dir, tmp_path):
+    """Both used to end in a traceback (the first checkpoint write, the log file); now the stage's directories are
+    checked before any work (Stage.prepare) and nothing is written. Tests run as root: a directory under a regular
+    file is what cannot be written."""
+    data = write_jsonl(tmp_path / "chats.jsonl", training_rows())
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(UserError, match=f"cannot write to output directory {a_file / 'checkpoints'}"):
+        sft.main(sft_args(tiny_model_dir, data, tmp_path / "out", "--checkpoint-dir", a_file / "checkpoints"))
+    with pytest.raises(UserError, match=f"cannot write to output directory {a_file} "):
+        sft.main(sft_args(tiny_model_dir, data, tmp_path / "out", "--run-dir", a_file))
+    assert not (tmp_path / "out" / "sft_output").exists() and a_file.read_text() == ""
+
+
+def test_a_resume_between_two_logging_steps_logs_the_uninterrupted_losses(tiny_model_dir, tmp_path, monkeypatch):
+    """The loss is logged every 2 steps as the mean since the last log; a run resumed from checkpoint-3 used to log at
+    step 4 the loss of step 4 alone instead of the mean over steps 3-4: the logging window is kept (train_or_finish)."""
+    monkeypatch.setenv(DTYPE_ENV, "fp32")
+    data = write_jsonl(tmp_path / "chats.jsonl", training_rows())
+    args = sft_args(tiny_model_dir, data, tmp_path / "full", "--max-steps", 6, "--save-steps", 3, "--eval-steps", 10)
+    full, _ = sft.main(args)
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "full" / "checkpoints", killed / "checkpoints")
+    shutil.rmtree(killed / "checkpoints" / "checkpoint-6")
+    resumed, _ = sft.main([a.replace(str(tmp_path / "full"), str(killed)) for a in args])
+    assert f"resuming from {killed / 'checkpoints' / 'checkpoint-3'}" in (killed / "train.log").read_text()
+    assert sorted(losses_by_step(full)) == [2, 4, 6] and losses_by_step(resumed) == losses_by_step(full)

@@ -210,13 +210,12 @@ def row(prompt, chosen, rejected, kind, source, lang, answer=None):
 def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
     rng = random.Random(seed)
     # A held-out example gets one rejected kind (a fixed 1/5 mix); a training example two, the next kind drawn from
-    # a generator of its own so that the held-out pairs do not change. Measured on one SFT policy at the cpu preset's
-    # 322 steps: one kind per prompt, 2 epochs 0.871 held-out accuracy; two kinds, 1 epoch 0.902 (wrong number 0.57 ->
-    # 0.70, wrong reply 0.48 -> 0.63); three 0.899, all five 0.885-0.899 in 1.6-2.5x the steps.
+    # a generator of its own so that the held-out pairs do not change (two measured best for the steps they cost:
+    # docs/experiments.md#reward-model).
     more_rng = random.Random(seed + 1)
     # And every training problem one more "wrong number" pair whose final sentence contradicts its right columns: the
     # copy check the reward model missed most (3/8 of the held-out ones right, against 22/32 of wrong columns); what
-    # it gained is measured in the preset comment of RLHF/reward_model.py.
+    # it gained: docs/experiments.md#reward-model.
     contradiction_rng = random.Random(seed + 2)
 
     def kinds(i, split):

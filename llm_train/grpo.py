@@ -1,0 +1,89 @@
+"""TRL's GRPOTrainer as RLHF/grpo_trl.py runs it: two fixes to TRL 1.16, the held-out evaluation during training,
+and the run's history.jsonl on a resume. trl is imported inside the functions, so importing this stays cheap."""
+import json
+from pathlib import Path
+
+from llm_train.atomic import atomic_write_bytes
+from llm_train.sampling import last_token_logps
+
+
+def grpo_trainer_class():
+    """GRPOTrainer of TRL 1.16 with two fixes (a function, so that trl is imported only when training):
+
+    - The log-probabilities of the loss (policy, old and reference) are computed at the positions generate()
+      sampled the completions at. TRL passes no position_ids, so the model numbered a left-padded row 0, 1, ...
+      from its first pad token, while generate() numbers it from its first real token: GPT-2's learned positions
+      differed between sampling and training by the padding of each prompt. They are a plain log-softmax of the
+      completion positions: TRL's chunked LM-head kernel scores every prompt and pad position off CUDA (2.8x slower
+      in bf16, bench/bench_grpo.py).
+    - Each epoch's prompt order is drawn from a generator seeded by (seed + epoch). TRL's RepeatSampler draws every
+      epoch from one generator, so a run resumed in a later epoch got the first epoch's order again.
+    """
+    import torch
+    from trl import GRPOTrainer
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochSeededSampler(RepeatSampler):
+        def set_epoch(self, epoch):  # the Trainer calls it before each epoch; first_epoch covers the resumes under
+            self.epoch = epoch       # several processes, where the call does not reach the sampler
+
+        def __iter__(self):
+            if self.shuffle:
+                self.generator.manual_seed(self.seed + self.epoch)
+            self.epoch += 1
+            return super().__iter__()
+
+    class GRPOTrainerFixed(GRPOTrainer):
+        first_epoch = 0  # the epoch a resumed run starts in (checkpoint_epoch)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, **kwargs):
+            logps, entropies = [], []
+            rows = batch_size or input_ids.size(0)
+            for start in range(0, input_ids.size(0), rows):
+                ids, mask = input_ids[start:start + rows], attention_mask[start:start + rows]
+                with self.accelerator.autocast():
+                    token_logps, log_softmax = last_token_logps(model, ids, mask, logits_to_keep, self.temperature)
+                completion_mask = mask[:, -logits_to_keep:]  # 0 after a completion's end, as TRL's labels -100
+                logps.append(token_logps * completion_mask)
+                if compute_entropy:
+                    entropies.append(-(log_softmax.exp() * log_softmax).sum(-1) * completion_mask)
+            return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+        def _get_train_sampler(self, dataset=None):
+            sampler = super()._get_train_sampler(dataset)
+            sampler.__class__, sampler.epoch = EpochSeededSampler, self.first_epoch
+            return sampler
+
+    return GRPOTrainerFixed
+
+
+def heldout_eval_callback(every, evaluate, log_to):
+    """A TrainerCallback that, on the main process, calls evaluate(model) -> {name: value} before the first step
+    and after every `every` steps, and hands the values to the on_log of the callbacks in log_to (the log files,
+    TensorBoard). evaluate must leave training's RNG as it was."""
+    from transformers import TrainerCallback
+
+    class HeldoutEval(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:  # step 0: the policy before training
+                self.on_step_end(args, state, control, model=model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0 and state.is_world_process_zero:
+                logs = evaluate(model, state.global_step)
+                for callback in log_to:
+                    callback.on_log(args, state, control, logs=logs)
+
+    return HeldoutEval()
+
+
+def trim_history(history_file, resume):
+    """Drop the lines of a run's history.jsonl logged after the checkpoint `resume` (all of them when starting
+    fresh): the resumed run logs those steps again."""
+    history_file = Path(history_file)
+    if not history_file.exists():
+        return
+    done = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
+    kept = [line for line in history_file.read_text().splitlines() if json.loads(line).get("step", 0) <= done]
+    atomic_write_bytes(history_file, "".join(line + "\n" for line in kept).encode())
