@@ -7,7 +7,8 @@ Writes: bench/results/bench_pretrain.json
     .venv/bin/python bench/bench_pretrain.py                  # cpu preset sizes + gpt2-124m (batch 1), ~10 min
     .venv/bin/python bench/bench_pretrain.py --rounds 5 --skip-124m
 
-1. Step speed: our training step (the same train_step(), GPT module and fused AdamW that model.py runs, in the dtype
+1. Step speed: our training step (model.py's own engine, forward_backward() and update(): the GPT of llm_train/gpt.py
+   and fused AdamW, in the dtype
    model.py picks: --dtype, else $LLM_TRAIN_DTYPE, else bf16 autocast where the CPU has bf16 units and fp32
    otherwise) vs the reference's plain eager step at the same sizes, dtype and batch, each in a fresh subprocess,
    interleaved A/B/A/B for --rounds rounds; the ratio of medians of tokens/s is reported (goal >= 1.3x). At the cpu
@@ -28,7 +29,9 @@ from pathlib import Path
 from llm_train.atomic import atomic_write_json
 from llm_train.chunks import chunk_rows
 from llm_train.cli import nonnegative_int, positive_int
+from llm_train.gpt import GPT
 from llm_train.paths import CHUNKS_DIR, TOKENIZER_DIR, load_script
+from llm_train.pretrain_data import Batches, read_manifest
 from llm_train.runtime import DTYPE_ENV, DTYPES, cpu_has_fast_bf16, dtype_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +48,11 @@ def worker(a):
     m = load_script("PreTrain/model.py")
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as model.py trains on CPU
-    model = m.GPT(a.vocab, a.ctx, a.layers, a.dim, a.heads)
-    args = argparse.Namespace(grad_accum=1, debug_nan_step=-1, grad_clip=1.0, weight_decay=0.1, lr=3e-4,
-                              beta1=0.9, beta2=0.95)
-    optimizer = m.make_optimizer(model, args, torch.device("cpu"))
-    step_model = torch.compile(model) if a.compile else model  # the first (warm-up) step pays the compile
+    model = GPT(a.vocab, a.ctx, a.layers, a.dim, a.heads)
+    dist = argparse.Namespace(distributed=False, device=torch.device("cpu"), local_rank=0)
+    optimizer = {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    # compiled: the first (warm-up) step pays the compile
+    engine = m.build_engine(model, dist, a.compile, a.dtype == "bf16", optimizer)
     if a.chunks:  # real chunk rows through model.py's data path, read from disk as it reads them
         manifest = json.loads((Path(a.chunks) / "manifest.json").read_text(encoding="utf-8"))
         rows = chunk_rows(a.chunks, manifest, "train", min(a.ctx, manifest["context_length"]), a.vocab)
@@ -62,14 +65,12 @@ def worker(a):
             return batch[:, :-1], batch[:, 1:]
 
     fixed = torch.from_numpy(rows[: a.batch].astype(np.int64))
-    batches = m.Batches(rows, a.batch, 1, 0, 1, seed=0) if a.chunks else Fixed()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16")
+    batches = Batches(rows, a.batch, 1, 0, 1, seed=0) if a.chunks else Fixed()
     times = []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        loss, _ = m.train_step(step_model, optimizer, batches, i, args, torch.device("cpu"), autocast)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = m.forward_backward(engine, batches, i, 1, dist.device)
+        m.update(engine, True, 1.0)
         loss.item()
         times.append(time.perf_counter() - t0)
     elapsed = sum(times[a.warmup:])
@@ -108,7 +109,6 @@ def compare(name, c, rounds, ours_flags=()):
 
 def real_chunks(c, tmp):
     """(dir, training rows) of real chunks for the worker: pretrain_data_chunks/, or tiny ones made here."""
-    m = load_script("PreTrain/model.py")
     chunks, tok_dir = CHUNKS_DIR, TOKENIZER_DIR
     if not (chunks / "manifest.json").is_file():
         sys.path.insert(0, str(REPO / "tests"))
@@ -122,7 +122,7 @@ def real_chunks(c, tmp):
         chunks.mkdir()
         write_chunks(tok_dir, chunks, context_length=c["ctx"], texts=sample_texts() * 3)
         print(f"  (no {CHUNKS_DIR}/manifest.json: using tiny chunks written to {chunks})")
-    manifest = m.read_manifest(chunks, tok_dir)  # the worker reads the rows as model.py does, never all at once
+    manifest = read_manifest(chunks, tok_dir)  # the worker reads the rows as model.py does, never all at once
     return chunks, len(chunk_rows(chunks, manifest, "train", min(c["ctx"], manifest["context_length"]),
                                          c["vocab"]))
 

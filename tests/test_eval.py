@@ -8,9 +8,11 @@ import subprocess
 import types
 
 from llm_train.arithmetic import arithmetic_split, arithmetic_tasks, extract_answer
+from llm_train.chunks import chunk_rows
+from llm_train.engine import generate_completions
+from llm_train.gpt import GPT
 from llm_train.rl import load_policy
 from llm_train.runtime import dtype_name
-from llm_train.sampling import generate_completions
 from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer, render_messages
 
 import pytest
@@ -46,14 +48,13 @@ def stage_val_loss(root, all_rows):
     checkpoint = max((root / "checkpoints" / "smoke" / "pretrain").glob("step_*"))  # make all: per SCALE
     state = read(checkpoint / "state.json")
     config = state["model_config"]
-    model = stage.GPT(**config)
+    model = GPT(**config)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    rows = stage.load_rows(chunks, manifest, "val", config["context_length"], config["vocab_size"])
+    rows = chunk_rows(chunks, manifest, "val", config["context_length"], config["vocab_size"])
     eval_rows = len(rows) if all_rows else int(state["args"]["eval_rows"])
-    val = stage.evaluate(types.SimpleNamespace(eval_rows=eval_rows, batch_size=int(state["args"]["batch_size"])),
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=state["args"]["dtype"] == "bf16")  # the run's
+    val = stage.evaluate(model.eval(), autocast, rows, eval_rows, int(state["args"]["batch_size"]),
                          types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")),
-                         types.SimpleNamespace(train_model=model.eval(), autocast=torch.autocast(  # the run's dtype
-                             "cpu", dtype=torch.bfloat16, enabled=state["args"]["dtype"] == "bf16")), rows, 0,
                          manifest["splits"]["val"]["tokens"] / manifest["splits"]["val"]["bytes"])
     return val["val_loss"], val["val_bpb"]
 
@@ -61,7 +62,7 @@ def stage_val_loss(root, all_rows):
 def test_bits_per_byte_equals_the_pretraining_stage_val_bpb(smoke_repo, tmp_path):
     """Same text (pretrain_data_chunks' val split), same model, two implementations: the stage packs documents into
     rows (it also predicts each <|endoftext|>, never a row's first token), lm-eval scores each document in rolling
-    windows from an <|endoftext|> prefix. They agree within 0.5% (0.003-0.04% measured on smoke models)."""
+    windows from an <|endoftext|> prefix. They agree within 0.5%."""
     root, _ = smoke_repo
     summary = read(root / "output" / "pretrain_summary.json")
     # the stage function, checkpoint and rows used here are the run's own: they give its reported val loss exactly
@@ -211,3 +212,29 @@ def test_a_task_that_needs_the_hub_is_one_clear_error_offline(smoke_repo, tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "task hellaswag downloads its data" in proc.stderr and "--tasks llm_train" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_missing_model_is_an_error_and_a_partial_run_never_replaces_fuller_results(smoke_repo, tmp_path):
+    """`--base-dir /wrong` used to evaluate GRPO alone, without a word, over the three models' results.json."""
+    root, _ = smoke_repo
+    out = tmp_path / "out"
+    proc = run_eval(root, "--base-dir", tmp_path / "wrong", "--output-dir", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no base model in {tmp_path / 'wrong'}" in proc.stderr and "python PreTrain/model.py" in proc.stderr
+    proc = run_eval(root, "--models", "sft", "--base-dir", tmp_path / "wrong", "--output-dir", out)
+    assert proc.returncode == 2 and "the sft adapter's" in proc.stderr and "--base-dir" in proc.stderr
+    assert not out.exists()
+
+    out.mkdir()
+    fuller = read(root / "Eval" / "results.json")  # base, sft and grpo
+    (out / "results.json").write_text(json.dumps(fuller))
+    for args in (["--models", "grpo"], ["--tasks", "llm_train_bpb_en"], ["--limit", "2"]):
+        proc = run_eval(root, *args, "--output-dir", out)
+        assert proc.returncode == 2 and "--force" in proc.stderr and "nothing was evaluated" in proc.stderr, args
+    assert "model base" in run_eval(root, "--models", "grpo", "--output-dir", out).stderr
+    assert read(out / "results.json") == fuller and not (out / "samples").exists()
+    proc = run_eval(root, "--models", "base", "--tasks", "llm_train_bpb_en", "--limit", "2", "--force",
+                    "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(read(out / "results.json")["models"]) == ["base"]
+    assert "--force" in run_eval(root, "--help").stdout

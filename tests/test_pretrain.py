@@ -14,8 +14,13 @@ from argparse import Namespace
 from pathlib import Path
 
 from llm_train import paths
+from llm_train import pretrain_checkpoint as checkpoints
+from llm_train.chunks import chunk_rows
 from llm_train.errors import UserError
+from llm_train.gpt import GPT, hf_state_dict, padded_vocab, save_hf
 from llm_train.lineage import check_lineage, output_fingerprint, read_lineage, write_lineage
+from llm_train.pretrain_data import Batches, read_manifest, val_row_indices
+from llm_train.pretrain_schedule import Schedule, plan_schedule
 from llm_train.runtime import DTYPE_ENV, dtype_name
 from llm_train.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -180,36 +185,40 @@ def step_lines_read_as_a_reader_would(log_text):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Units: schedule, batches, export.
-def test_lr_schedule_exact_values(model_module, reference):
-    args = Namespace(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
-    got = [model_module.lr_at(s, args) for s in (0, 1, 2, 3, 4, 9, 14, 20)]
+def schedule_of(lr, warmup_steps, max_steps, min_lr_ratio):
+    return Schedule(grad_accum=1, max_steps=max_steps, warmup_steps=warmup_steps, lr=lr, min_lr_ratio=min_lr_ratio)
+
+
+def test_lr_schedule_exact_values(reference):
+    schedule = schedule_of(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    got = [schedule.lr_at(s) for s in (0, 1, 2, 3, 4, 9, 14, 20)]
     # warmup (s+1)/4; then 0.1 + 0.45 * (1 + cos(pi * (s - 4) / 10)): 1 at s=4, 0.55 halfway, the floor 0.1 at the
     # end and after it
     assert got == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.55, 0.1, 0.1], abs=1e-15)
-    assert model_module.lr_at(0, Namespace(lr=3e-3, warmup_steps=0, max_steps=10, min_lr_ratio=0.0)) == 3e-3
+    assert schedule_of(lr=3e-3, warmup_steps=0, max_steps=10, min_lr_ratio=0.0).lr_at(0) == 3e-3
     # the run used exactly this schedule: the lr logged for step s (1-based) is lr_at(s - 1) with its flags
-    run_args = Namespace(**{k: read_lineage(reference / "output")["settings"][k]
-                            for k in ("lr", "warmup_steps", "max_steps", "min_lr_ratio")})
+    run_schedule = schedule_of(**{k: read_lineage(reference / "output")["settings"][k]
+                                  for k in ("lr", "warmup_steps", "max_steps", "min_lr_ratio")})
     assert {h["step"]: h["lr"] for h in history(reference / "output") if "lr" in h} == {
-        s: model_module.lr_at(s - 1, run_args) for s in range(1, 7)}
+        s: run_schedule.lr_at(s - 1) for s in range(1, 7)}
 
 
-def test_batches_disjoint_across_ranks_and_deterministic(model_module):
+def test_batches_disjoint_across_ranks_and_deterministic():
     rows = np.arange(100, dtype=np.int32)[:, None].repeat(5, 1)
-    per_rank = [model_module.Batches(rows, 3, 2, r, 2, seed=7) for r in range(2)]
+    per_rank = [Batches(rows, 3, 2, r, 2, seed=7) for r in range(2)]
     seen = [set(b.get(step, m)[0][:, 0].tolist()) for step in range(4) for m in range(2) for b in per_rank]
     assert sum(map(len, seen)) == len(set().union(*seen)) == 48  # 4 steps x 2 micro x 2 ranks x 3 rows, no repeats
-    again = model_module.Batches(rows, 3, 2, 1, 2, seed=7)
+    again = Batches(rows, 3, 2, 1, 2, seed=7)
     assert torch.equal(again.get(3, 1)[0], per_rank[1].get(3, 1)[0])
 
 
-def test_every_split_of_a_step_takes_the_same_rows(model_module):
+def test_every_split_of_a_step_takes_the_same_rows():
     """What the accumulation tests rely on: batch 8 x 1 rank, batch 4 x accum 2, and batch 2 x accum 2 x 2 ranks
     read the same 8 rows in each step (across an epoch boundary too: 100 rows, 8 per step)."""
     rows = np.arange(100, dtype=np.int32)[:, None].repeat(5, 1)
 
     def step_rows(batch, accum, ranks, step):
-        per_rank = [model_module.Batches(rows, batch, accum, rank, ranks, seed=3) for rank in range(ranks)]
+        per_rank = [Batches(rows, batch, accum, rank, ranks, seed=3) for rank in range(ranks)]
         return sorted(r for b in per_rank for m in range(accum) for r in b.get(step, m)[0][:, 0].tolist())
 
     for step in (0, 5, 12, 13):
@@ -223,17 +232,13 @@ def test_global_batch_and_length_are_the_same_on_any_number_of_ranks(model_modul
     corpus: 3.8M tokens at context 1024 with the 50k tokenizer, measured), with the warmup cut to a tenth of that
     short run; on 2.2B tokens of real data it is 3815 steps, warmup 200. A split that does not divide is one error
     naming the numbers and what to change."""
-    class Rows:  # only the number of rows matters
-        def __init__(self, n):
-            self.n = n
-
-        def __len__(self):
-            return self.n
-
     def schedule(world_size, rows, *flags):
-        args = model_module.parse_args(["--preset", "gpt2-100m", *flags])
-        line = model_module.resolve_schedule(args, Rows(rows), world_size)
-        return args.grad_accum, args.max_steps, args.warmup_steps, line
+        a = model_module.parse_args(["--preset", "gpt2-100m", *flags])
+        s = plan_schedule(a.global_batch_tokens, a.batch_size, a.context_length, world_size, rows, "chunks",
+                          max_steps=a.max_steps, max_tokens=a.max_tokens, max_epochs=a.max_epochs,
+                          warmup_steps=a.warmup_steps, warmup_from_preset=a.warmup_from_preset, lr=a.lr,
+                          min_lr_ratio=a.min_lr_ratio)
+        return s.grad_accum, s.max_steps, s.warmup_steps, s.description
 
     embedded = 3705  # rows of 1024 tokens
     runs = {w: schedule(w, embedded) for w in (1, 2, 8)}
@@ -271,15 +276,15 @@ def numbered_chunks(out_dir, shard_rows, row_length):
     return {"format": 2, "row_length": row_length, "dtype": "<u2", "splits": splits}
 
 
-def test_rows_are_read_lazily_and_ranks_share_them_out(model_module, tmp_path):
-    """load_rows reads no shard up front (a shard rewritten after it is what later batches see, and it allocates
+def test_rows_are_read_lazily_and_ranks_share_them_out(tmp_path):
+    """chunk_rows reads no shard up front (a shard rewritten after it is what later batches see, and it allocates
     next to nothing for 3 MB of shards); over one epoch the 2 ranks' batches are disjoint and cover every (row,
     window) of the split exactly once, and equal those of the same split loaded into memory."""
     import tracemalloc
 
     manifest = numbered_chunks(tmp_path, [200, 55, 345], row_length=33)  # 600 rows in 3 shards: 39,600 bytes
     tracemalloc.start()
-    rows = model_module.load_rows(tmp_path, manifest, "train", 16, 10**6)  # windows of 16 + 1 tokens: 2 per row
+    rows = chunk_rows(tmp_path, manifest, "train", 16, 10**6)  # windows of 16 + 1 tokens: 2 per row
     allocated = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(rows) == 1200 and allocated < 8000  # measured 2.3 KB; np.asarray(rows): 138 KB
@@ -289,7 +294,7 @@ def test_rows_are_read_lazily_and_ranks_share_them_out(model_module, tmp_path):
     in_memory = np.asarray(rows)
     assert in_memory.shape == (1200, 17)
 
-    batches = [model_module.Batches(rows, 3, 2, rank, 2, seed=5) for rank in range(2)]
+    batches = [Batches(rows, 3, 2, rank, 2, seed=5) for rank in range(2)]
     steps_per_epoch = 1200 // 12
     seen = [[tuple(b.get(step, micro)[0][:, 0].tolist()) for step in range(steps_per_epoch) for micro in range(2)]
             for b in batches]
@@ -298,7 +303,7 @@ def test_rows_are_read_lazily_and_ranks_share_them_out(model_module, tmp_path):
     assert not set(per_rank[0]) & set(per_rank[1])
     assert everything == sorted(r * 100 + 16 * w for r in range(600) for w in range(2))  # each (row, window) once
     for rank in range(2):
-        loaded = model_module.Batches(in_memory, 3, 2, rank, 2, seed=5)
+        loaded = Batches(in_memory, 3, 2, rank, 2, seed=5)
         for step, micro in ((0, 0), (37, 1), (99, 1), (100, 0)):  # step 100 starts the next epoch
             assert torch.equal(loaded.get(step, micro)[0], batches[rank].get(step, micro)[0])
 
@@ -310,15 +315,15 @@ def test_rows_are_read_lazily_and_ranks_share_them_out(model_module, tmp_path):
     np.testing.assert_array_equal(rows[[203, 803]], [[7] * 17, [7] * 17])
     # a token id outside the vocabulary names the shard and row
     with pytest.raises(UserError, match=r"shard_00001.bin, row 3: token id outside the vocabulary \(size 7\)"):
-        model_module.load_rows(tmp_path, manifest, "train", 16, 7)[[203]]
+        chunk_rows(tmp_path, manifest, "train", 16, 7)[[203]]
     # a truncated shard is found when loading
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(UserError, match="shard_00001.bin: 3628 bytes is not a whole number of rows of 33"):
-        model_module.load_rows(tmp_path, manifest, "train", 16, 10**6)
+        chunk_rows(tmp_path, manifest, "train", 16, 10**6)
 
 
 @BOTH_DTYPES
-def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_path, monkeypatch):
+def test_hf_export_logits_match(dtype, tiny_tokenizer_dir, tmp_path, monkeypatch):
     """output/ holds fp32 weights whatever the training dtype; the exported GPT2LMHeadModel, run as a user runs it
     (inference.py: fp32 weights under bf16 autocast on the bf16 path), gives our model's logits under the same
     precision. The model trains with its embedding padded to a multiple of 64 rows (600 tokens -> 640): the export
@@ -330,8 +335,8 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
     monkeypatch.setenv(DTYPE_ENV, dtype)
     torch.manual_seed(0)
     tok = load_tokenizer(tiny_tokenizer_dir)
-    assert len(tok) == 600 and model_module.padded_vocab(len(tok)) == 640 and model_module.padded_vocab(50000) == 50048
-    model = model_module.GPT(len(tok), 48, 3, 48, 4, padded_vocab_size=640).eval()
+    assert len(tok) == 600 and padded_vocab(len(tok)) == 640 and padded_vocab(50000) == 50048
+    model = GPT(len(tok), 48, 3, 48, 4, padded_vocab_size=640).eval()
     assert model.transformer.wte.weight.shape == (640, 48)
     with torch.no_grad():  # non-trivial biases and LayerNorm params so a wrong mapping cannot hide; weights of
         for name, p in model.named_parameters():  # std 0.2 give logits of std ~1.4 (GPT-2 init: ~0.02)
@@ -339,10 +344,10 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
                 p.normal_(0, 0.1).add_(1.0 if re.search(r"ln_.\.weight", name) else 0.0)
             else:
                 p.normal_(0, 0.2)
-    state = model_module.hf_state_dict(model)
-    model_module.save_hf(state, model.config, tok, tiny_tokenizer_dir, tmp_path / "good")
+    state = hf_state_dict(model)
+    save_hf(state, model.config, tok, tiny_tokenizer_dir, tmp_path / "good")
     broken = {k: v.t().contiguous() if k.endswith("attn.c_proj.weight") else v for k, v in state.items()}  # square
-    model_module.save_hf(broken, model.config, tok, tiny_tokenizer_dir, tmp_path / "broken")
+    save_hf(broken, model.config, tok, tiny_tokenizer_dir, tmp_path / "broken")
     idx = torch.randint(0, len(tok), (2, 48))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name() == "bf16")
     with torch.no_grad(), autocast:
@@ -372,7 +377,7 @@ def test_hf_export_logits_match(dtype, model_module, tiny_tokenizer_dir, tmp_pat
 # ---------------------------------------------------------------------------------------------------------------
 # Training runs.
 @BOTH_DTYPES
-def test_pretrain_step_under_both_dtypes(dtype, model_module, tiny_tokenizer_dir, chunks_dir, tmp_path):
+def test_pretrain_step_under_both_dtypes(dtype, tiny_tokenizer_dir, chunks_dir, tmp_path):
     """A 2-step run under LLM_TRAIN_DTYPE: the first loss is our fp32 model's loss on the first batch, exactly in
     fp32 and to bf16 precision (but not equal: autocast did run) in bf16; output/ holds the trained weights."""
     from safetensors.torch import load_file
@@ -382,20 +387,20 @@ def test_pretrain_step_under_both_dtypes(dtype, model_module, tiny_tokenizer_dir
     out = tmp_path / "output"
     assert summary(out)["dtype"] == dtype and f", {dtype}, " in (tmp_path / "train.log").read_text()
     tok = load_tokenizer(tiny_tokenizer_dir)
-    manifest = model_module.read_manifest(chunks_dir, tiny_tokenizer_dir)
-    rows = model_module.load_rows(chunks_dir, manifest, "train", CTX, len(tok))
+    manifest = read_manifest(chunks_dir, tiny_tokenizer_dir)
+    rows = chunk_rows(chunks_dir, manifest, "train", CTX, len(tok))
     torch.manual_seed(1337)  # the run's --seed: the same initial weights (of a padded embedding)
-    model = model_module.GPT(len(tok), CTX, 2, 32, 2, model_module.padded_vocab(len(tok)))
+    model = GPT(len(tok), CTX, 2, 32, 2, padded_vocab(len(tok)))
     with torch.no_grad():
-        first = model(*model_module.Batches(rows, 4, 1, 0, 1, seed=1337).get(0, 0)).item()
+        first = model(*Batches(rows, 4, 1, 0, 1, seed=1337).get(0, 0)).item()
     if dtype == "fp32":
         assert losses(out)[1] == pytest.approx(first, abs=1e-5)  # thread-count dependent summation order only
     else:  # bf16 logits of a ~6.4 loss: relative 2^-9 rounding -> ~1e-2
         assert losses(out)[1] != first and losses(out)[1] == pytest.approx(first, abs=3e-2)
-    trained = model_module.GPT(len(tok), CTX, 2, 32, 2, 640)  # the checkpoint keeps the padded rows
+    trained = GPT(len(tok), CTX, 2, 32, 2, 640)  # the checkpoint keeps the padded rows
     trained.load_state_dict(load_file(str(tmp_path / "ckpt" / "step_000002" / "model.safetensors")))
     exported = load_file(str(out / "model.safetensors"))
-    expected = model_module.hf_state_dict(trained)
+    expected = hf_state_dict(trained)
     expected["transformer.wte.weight"] = expected["transformer.wte.weight"][:len(tok)]  # the export: the tokenizer's
     assert exported.keys() <= expected.keys() and all(torch.equal(exported[k], expected[k]) for k in exported)
 
@@ -591,10 +596,9 @@ def test_deepspeed_grad_accum_and_resume(reference, tiny_tokenizer_dir, chunks_d
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(full / "output"))
-    m = load_script("PreTrain/model.py")
     tok = load_tokenizer(tiny_tokenizer_dir)
-    rows = m.load_rows(chunks_dir, m.read_manifest(chunks_dir, tiny_tokenizer_dir), "val", CTX, len(tok))
-    val = torch.from_numpy(rows[m.val_row_indices(len(rows), 6)].astype(np.int64))  # --eval-rows 6
+    rows = chunk_rows(chunks_dir, read_manifest(chunks_dir, tiny_tokenizer_dir), "val", CTX, len(tok))
+    val = torch.from_numpy(rows[val_row_indices(len(rows), 6)].astype(np.int64))  # --eval-rows 6
     with torch.no_grad():
         logits = hf(val[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[:, 1:].reshape(-1)).item()
@@ -688,8 +692,8 @@ def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path, caps
     # an output dir holding something else is left alone, --force or not
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "precious.txt").write_text("keep me")
-    fails(*d, match="not a previous pretraining output")
-    fails(*d, "--force", match="not a previous pretraining output")
+    fails(*d, match="not a previous pretrained model output")
+    fails(*d, "--force", match="not a previous pretrained model output")
     assert (tmp_path / "output" / "precious.txt").read_text() == "keep me"
     # a shard whose rows do not have the manifest's row length is named, with the row
     broken = tmp_path / "broken"
@@ -702,10 +706,89 @@ def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path, caps
     assert not (tmp_path / "o2").exists() and not list((tmp_path / "ckpt").glob("step_*"))
 
 
-def test_smaller_context_uses_windows(model_module, tiny_tokenizer_dir, chunks_dir):
-    manifest = model_module.read_manifest(chunks_dir, tiny_tokenizer_dir)
-    full = np.asarray(model_module.load_rows(chunks_dir, manifest, "train", CTX, 10**6))
-    half = np.asarray(model_module.load_rows(chunks_dir, manifest, "train", CTX // 2, 10**6))
+def test_log_file_that_is_a_directory_is_one_error(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """--log-file naming a directory is one UserError before anything is written (it was an IsADirectoryError
+    traceback after the model was built)."""
+    (tmp_path / "logs").mkdir()
+    args = [*TINY, "--max-steps", 2, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir), "--log-file", tmp_path / "logs"]
+    with pytest.raises(UserError, match=rf"--log-file {re.escape(str(tmp_path / 'logs'))} is a directory: pass the "
+                                        r"path of a file"):
+        model_module.main(list(map(str, args)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+
+
+def test_chunks_of_another_tokenizer_say_what_fixes_it(model_module, tiny_tokenizer_dir, tmp_path):
+    """Chunks made with another tokenizer than --tokenizer-dir's: the error offers the tokenizer they were made with
+    only while its directory still holds it, and always the preprocessing command that re-chunks them with this
+    tokenizer into the same --chunks-dir at their context length (with --force: a pretraining output built from the
+    old chunks would stop a plain rerun). The usual case is tokenizer/ retrained in place, where the error used to
+    say to pass the very --tokenizer-dir that was given, and its command wrote the chunks to the default dir."""
+    stage = load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
+    tok, other = tmp_path / "tok", tmp_path / "other"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    stage.save(stage.train(sample_texts()[:6], vocab_size=400), other)
+    chunks = write_chunks(tok, tmp_path / "chunks")
+    write_lineage(chunks, "chunks", {}, tokenizer=tok)
+    rerun = "re-run `python PreTrain/preprocess_dataset_for_pretrain_map.py --tokenizer-dir {} --output-dir " + str(
+        chunks) + f" --context-length {CTX} --force` to chunk the data with this one"
+
+    def error(tokenizer_dir):
+        args = [*TINY, "--max-steps", 2, *dirs(tmp_path, tokenizer_dir, chunks)]
+        with pytest.raises(UserError, match="was made with another tokenizer") as e:
+            model_module.main(list(map(str, args)))
+        return str(e.value)
+
+    message = error(other)  # the tokenizer they were made with is still there
+    assert f"pass --tokenizer-dir {tok} (the tokenizer they were made with), or {rerun.format(other)}" in message
+    shutil.rmtree(tok)  # retrained in place: the tokenizer they were made with is gone
+    stage.save(stage.train(sample_texts()[:6], vocab_size=400), tok)
+    message = error(tok)
+    assert "the tokenizer they were made with" not in message and f": {rerun.format(tok)}" in message
+    assert not (tmp_path / "output").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_resume_restores_rng_states_from_cpu_whatever_the_device(tmp_path, monkeypatch):
+    """Issue 34: torch.set_rng_state (and torch.cuda.set_rng_state) take CPU tensors only, and resuming on CUDA
+    crashed because optimizer.pt was loaded onto the run's device (map_location=device). No GPU here, so the run's
+    device is "meta", a device a tensor loaded onto cannot be read back from: a loader that maps anything of the
+    checkpoint onto the run's device fails as it did on CUDA. The plain/DDP loader and the DeepSpeed RNG file must
+    restore weights, optimizer and RNG state exactly; the CUDA state goes to torch.cuda as a CPU tensor."""
+    torch.manual_seed(0)
+    model = GPT(50, 8, 1, 8, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))).backward()
+    optimizer.step()
+    checkpoints.save_plain(tmp_path, "step_000001", model, optimizer, torch.device("cpu"), {"step": 1}, keep=2)
+    (tmp_path / "ds" / "step_000001").mkdir(parents=True)
+    checkpoints.mark_deepspeed_checkpoint(tmp_path / "ds", "step_000001", torch.device("cpu"), {"step": 1}, keep=2)
+    after_save = torch.rand(4)
+
+    torch.manual_seed(1)
+    resumed = GPT(50, 8, 1, 8, 2)
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    checkpoints.load_plain(tmp_path / "step_000001", resumed, resumed_optimizer, torch.device("meta"))
+    assert torch.equal(torch.rand(4), after_save)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
+    ours, theirs = resumed_optimizer.state_dict()["state"], optimizer.state_dict()["state"]
+    assert all(torch.equal(ours[i][k], theirs[i][k]) for i in theirs for k in ("exp_avg", "exp_avg_sq"))
+    torch.manual_seed(2)
+    checkpoints.restore_deepspeed_rng(tmp_path / "ds" / "step_000001", torch.device("meta"))
+    assert torch.equal(torch.rand(4), after_save)
+
+    handed = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": handed.append((state, device)))
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    checkpoints.restore_rng({"cpu_rng": torch.get_rng_state(), "cuda_rng": cuda_state}, torch.device("cuda", 0))
+    assert len(handed) == 1 and handed[0][0].device.type == "cpu" and torch.equal(handed[0][0], cuda_state)
+    assert handed[0][1] == torch.device("cuda", 0)
+    checkpoints.restore_rng({"cpu_rng": torch.get_rng_state(), "cuda_rng": cuda_state}, torch.device("cpu"))  # no GPU
+    assert len(handed) == 1
+
+
+def test_smaller_context_uses_windows(tiny_tokenizer_dir, chunks_dir):
+    manifest = read_manifest(chunks_dir, tiny_tokenizer_dir)
+    full = np.asarray(chunk_rows(chunks_dir, manifest, "train", CTX, 10**6))
+    half = np.asarray(chunk_rows(chunks_dir, manifest, "train", CTX // 2, 10**6))
     assert half.shape == (2 * len(full), CTX // 2 + 1)
     np.testing.assert_array_equal(half[: len(full)], full[:, : CTX // 2 + 1])
     np.testing.assert_array_equal(half[len(full):], full[:, CTX // 2:])
@@ -717,22 +800,20 @@ def test_validation_reads_the_spread_rows_and_builds_no_graph(model_module):
     rows = np.random.default_rng(0).integers(0, 50, size=(23, 9))
     scored, grad_enabled = [], []
 
-    class Recording(model_module.GPT):
+    class Recording(GPT):
         def forward(self, idx, targets=None):
             scored.append(idx[:, 0].tolist())
             grad_enabled.append(torch.is_grad_enabled())
             return super().forward(idx, targets)
 
     model = Recording(vocab_size=50, context_length=8, n_layer=1, n_embd=8, n_head=2)
-    args = Namespace(eval_rows=7, batch_size=3)
-    engine = Namespace(train_model=model, autocast=torch.autocast("cpu", enabled=False))
     dist = Namespace(rank=0, world_size=1, device=torch.device("cpu"))
-    val = model_module.evaluate(args, dist, engine, rows, 0, 0.5)
-    picked = model_module.val_row_indices(len(rows), 7)
+    val = model_module.evaluate(model, torch.autocast("cpu", enabled=False), rows, 7, 3, dist, 0.5)
+    picked = val_row_indices(len(rows), 7)
     assert picked.tolist() == [0, 4, 7, 11, 15, 18, 22]
     assert sum(scored, []) == rows[picked, 0].tolist() and [len(b) for b in scored] == [3, 3, 1]
     assert grad_enabled == [False] * 3 and model.training and math.isfinite(val["val_loss"])
-    assert model_module.val_row_indices(5, 7).tolist() == [0, 1, 2, 3, 4]
+    assert val_row_indices(5, 7).tolist() == [0, 1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------------------------------------------------------
