@@ -110,18 +110,14 @@ def compare(name, c, rounds, ours_flags=()):
 def real_chunks(c, tmp):
     """(dir, training rows) of real chunks for the worker: pretrain_data_chunks/, or tiny ones made here."""
     chunks, tok_dir = CHUNKS_DIR, TOKENIZER_DIR
-    if not (chunks / "manifest.json").is_file():
-        sys.path.insert(0, str(REPO / "tests"))
-        from test_pretrain import write_chunks
-
-        from conftest import sample_texts
-
-        stage = load_script("PreTrain/train_byte_level_bpe_tokenizer.py")
+    if not (chunks / "manifest.json").is_file():  # the real stage scripts, on the embedded corpus, small
         tok_dir, chunks = Path(tmp) / "tok", Path(tmp) / "chunks"
-        stage.save(stage.train(sample_texts(), vocab_size=c["vocab"]), tok_dir)
-        chunks.mkdir()
-        write_chunks(tok_dir, chunks, context_length=c["ctx"], texts=sample_texts() * 3)
-        print(f"  (no {CHUNKS_DIR}/manifest.json: using tiny chunks written to {chunks})")
+        subprocess.run([sys.executable, str(REPO / "PreTrain" / "train_byte_level_bpe_tokenizer.py"), "--vocab-size",
+                        str(c["vocab"]), "--max-chars", "1e6", "--output-dir", str(tok_dir)], check=True)
+        subprocess.run([sys.executable, str(REPO / "PreTrain" / "preprocess_dataset_for_pretrain_map.py"),
+                        "--tokenizer-dir", str(tok_dir), "--output-dir", str(chunks), "--context-length", str(c["ctx"]),
+                        "--max-tokens", "3e5"], check=True)
+        print(f"  (no {CHUNKS_DIR}/manifest.json: using small chunks written to {chunks})")
     manifest = read_manifest(chunks, tok_dir)  # the worker reads the rows as model.py does, never all at once
     return chunks, len(chunk_rows(chunks, manifest, "train", min(c["ctx"], manifest["context_length"]),
                                          c["vocab"]))
