@@ -21,7 +21,7 @@ Tabs:
 
 The models are loaded once at start-up and shared by every request; a stage whose output is missing, or does not
 belong with the others (e.g. an adapter of another base), is left out with the command that makes it, shown in the
-page (server paths as repo-relative names: views.public). Generation (llm_train.engine) runs on the GPU when there is
+page (server paths shown repo-relative). Generation (llm_train.engine) runs on the GPU when there is
 one; a NaN or out-of-range sampling setting is answered with a message. Requests go through gradio's queue,
 --concurrency at a time.
 Everything is served locally: no analytics, no fonts or scripts from other hosts. The same functions are an API:
@@ -33,14 +33,12 @@ Everything is served locally: no analytics, no fonts or scripts from other hosts
 import argparse
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
 # Before gradio is imported: no usage statistics or version checks, and nothing fetched from the hub.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # views.py, next to this file
 from llm_train import runtime
 from llm_train.arithmetic import arithmetic_answer, arithmetic_tasks, extract_answer
 from llm_train.cli import positive_int
@@ -52,8 +50,7 @@ from llm_train.rl import find_policy, load_policy, load_reward_model, policy_par
 from llm_train.runtime import compute_dtype
 from llm_train.tokenizer import load_tokenizer, render_messages
 from llm_train.trainer_runs import rerun_command
-
-from views import public, training_view
+from llm_train.webui_views import public, training_view
 
 CHAT_MODELS = ("SFT", "GRPO")
 COMPARED = ("base", "SFT", "GRPO")
@@ -133,7 +130,7 @@ def load_reward(args):
 
 def load_all(args):
     """(engines {name: Engine} of base / SFT / GRPO, (reward model, tokenizer) or None, {name: why not loaded}) of
-    the stages that loaded; the others' messages name server paths (the page shows them through views.public)."""
+    the stages that loaded; the others' messages name server paths (the page shows them through public())."""
     dev = runtime.device()
     dtype = compute_dtype(allow_fp16=True)
     loaded, problems = {}, {}

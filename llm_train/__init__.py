@@ -10,6 +10,7 @@ Stage outputs
     stage             Stage: the protocol of every training stage (no-op rerun, refuse, writable, resume, output)
     lineage           lineage.json: what each output was built from
     stage_files       reading what the stages wrote (report card, web UI)
+    webui_views       the web UI's Training tab figures; server paths shown repo-relative
 Data
     tokenizer         special tokens, the chat template, loading a trained tokenizer
     corpus            the embedded corpus and local text files

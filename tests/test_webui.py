@@ -388,7 +388,7 @@ def test_the_port_must_be_a_tcp_port():
 
 def test_a_retrained_tokenizer_is_named_not_shown(app_module, smoke_repo, tmp_path, tiny_tokenizer_dir):
     """The Training tab used to plot tokenizer/'s report beside models trained on another tokenizer."""
-    import views  # next to app.py (app_module put its folder on the path)
+    from llm_train import webui_views as views
 
     root = tmp_path / "llm_train"
     shutil.copytree(smoke_repo[0] / "tokenizer", root / "tokenizer")

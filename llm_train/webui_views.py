@@ -1,6 +1,7 @@
-"""What the web UI's Training tab shows: the loss curves (the stages' history.jsonl), the report card's numbers
-(report/metrics.json) and the tokenizer's bytes per token (tokenizer/report.json) as matplotlib figures, and which
-stage outputs are missing; and server paths made fit to show in the page (repo-relative, or the last parts)."""
+"""What the web UI's (WebUI/app.py) Training tab shows: the loss curves (the stages' history.jsonl), the report
+card's numbers (report/metrics.json) and the tokenizer's bytes per token (tokenizer/report.json) as matplotlib
+figures, and which stage outputs are missing; and server paths made fit to show in the page (repo-relative, or the
+last parts)."""
 import re
 from pathlib import Path
 
