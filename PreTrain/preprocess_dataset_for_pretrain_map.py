@@ -1,14 +1,16 @@
-"""Stage 2: tokenize text into fixed-length rows of token ids for pretraining, stored as flat token files.
+"""Stage 2: tokenize text into fixed-length rows of token ids for pretraining, stored as parquet shards.
 
 Reads:  tokenizer/tokenizer.json (--tokenizer-dir) and the text sources given by --sources (default: the embedded
         corpus data/default_corpus/*.jsonl.gz, training files only; the held-out files stay for the tokenizer report).
 Writes: pretrain_data_chunks/ (--output-dir):
           manifest.json             written last: its existence means the output is complete
-          train/shard_00000.bin ... the rows back to back, each exactly context_length + 1 token ids, as raw
-                                    little-endian uint16 (vocabulary <= 65536; else uint32: manifest "dtype")
-          val/shard_00000.bin ...   the same for the validation documents
-        Flat files so training can read any row straight from disk (no decoding, no loading of the whole split):
-        np.fromfile(path, manifest["dtype"]).reshape(-1, manifest["row_length"]) reads one shard.
+          train/shard_00000.parquet ... one column input_ids, a row per row: exactly context_length + 1 token ids,
+                                        fixed_size_list<uint16> (vocabulary <= 65536; else uint32: manifest "dtype")
+          val/shard_00000.parquet ...   the same for the validation documents
+        Uncompressed, one data page per row group: training reads each batch's rows in place, one read per row,
+        never a whole split; datasets.load_dataset("parquet", data_files="pretrain_data_chunks/train/*.parquet"),
+        pandas and pyarrow.parquet.read_table read them as they are. (Format 2 chunk sets, flat .bin token files,
+        still train.)
 
     python PreTrain/preprocess_dataset_for_pretrain_map.py --context-length 256      # CPU default run
     python PreTrain/preprocess_dataset_for_pretrain_map.py                           # embedded corpus, context 1024
@@ -97,7 +99,8 @@ from llm_train.sources import NAMED_SOURCES, SHUFFLE_BUFFER_MB, named_source, na
 from llm_train.stage import Stage
 from llm_train.tokenizer import EOT, render_messages, tokenizer_fingerprint
 
-FORMAT = 2  # 1: parquet shards (list<int32> rows); 2: flat uint16/uint32 token files
+FORMAT = 3  # 1: parquet shards (list<int32> rows); 2: flat uint16/uint32 token files; 3: parquet shards of
+# fixed_size_list<uint16/uint32> rows, uncompressed, one data page per row group
 LAYOUT = "chats-start-rows"  # chunk sets made before chats started their rows (packed anywhere) are made again
 MIDTRAIN_SEED = 4242  # SFT draws its problems with other seeds; the train/held-out split is by hash either way
 
@@ -113,7 +116,7 @@ def parse_args():
     ap.add_argument("--max-tokens", type=positive_float, help="total tokens to take, shared by the sources' weights")
     ap.add_argument("--context-length", type=positive_int, default=1024, help="model context; rows hold one more token")
     ap.add_argument("--rows-per-shard", type=positive_int, default=16384,
-                    help="about this many rows per shard (16384 rows x 1025 ids x 2 B = 34 MB); one batch of text each")
+                    help="about this many rows per shard (16384 rows x 1025 ids x 4 B = 67 MB); one batch of text each")
     ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
     ap.add_argument("--num-proc", type=positive_int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                     else os.cpu_count(), help="tokenizer processes (default: the cores this process may use)")

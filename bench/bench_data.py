@@ -13,10 +13,18 @@
    runs it; its peak RSS (ru_maxrss, logged in history.jsonl) must be within 10% on both: the reader reads only
    the rows of each batch, nothing grows with the data (reading all rows into memory would add 4 bytes per token
    per rank).
+4. The training reader's cost per batch: stage 2 chunks --reader-tokens of the corpus at context 1024 and 128
+   (parquet shards, format 3) and the same rows are written as a format-2 chunk set (flat .bin token files, the
+   reader before parquet); chunk_rows reads batches of 16 random rows (16 x 1025 and 16 x 129 tokens, as the
+   gpt2-100m and cpu presets read) from both, in interleaved A/B rounds of --reader-batches batches each; medians
+   of the per-round mean ms per batch, and that as a share of a training step: of gpt2-100m at 16 x 1024 on one
+   GPU (~130 ms, measured elsewhere: --gpu-step-ms) and of the cpu preset (timed here: forward, backward and AdamW
+   step of its model on 16 x 128 tokens, on this machine's cores).
 
-    python bench/bench_data.py                 # ~5 min on 2 idle cores
+    python bench/bench_data.py                 # ~6 min on 2 idle cores
     python bench/bench_data.py --slice-mb 4 --reps 3
     python bench/bench_data.py --parts rss     # only the RSS measurement (and the tokenizer it needs)
+    python bench/bench_data.py --parts reader  # only the reader's cost per batch (and the tokenizer it needs)
 """
 import argparse
 import gzip
@@ -125,7 +133,7 @@ def repeated_chunks(small, big, min_tokens):
     shards = []
     for c in range(copies):
         for rel in train["shards"]:
-            shards.append(f"train/shard_{len(shards):05d}.bin")
+            shards.append(f"train/shard_{len(shards):05d}{Path(rel).suffix}")
             shutil.copyfile(small / rel, big / shards[-1])
     shutil.copytree(small / "val", big / "val")
     manifest["splits"]["train"] = {**train, "shards": shards, "rows": train["rows"] * copies,
@@ -174,15 +182,108 @@ def rss_vs_chunk_set_size(work, tokenizer, args, env):
     return result
 
 
+def flat_copy(chunks, flat):
+    """The rows of a (format 3) chunk set as a format-2 chunk set: flat .bin token files, the same shards and rows."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((chunks / "manifest.json").read_text())
+    for split, info in manifest["splits"].items():
+        (flat / split).mkdir(parents=True)
+        for i, rel in enumerate(info["shards"]):
+            ids = pq.read_table(chunks / rel).column("input_ids").combine_chunks().flatten().to_numpy()
+            info["shards"][i] = str(Path(rel).with_suffix(".bin"))
+            np.asarray(ids, manifest["dtype"]).tofile(flat / info["shards"][i])
+    (flat / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))
+
+
+def cpu_preset_step_ms(vocab_size, steps=8):
+    """Median ms of one optimizer step of the cpu preset's model (16 x 128 tokens: forward, backward, AdamW)."""
+    from llm_train.gpt import GPT
+
+    import torch
+
+    preset = load_script("PreTrain/model.py").PRESETS["cpu"]
+    torch.manual_seed(0)
+    model = GPT(vocab_size, preset["context_length"], preset["n_layer"], preset["n_embd"], preset["n_head"])
+    opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"])
+    x = torch.randint(0, vocab_size, (preset["batch_size"], preset["context_length"] + 1))
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        model(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[2:])
+
+
+def reader_cost(work, tokenizer, args, env):
+    """4. ms per batch of chunk_rows on parquet shards vs flat .bin files, interleaved A/B rounds."""
+    from llm_train.chunks import chunk_rows
+
+    import numpy as np
+
+    result = {"batch_rows": 16, "rounds": args.reader_rounds, "batches_per_round": args.reader_batches,
+              "gpu_step_ms": args.gpu_step_ms}
+    for context in (1024, 128):
+        chunks, flat = work / f"reader_{context}", work / f"reader_{context}_flat"
+        proc = subprocess.run([sys.executable, str(STAGE2), "--tokenizer-dir", str(tokenizer), "--output-dir",
+                               str(chunks), "--context-length", str(context), "--num-proc", str(args.num_proc),
+                               "--max-tokens", str(int(args.reader_tokens))], capture_output=True, text=True, env=env)
+        if proc.returncode:
+            sys.exit(f"stage 2 failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        flat_copy(chunks, flat)
+        manifest = json.loads((chunks / "manifest.json").read_text())
+        readers = {"parquet": chunk_rows(chunks, manifest, "train", context, manifest["vocab_size"]),
+                   "bin": chunk_rows(flat, json.loads((flat / "manifest.json").read_text()), "train", context,
+                                     manifest["vocab_size"])}
+        rng = np.random.default_rng(0)
+        per_round = {name: [] for name in readers}
+        for r in range(args.reader_rounds):
+            index = rng.integers(0, len(readers["bin"]), (args.reader_batches, 16))
+            for name in (("bin", "parquet") if r % 2 else ("parquet", "bin")):  # alternate which goes first
+                t0 = time.perf_counter()
+                for batch in index:
+                    readers[name][batch]
+                per_round[name].append((time.perf_counter() - t0) * 1e3 / args.reader_batches)
+        np.testing.assert_array_equal(readers["parquet"][index[0]], readers["bin"][index[0]])
+        out = {"train_rows": len(readers["bin"]), "shards": len(manifest["splits"]["train"]["shards"]),
+               "bytes_on_disk": {name: sum(f.stat().st_size for f in (d / "train").iterdir())
+                                 for name, d in (("parquet", chunks), ("bin", flat))}}
+        for name, times in per_round.items():
+            out[name] = {"ms_per_batch": round(statistics.median(times), 4), "rounds": [round(t, 4) for t in times]}
+        result[f"16x{context + 1}"] = out
+        shutil.rmtree(chunks), shutil.rmtree(flat)
+    result["cpu_step_ms"] = round(cpu_preset_step_ms(manifest["vocab_size"]), 1)
+    for shape, step, what in (("16x1025", args.gpu_step_ms, "gpt2-100m GPU step"),
+                              ("16x129", result["cpu_step_ms"], "cpu preset step")):
+        for name in ("parquet", "bin"):
+            ms = result[shape][name]["ms_per_batch"]
+            result[shape][name][f"percent_of_{what.replace(' ', '_')}"] = round(100 * ms / step, 3)
+        p, b = result[shape]["parquet"]["ms_per_batch"], result[shape]["bin"]["ms_per_batch"]
+        disk = {name: size / 1e6 for name, size in result[shape]["bytes_on_disk"].items()}
+        print(f"reader, batch of {shape} tokens: parquet {p:.3f} ms, bin {b:.3f} ms per batch = {100 * p / step:.2f}% "
+              f"vs {100 * b / step:.3f}% of a {what} ({step:.0f} ms); on disk parquet {disk['parquet']:.1f} MB, "
+              f"bin {disk['bin']:.1f} MB")
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", choices=["throughput", "rss"], default=["throughput", "rss"],
-                    help="what to measure besides tokenizer training (default: both)")
+    ap.add_argument("--parts", nargs="+", choices=["throughput", "rss", "reader"],
+                    default=["throughput", "rss", "reader"],
+                    help="what to measure besides tokenizer training (default: all)")
     ap.add_argument("--slice-mb", type=float, default=8.0, help="text for the throughput comparison")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--rss-tokens", type=float, default=2e8, help="train tokens of the big chunk set")
     ap.add_argument("--rss-steps", type=int, default=20, help="training steps on each chunk set")
+    ap.add_argument("--reader-tokens", type=float, default=5e6, help="tokens of each reader benchmark chunk set")
+    ap.add_argument("--reader-rounds", type=int, default=9, help="A/B rounds of the reader benchmark")
+    ap.add_argument("--reader-batches", type=int, default=200, help="batches per reader and round")
+    ap.add_argument("--gpu-step-ms", type=float, default=130.0,
+                    help="ms of a gpt2-100m step of 16 x 1024 on one GPU, to compare the reader's cost with")
     args = ap.parse_args()
     if not default_corpus_files("train"):
         sys.exit(f"embedded corpus missing in {DATA_DIR}: run python data/build_default_corpus.py")
@@ -208,6 +309,8 @@ def main():
         result["throughput"] = throughput(work, args, env)
     if "rss" in args.parts:
         result["rss"] = rss_vs_chunk_set_size(work, work / "tokenizer", args, env)
+    if "reader" in args.parts:
+        result["reader"] = reader_cost(work, work / "tokenizer", args, env)
     result["loadavg_end"] = os.getloadavg()
     out = REPO / "bench" / "results" / "bench_data.json"
     out.parent.mkdir(parents=True, exist_ok=True)

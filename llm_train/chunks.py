@@ -1,6 +1,6 @@
-"""Pretraining chunks (format 2): manifest.json + per split flat token files of fixed-length rows (consecutive pieces
+"""Pretraining chunks (format 3): manifest.json + per split parquet shards of fixed-length rows (consecutive pieces
 of one token stream). Written by PreTrain/preprocess_dataset_for_pretrain_map.py (tokenize, ShardWriter),
-read by pretraining, eval and bench (chunk_rows)."""
+read by pretraining, eval and bench (chunk_rows), which also reads the flat token files of format 2 chunk sets."""
 import hashlib
 import os
 from pathlib import Path
@@ -93,14 +93,32 @@ def token_dtype(vocab_size):
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def write_shard(path, tokens, dtype):
-    """Write tokens (whole rows) as a flat token file, atomically (temp file, then rename)."""
-    atomic_write_bytes(path, np.asarray(tokens).astype(dtype).tobytes())
+PARQUET_GROUP_BYTES = 1 << 20  # a row group holds about this many bytes of token ids (one data page), at most
+PARQUET_GROUP_ROWS = 4096  # rows (pyarrow starts a new page after 20,000)
+
+
+def write_shard(path, tokens, row_length, dtype):
+    """Write tokens (whole rows of row_length ids) as a parquet shard, atomically (temp file, then rename): one
+    column input_ids of fixed_size_list<uint16 or uint32, row_length>, a row per row, readable as such by pyarrow,
+    pandas and datasets.load_dataset("parquet"). Laid out for reading rows in place (ParquetRows): no compression,
+    no dictionary, PLAIN encoding (4-byte little-endian values: parquet stores uint16 as INT32) and one data page per
+    row group, so a row group's values are the last bytes of its column chunk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dtype = np.dtype(dtype)
+    values = pa.array(np.asarray(tokens).astype(dtype).reshape(-1))
+    table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(values, row_length)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=max(1, min(PARQUET_GROUP_ROWS, PARQUET_GROUP_BYTES // (4 * row_length))),
+                   data_page_size=4 * PARQUET_GROUP_BYTES, compression="none", use_dictionary=False,
+                   write_statistics=False, store_schema=True)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
 class ShardWriter:
     """Packs each split's tokenized documents into rows of row_length ids and writes a batch's complete rows as one
-    shard per split, directory/{split}/shard_NNNNN.bin. Its state is `splits` ({split: {shards, rows, carry, ...}},
+    shard per split, directory/{split}/shard_NNNNN.parquet. Its state is `splits` ({split: {shards, rows, carry, ...}},
     updated in place): the carry (the stream's rest, less than a row) is all a resumed run needs besides counts."""
 
     def __init__(self, directory, splits, row_length, dtype, eot_id):
@@ -128,9 +146,9 @@ class ShardWriter:
             n_text_rows = len(stream) // self.row_length
             n_rows = n_text_rows + len(self.chat_rows[split])
             if n_rows:
-                rel = f"{split}/shard_{len(info['shards']):05d}.bin"
+                rel = f"{split}/shard_{len(info['shards']):05d}.parquet"
                 write_shard(self.directory / rel, np.concatenate(
-                    [*self.chat_rows[split], stream[: n_text_rows * self.row_length]]), self.dtype)
+                    [*self.chat_rows[split], stream[: n_text_rows * self.row_length]]), self.row_length, self.dtype)
                 info["shards"].append(rel)
                 info["rows"] += n_rows
                 stream = stream[n_text_rows * self.row_length:]
@@ -141,6 +159,14 @@ class ShardWriter:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading: the rows of a split, a batch at a time.
+FORMATS = {2: "flat token files, read as they are", 3: "parquet shards"}  # manifest "format" -> what it is
+
+
+def check_format(manifest, manifest_path, reader, rerun):
+    """A UserError unless the manifest's chunks are in a format chunk_rows reads (3, or 2 of older runs)."""
+    if manifest.get("format") not in FORMATS:
+        raise UserError(f"{manifest_path}: chunks in format {manifest.get('format')!r}, {reader} reads format 3 "
+                        f"(parquet) or 2 (flat token files): {rerun}")
 
 
 class ChunkRows:
@@ -149,7 +175,7 @@ class ChunkRows:
     current batch whatever the chunk set's size (np.memmap would read the same bytes, but every page it touched would
     count in the rank's resident memory until the kernel reclaims it, growing over an epoch to the whole split). If
     the context is smaller than the chunks' rows, each row is cut into windows of context + 1 tokens sharing one
-    boundary token: index i is window i // n_rows of row i % n_rows."""
+    boundary token: index i is window i // n_rows of row i % n_rows. Subclasses read the shards of one format."""
 
     def __init__(self, paths, shard_rows, row_length, dtype, context_length, vocab_size):
         self.paths, self.row_length, self.dtype = paths, row_length, np.dtype(dtype)
@@ -157,7 +183,8 @@ class ChunkRows:
         self.starts = np.cumsum([0, *shard_rows])  # first row of each shard
         self.n_rows = int(self.starts[-1])
         self.windows = (row_length - 1) // context_length
-        self.files = {}  # shard -> its file, opened on first use (closed when the reader is garbage collected)
+        self.files = {}  # shard -> its open file, opened on first use (closed when the reader is garbage collected)
+        self.value = self.dtype  # the dtype of the ids read (before the vocabulary check)
 
     def __len__(self):
         return self.n_rows * self.windows
@@ -168,13 +195,10 @@ class ChunkRows:
             raise IndexError(f"row index out of range 0..{len(self) - 1} (or not a 1-d index)")
         window, row = np.divmod(index, self.n_rows)
         shard = np.searchsorted(self.starts, row, side="right") - 1
-        width = self.context_length + 1
-        out = np.empty((len(index), width), self.dtype)
-        for k, (s, r, w) in enumerate(zip(shard.tolist(), row.tolist(), window.tolist())):
-            if s not in self.files:
-                self.files[s] = open(self.paths[s], "rb", buffering=0)
-            offset = ((r - int(self.starts[s])) * self.row_length + w * self.context_length) * self.dtype.itemsize
-            out[k] = np.frombuffer(os.pread(self.files[s].fileno(), width * self.dtype.itemsize, offset), self.dtype)
+        out = np.empty((len(index), self.context_length + 1), self.value)
+        for s in np.unique(shard).tolist():
+            k = np.flatnonzero(shard == s)
+            out[k] = self._read(s, row[k] - self.starts[s], window[k] * self.context_length)
         bad = np.flatnonzero((out >= self.vocab_size).any(1))
         if len(bad):  # a corrupt or foreign shard: say which, before an embedding lookup fails somewhere
             s, r = int(shard[bad[0]]), int(row[bad[0]] - self.starts[shard[bad[0]]])
@@ -182,26 +206,121 @@ class ChunkRows:
                             "the chunks do not belong to this tokenizer/model")
         return out
 
+    def _read(self, shard, rows, offsets):
+        """(len(rows), context + 1) token ids: rows `rows` of shard `shard` from token `offsets` on."""
+        raise NotImplementedError
+
     def __array__(self, dtype=None, copy=None):  # np.asarray(rows): every row, in memory (small sets and tests only)
         return self[:] if dtype is None else self[:].astype(dtype)
 
 
+class FlatRows(ChunkRows):
+    """Format 2: each shard is its rows back to back as raw token ids; a row is one pread."""
+
+    def _read(self, shard, rows, offsets):
+        if shard not in self.files:
+            self.files[shard] = open(self.paths[shard], "rb", buffering=0)
+        fd, width, size = self.files[shard].fileno(), self.context_length + 1, self.dtype.itemsize
+        out = np.empty((len(rows), width), self.dtype)
+        for k, (r, o) in enumerate(zip(rows.tolist(), offsets.tolist())):
+            out[k] = np.frombuffer(os.pread(fd, width * size, (r * self.row_length + o) * size), self.dtype)
+        return out
+
+
+class ParquetRows(ChunkRows):
+    """Format 3: parquet shards as write_shard lays them out. A row is read in place, one pread like a flat file's:
+    its row group's values are the last bytes of the group's column chunk (found in the footer, read once by
+    chunk_rows), 4-byte little-endian ids. The first read of a shard checks that layout: its first row group read
+    in place equals the group read by pyarrow. (Reading whole row groups with pyarrow instead costs ~1-4 ms a batch
+    and, with every shard's footer held open, memory that grows with the data: ~700 bytes per row group.)"""
+
+    def __init__(self, paths, groups, *args):
+        # per shard: (first row of each row group, the end of each row group's column chunk in the file)
+        self.group_starts = [np.cumsum([0, *rows]) for rows, _ in groups]
+        self.group_ends = [np.asarray(ends, np.int64) for _, ends in groups]
+        super().__init__(paths, [int(s[-1]) for s in self.group_starts], *args)
+        self.value = np.dtype("<u4")  # parquet's INT32, as stored
+
+    def _read(self, shard, rows, offsets):
+        if shard not in self.files:
+            file = open(self.paths[shard], "rb", buffering=0)
+            self._check_layout(shard, file.fileno())
+            self.files[shard] = file
+        fd, width, size = self.files[shard].fileno(), self.context_length + 1, self.value.itemsize
+        starts, ends = self.group_starts[shard], self.group_ends[shard]
+        group = np.searchsorted(starts, rows, side="right") - 1
+        at = (ends[group] - (starts[group + 1] - rows) * self.row_length * size + offsets * size).tolist()
+        out = np.empty((len(rows), width), self.value)
+        for k, position in enumerate(at):
+            out[k] = np.frombuffer(os.pread(fd, width * size, position), self.value)
+        return out
+
+    def _check_layout(self, shard, fd):
+        import pyarrow.parquet as pq
+
+        size = int(self.group_starts[shard][1]) * self.row_length * self.value.itemsize
+        in_place = np.frombuffer(os.pread(fd, size, int(self.group_ends[shard][0]) - size), self.value)
+        with pq.ParquetFile(self.paths[shard], memory_map=False) as f:
+            group = f.read_row_group(0, columns=["input_ids"], use_threads=False)[0]
+        group = group.combine_chunks().flatten().to_numpy()
+        if len(in_place) != len(group) or (in_place != group).any():
+            raise UserError(f"{self.paths[shard]}: not laid out as this project writes parquet shards (one "
+                            "uncompressed data page per row group): re-run preprocessing")
+
+
 def chunk_rows(chunks_dir, manifest, split, context_length, vocab_size):
     """The rows of a split (of the read manifest.json of chunks_dir) as a ChunkRows reader: the shard files are
-    checked (present, whole rows, the manifest's row count) but not read."""
-    row_length, dtype = manifest["row_length"], np.dtype(manifest["dtype"])
-    paths, shard_rows = [], []
+    checked (present, rows of the manifest's row_length and dtype, the manifest's row count) but their rows not read
+    (a parquet shard's footer is)."""
+    row_length, dtype, parquet = manifest["row_length"], np.dtype(manifest["dtype"]), manifest.get("format") == 3
+    paths, shard_sizes = [], []
     for rel in manifest["splits"][split]["shards"]:
         path = Path(chunks_dir) / rel
         if not path.is_file():
             raise UserError(f"{path} (listed in {Path(chunks_dir) / 'manifest.json'}) is missing: re-run preprocessing")
-        size = path.stat().st_size
-        if size % (row_length * dtype.itemsize):
-            raise UserError(f"{path}: {size} bytes is not a whole number of rows of {row_length} {dtype.name} token "
-                            "ids (truncated, or not this manifest's shard): re-run preprocessing")
         paths.append(path)
-        shard_rows.append(size // (row_length * dtype.itemsize))
-    if sum(shard_rows) != manifest["splits"][split]["rows"]:
-        raise UserError(f"{chunks_dir}: the {split} shards hold {sum(shard_rows)} rows, the manifest says "
+        shard_sizes.append(_parquet_groups(path, row_length, dtype) if parquet else _flat_rows(path, row_length, dtype))
+    n_rows = sum(sum(rows) for rows, _ in shard_sizes) if parquet else sum(shard_sizes)
+    if n_rows != manifest["splits"][split]["rows"]:
+        raise UserError(f"{chunks_dir}: the {split} shards hold {n_rows} rows, the manifest says "
                         f"{manifest['splits'][split]['rows']}: re-run preprocessing")
-    return ChunkRows(paths, shard_rows, row_length, dtype, context_length, vocab_size)
+    return (ParquetRows if parquet else FlatRows)(paths, shard_sizes, row_length, dtype, context_length, vocab_size)
+
+
+def _flat_rows(path, row_length, dtype):
+    size = path.stat().st_size
+    if size % (row_length * dtype.itemsize):
+        raise UserError(f"{path}: {size} bytes is not a whole number of rows of {row_length} {dtype.name} token "
+                        "ids (truncated, or not this manifest's shard): re-run preprocessing")
+    return size // (row_length * dtype.itemsize)
+
+
+def _parquet_groups(path, row_length, dtype):
+    """(rows, end of the column chunk) of each row group of a parquet shard, from its footer; checked to hold rows
+    of row_length ids of the manifest's dtype, stored uncompressed and PLAIN without a dictionary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        field = meta.schema.to_arrow_schema().field("input_ids").type
+    except (pa.ArrowException, OSError, KeyError) as e:
+        raise UserError(f"{path}: not a parquet shard of token rows ({str(e).splitlines()[0]}; truncated, or not "
+                        "this manifest's shard): re-run preprocessing") from None
+    if not pa.types.is_fixed_size_list(field) or (field.list_size, field.value_type) != (
+            row_length, pa.from_numpy_dtype(dtype)):
+        rows = f"{field.list_size} {field.value_type}" if pa.types.is_fixed_size_list(field) else f"{field}:"
+        raise UserError(f"{path}: its rows are {rows} token ids, not the manifest's {row_length} {dtype.name} (not "
+                        "this manifest's shard): re-run preprocessing")
+    rows, ends = [], []
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        chunk = group.column(0)
+        if (meta.num_columns != 1 or chunk.physical_type != "INT32" or chunk.compression != "UNCOMPRESSED"
+                or chunk.has_dictionary_page or "PLAIN" not in chunk.encodings
+                or chunk.total_compressed_size < 4 * row_length * group.num_rows):
+            raise UserError(f"{path}: not laid out as this project writes parquet shards (one INT32 column, "
+                            "uncompressed, PLAIN): re-run preprocessing")
+        rows.append(group.num_rows)
+        ends.append(chunk.data_page_offset + chunk.total_compressed_size)
+    return rows, ends

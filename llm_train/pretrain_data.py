@@ -1,11 +1,11 @@
 """Pretraining data: the chunks manifest checked against the tokenizer, the train/val rows, the rows of each
 optimizer step (Batches) and the val rows a validation reads. The chunks are PreTrain/preprocess_dataset_for_
-pretrain_map.py's (manifest.json + flat token files, read by llm_train.chunks)."""
+pretrain_map.py's (manifest.json + parquet shards, read by llm_train.chunks)."""
 import hashlib
 import json
 from pathlib import Path
 
-from llm_train.chunks import chunk_rows
+from llm_train.chunks import check_format, chunk_rows
 from llm_train.errors import UserError
 from llm_train.lineage import read_lineage
 from llm_train.tokenizer import tokenizer_fingerprint
@@ -17,7 +17,7 @@ PREPROCESS = "python PreTrain/preprocess_dataset_for_pretrain_map.py"
 
 
 def read_manifest(chunks_dir, tokenizer_dir):
-    """chunks_dir's manifest.json, checked to be chunks of format 2 made with the tokenizer in tokenizer_dir."""
+    """chunks_dir's manifest.json, checked to be chunks of format 3 (or 2) made with the tokenizer in tokenizer_dir."""
     path = Path(chunks_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"no chunks: {path} not found. Run `{PREPROCESS}` first (or pass --chunks-dir)")
@@ -26,9 +26,7 @@ def read_manifest(chunks_dir, tokenizer_dir):
         _ = manifest["splits"]["train"]["shards"], manifest["context_length"], manifest["row_length"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is not a chunks manifest: re-run the preprocessing stage") from None
-    if manifest.get("format") != 2:
-        raise UserError(f"{path}: chunks in format {manifest.get('format')!r}, this script reads format 2 (flat token "
-                        f"files): re-run `{PREPROCESS} --force` with your settings")
+    check_format(manifest, path, "this script", f"re-run `{PREPROCESS} --force` with your settings")
     if manifest.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer_dir):
         raise UserError(tokenizer_mismatch(chunks_dir, tokenizer_dir, manifest))
     return manifest

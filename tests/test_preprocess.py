@@ -9,6 +9,8 @@ from llm_train.lineage import read_lineage
 from llm_train.tokenizer import EOT, IM_END, IM_START, tokenizer_fingerprint
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
@@ -45,11 +47,14 @@ def run(tok_dir, out_dir, *args, check=True):
 
 
 def read_split(out_dir, manifest, split):
-    """All rows of a split, in shard order, as python lists; checks the shard format on the way."""
+    """All rows of a split, in shard order, as python lists (read by pyarrow as a whole, not by chunk_rows); checks
+    the shard format on the way: one column input_ids of fixed_size_list<uint16, row_length>."""
     rows = []
     for rel in manifest["splits"][split]["shards"]:
-        assert rel.endswith(".bin") and (out_dir / rel).stat().st_size % (manifest["row_length"] * 2) == 0
-        rows += np.fromfile(out_dir / rel, manifest["dtype"]).reshape(-1, manifest["row_length"]).tolist()
+        shard = pq.ParquetFile(out_dir / rel)
+        assert rel.endswith(".parquet") and shard.schema_arrow == pa.schema(
+            [("input_ids", pa.list_(pa.uint16(), manifest["row_length"]))])
+        rows += shard.read().column("input_ids").to_pylist()
     return rows
 
 
@@ -88,7 +93,7 @@ def test_rows_split_and_manifest(good_run, corpus, tiny_tokenizer_dir):
     eot = tok.token_to_id(EOT)
     assert set(manifest) >= {"format", "tokenizer_fingerprint", "vocab_size", "eot_id", "context_length",
                              "row_length", "splits", "sources", "seconds"}
-    assert manifest["format"] == 2 and manifest["eot_id"] == eot and manifest["vocab_size"] == tok.get_vocab_size()
+    assert manifest["format"] == 3 and manifest["eot_id"] == eot and manifest["vocab_size"] == tok.get_vocab_size()
     assert manifest["dtype"] == "<u2"  # a 600-token vocabulary fits 16 bits
     assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tiny_tokenizer_dir)
     assert manifest["context_length"] == CONTEXT and manifest["row_length"] == ROW
@@ -135,7 +140,7 @@ def test_multiprocess_output_identical_and_resume_after_kill(good_run, corpus, t
     proc = run(tiny_tokenizer_dir, out, "--sources", src, "--num-proc", "2", "--stop-after-shards", "2", check=False)
     assert proc.returncode != 0
     assert not (out / "manifest.json").exists()
-    done = sorted((out / ".partial" / "train").glob("shard_*.bin"))
+    done = sorted((out / ".partial" / "train").glob("shard_*.parquet"))
     assert len(done) == 2
     mtimes = {p.name: p.stat().st_mtime_ns for p in done}
 
@@ -365,3 +370,99 @@ def test_midtrain_chats_start_their_rows_with_real_chat_tokens_and_no_heldout_pr
     # without a budget the endless source is refused before any work
     err = bad_run(tiny_tokenizer_dir, tmp_path / "c2", "--sources", "midtrain")
     assert "--max-tokens" in err
+
+
+def test_shards_load_with_datasets_and_pandas_as_the_same_rows(good_run):
+    """The shards are plain parquet: datasets.load_dataset("parquet"), pandas and chunk_rows (the trainer's reader)
+    all give the same rows, in shard order."""
+    from llm_train.chunks import chunk_rows
+
+    import pandas as pd
+    from datasets import load_dataset
+
+    out, manifest, _ = good_run
+    for split in ("train", "val"):
+        rows = read_split(out, manifest, split)
+        files = [str(out / rel) for rel in manifest["splits"][split]["shards"]]
+        ds = load_dataset("parquet", data_files=files, split="train")
+        assert ds.column_names == ["input_ids"] and ds["input_ids"] == rows
+        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        assert [r.tolist() for r in frame["input_ids"]] == rows
+        read = chunk_rows(out, manifest, split, CONTEXT, manifest["vocab_size"])
+        assert read[:].tolist() == rows
+
+
+def test_chunk_rows_reads_only_the_batch_rows_and_names_bad_shards(good_run, tmp_path):
+    """chunk_rows on parquet shards: any index order, windows of a smaller context, rows read when indexed (a shard
+    rewritten after it is what later batches see); a truncated, foreign or out-of-vocabulary shard is one UserError
+    naming it; a format-2 chunk set of the same rows (flat .bin token files) reads the same; other formats are one
+    clear error."""
+    import shutil
+
+    from llm_train.chunks import chunk_rows, write_shard
+    from llm_train.errors import UserError
+    from llm_train.pretrain_data import read_manifest
+
+    src, manifest, _ = good_run
+    out = tmp_path / "chunks"
+    shutil.copytree(src, out)
+    rows = np.array(read_split(out, manifest, "train"))
+    n, vocab = len(rows), manifest["vocab_size"]
+    read = chunk_rows(out, manifest, "train", CONTEXT, vocab)
+    index = np.random.default_rng(0).permutation(n)[:40]
+    np.testing.assert_array_equal(read[index], rows[index])
+    half = chunk_rows(out, manifest, "train", CONTEXT // 2, vocab)  # windows of 16 + 1 tokens: 2 per row
+    assert len(half) == 2 * n
+    np.testing.assert_array_equal(half[np.r_[index, index + n]], np.r_[rows[index, :17], rows[index, 16:]])
+
+    # a format-2 chunk set of the same rows reads the same
+    flat = tmp_path / "flat"
+    flat_manifest = json.loads(json.dumps(manifest))
+    flat_manifest["format"] = 2
+    for split in ("train", "val"):
+        flat_manifest["splits"][split]["shards"] = []
+        for rel in manifest["splits"][split]["shards"]:
+            (flat / split).mkdir(parents=True, exist_ok=True)
+            np.array(pq.read_table(out / rel).column("input_ids").to_pylist(), "<u2").tofile(flat / (rel[:-8] + ".bin"))
+            flat_manifest["splits"][split]["shards"].append(rel[:-8] + ".bin")
+    np.testing.assert_array_equal(chunk_rows(flat, flat_manifest, "train", CONTEXT // 2, vocab)[:], half[:])
+
+    # read when indexed, not before: rewrite shard 1 on disk after making a reader
+    first = pq.ParquetFile(out / manifest["splits"]["train"]["shards"][0]).metadata.num_rows
+    shard = out / manifest["splits"]["train"]["shards"][1]
+    changed = rows[first:first + pq.ParquetFile(shard).metadata.num_rows].copy()
+    changed[3] = 7
+    read = chunk_rows(out, manifest, "train", CONTEXT, vocab)
+    write_shard(shard, changed, ROW, "<u2")
+    np.testing.assert_array_equal(read[[first + 3, 0]], [[7] * ROW, rows[0]])
+    # a token id outside the vocabulary names the shard and row
+    with pytest.raises(UserError, match=r"shard_00001.parquet, row 3: token id outside the vocabulary \(size 7\)"):
+        chunk_rows(out, manifest, "train", CONTEXT, 7)[[first + 3]]
+    # rows of another length (another manifest's shard), then a truncated shard: found when loading
+    write_shard(shard, changed[:, :-1], ROW - 1, "<u2")
+    with pytest.raises(UserError, match=r"shard_00001.parquet: its rows are 32 uint16 token ids, not the "
+                                        r"manifest's 33 uint16 \(not this manifest's shard\): re-run preprocessing"):
+        chunk_rows(out, manifest, "train", CONTEXT, vocab)
+    write_shard(shard, changed, ROW, "<u2")
+    shard.write_bytes(shard.read_bytes()[:-20])
+    with pytest.raises(UserError, match=r"shard_00001.parquet: not a parquet shard of token rows \(.*\): re-run"):
+        chunk_rows(out, manifest, "train", CONTEXT, vocab)
+    # the same rows written by another parquet writer: compressed (the footer says so), or in several data pages
+    # per row group (found by the first read of the shard, which checks the rows' places)
+    column = {"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(changed.reshape(-1).astype("<u2")), ROW)}
+    pq.write_table(pa.table(column), shard)
+    with pytest.raises(UserError, match=r"shard_00001.parquet: not laid out as this project writes parquet shards "
+                                        r"\(one INT32 column, uncompressed, PLAIN\): re-run preprocessing"):
+        chunk_rows(out, manifest, "train", CONTEXT, vocab)
+    pq.write_table(pa.table(column), shard, compression="none", use_dictionary=False, data_page_size=512)
+    read = chunk_rows(out, manifest, "train", CONTEXT, vocab)
+    np.testing.assert_array_equal(read[[0]], rows[:1])
+    with pytest.raises(UserError, match=r"shard_00001.parquet: not laid out as this project writes parquet shards "
+                                        r"\(one uncompressed data page per row group\): re-run preprocessing"):
+        read[[first]]
+    # other formats: one error saying what to do
+    for format in (1, None):
+        (flat / "manifest.json").write_text(json.dumps({**flat_manifest, "format": format}))
+        with pytest.raises(UserError, match=rf"chunks in format {format}, this script reads format 3 \(parquet\) or 2 "
+                                            r"\(flat token files\): re-run `python PreTrain/preprocess"):
+            read_manifest(flat, "tokenizer-not-needed")

@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 from llm_train.arithmetic import arithmetic_tasks, extract_answer
-from llm_train.chunks import chunk_rows
+from llm_train.chunks import check_format, chunk_rows
 from llm_train.corpus import read_jsonl_gz
 from llm_train.errors import UserError
 from llm_train.paths import CHUNKS_DIR, DATA_DIR, TOKENIZER_DIR
@@ -64,9 +64,7 @@ def pretrain_val_text(chunks_dir=None, tokenizer_dir=None, **_):
         raise UserError(f"{manifest_file} not found: task llm_train_bpb_pretrain_val reads the val split of "
                                "the pretraining chunks; run PreTrain/preprocess_dataset_for_pretrain_map.py first")
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    if manifest.get("format") != 2:
-        raise UserError(f"{manifest_file}: chunks in format {manifest.get('format')!r}, task "
-                               "llm_train_bpb_pretrain_val reads format 2 (flat token files): re-run the chunks stage")
+    check_format(manifest, manifest_file, "task llm_train_bpb_pretrain_val", "re-run the chunks stage")
     if tokenizer_fingerprint(tokenizer_dir) != manifest["tokenizer_fingerprint"]:
         raise UserError(f"{chunks_dir} was tokenized with another tokenizer than the one in {tokenizer_dir}: "
                                "re-run the chunks stage")
