@@ -63,7 +63,8 @@ def setup_distributed(local_rank_flag=-1, ds_config=None):
     dist = Dist(rank, local_rank, world_size, "RANK" in os.environ or ds_config is not None, device)
     if ds_config is not None:
         if not ds_config.is_file():
-            raise UserError(f"DeepSpeed config {ds_config} not found (it ships as PreTrain/ds_config.json)")
+            raise UserError(f"DeepSpeed config {ds_config} not found (PreTrain/ ships ds_config.json: ZeRO-2, "
+                            "ds_config_zero3.json: ZeRO-3, ds_config_offload.json: ZeRO-2 with CPU offload)")
         with quiet_stdout():
             import deepspeed
 

@@ -138,6 +138,19 @@ def mark_deepspeed_checkpoint(ckpt_dir, tag, device, state, keep):
     prune_checkpoints(ckpt_dir, keep)
 
 
+def check_deepspeed_stage(ckpt_path, zero3):
+    """A DeepSpeed checkpoint is resumed under the ZeRO stage that wrote it: ZeRO-3 writes a model-states file per
+    rank (zero_pp_rank_N_mp_rank_00_model_states.pt), ZeRO-1/2 one (mp_rank_00_model_states.pt), and neither loads
+    the other's. zero3: this run's engine is ZeRO-3."""
+    written_by_zero3 = any(Path(ckpt_path).glob("zero_pp_rank_*_model_states.pt"))
+    if written_by_zero3 != zero3:
+        was, now = ("ZeRO-3", "ZeRO-1/2") if written_by_zero3 else ("ZeRO-1/2", "ZeRO-3")
+        config = "PreTrain/ds_config_zero3.json" if written_by_zero3 else "PreTrain/ds_config.json"
+        raise UserError(f"{ckpt_path} was written under {was}, but this run's --deepspeed config is {now}: rerun with "
+                        f"a {was} config (e.g. {config}) to resume it, or delete {Path(ckpt_path).parent} (or pass "
+                        "another --checkpoint-dir) to start over. Nothing was changed")
+
+
 def restore_deepspeed_rng(ckpt_path, device):
     """The RNG states mark_deepspeed_checkpoint saved (checkpoints written before it did have none)."""
     path = Path(ckpt_path) / "rng.pt"
