@@ -20,10 +20,12 @@ Writes: output/ a Hugging Face GPT-2 checkpoint (config.json, model.safetensors 
 Rerunning the same command resumes from the newest checkpoint of this run (model, optimizer, step, RNG; the data
 order is a function of seed and step); a finished run is not redone (--force redoes its export); an output/ that later
 stages were built from is replaced only with --force. --global-batch-tokens is the batch of an optimizer step over all
-ranks; each rank accumulates it in micro batches of --batch-size rows (an error if it does not split). The length is
+ranks; each rank accumulates it in micro batches of --batch-size rows (a preset's lowered, else the global batch moved
+to the nearest that splits, as the log says; an explicit one that does not split is an error). The length is
 --max-tokens capped at --max-epochs over the training tokens present, or --max-steps. --dtype (default
-$LLM_TRAIN_DTYPE, else auto) is bf16 autocast or fp32. Several nodes need the checkpoint, log and output directories
-on a shared filesystem; only global rank 0 writes them (DeepSpeed: each rank its own ZeRO shard).
+$LLM_TRAIN_DTYPE, else auto) is bf16 or fp16 (loss-scaled: T4, V100) autocast, or fp32. Several nodes need the
+checkpoint, log and output directories on a shared filesystem; only global rank 0 writes them (DeepSpeed: each rank
+its own ZeRO shard).
 """
 import argparse
 import contextlib
@@ -48,10 +50,10 @@ from llm_train.errors import UserError, run_main
 from llm_train.gpt import GPT, flops_per_token, hf_state_dict, padded_vocab, param_groups, save_hf
 from llm_train.paths import CHUNKS_DIR, OUTPUT_DIR, REPO, TOKENIZER_DIR
 from llm_train.pretrain_data import Batches, chunks_fingerprint, load_splits, read_manifest, val_row_indices
-from llm_train.pretrain_schedule import plan_schedule
-from llm_train.runtime import DTYPE_ENV, DTYPES, dtype_name, end_distributed
+from llm_train.pretrain_schedule import micro_batch, plan_from_flags, token_count
+from llm_train.runtime import DTYPE_ENV, DTYPES, autocast, dtype_name, end_distributed
 from llm_train.stage import Stage
-from llm_train.throughput import device_peak_flops, peak_mem_mb
+from llm_train.throughput import device_peak_flops, largest_fitting_batch, peak_mem_mb
 from llm_train.tokenizer import load_tokenizer
 from llm_train.train_log import TrainLog, check_log_file
 
@@ -59,7 +61,8 @@ import numpy as np
 import torch
 
 # DeepSpeed's ZeRO code calls a torch collective that torch has deprecated: nothing a user of this script can act on.
-warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                        category=FutureWarning)
 
 # Model size, batch and schedule of each preset; a flag given on the command line wins. The batch is global, in
 # tokens per optimizer step (nanoGPT), so any number of GPUs trains the same schedule.
@@ -81,14 +84,6 @@ PRESETS = {
 }
 
 
-def token_count(text):
-    """A positive whole number of tokens, also written as 2e9 or 524_288."""
-    value = positive_float(text)
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text}")
-    return int(value)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=pos_int,
                    help="embedding rows (default: the tokenizer's size rounded up to a multiple of 64); the export "
                         "keeps the tokenizer's rows")
-    p.add_argument("--batch-size", type=pos_int, help="micro batch per rank, in rows")
+    p.add_argument("--batch-size", type=micro_batch,
+                   help="micro batch per rank, in rows (default: the preset's), or auto: on CUDA the largest dividing "
+                        "the rows per rank that fits in GPU memory (halved until it does), on CPU the preset's")
     p.add_argument("--global-batch-tokens", type=token_count,
                    help="tokens per optimizer step over all ranks; each rank accumulates global / (batch-size x "
                         "context-length x ranks) micro batches")
@@ -121,9 +118,11 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=nonneg_float, default=0.95)
     p.add_argument("--grad-clip", type=pos_float, default=1.0)
     p.add_argument("--seed", type=nonneg_int, default=1337)
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help=f"bf16 autocast or fp32 (default: ${DTYPE_ENV}, else auto: bf16 on CUDA and on CPUs "
-                        "with AMX/AVX512-BF16)")
+    p.add_argument("--dtype", choices=(*DTYPES, "fp16"), default=None,
+                   help=f"bf16 or fp16 (with a loss scaler) autocast, or fp32 (default: ${DTYPE_ENV}, else auto: bf16 "
+                        "on CUDA, fp16 on GPUs without bf16, bf16 on CPUs with AMX/AVX512-BF16, else fp32)")
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="LM head + loss by chunks of rows, never all logits at once (default: on with CUDA)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU; make all compiles the cpu run)")
@@ -141,7 +140,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-dir", type=Path, default=REPO / "checkpoints" / "pretrain")
     p.add_argument("--log-file", type=Path, default=REPO / "train.log")
     p.add_argument("--tensorboard-dir", type=Path, default=REPO / "runs" / "pretrain")
-    p.add_argument("--deepspeed", type=Path, default=None, metavar="DS_CONFIG", help="train with DeepSpeed (ZeRO-2)")
+    p.add_argument("--deepspeed", type=Path, default=None, metavar="DS_CONFIG",
+                   help="train with DeepSpeed: PreTrain/ds_config.json (ZeRO-2), ds_config_zero3.json (ZeRO-3), "
+                        "ds_config_offload.json (ZeRO-2, optimizer on the CPU)")
     p.add_argument("--force", action="store_true",
                    help="replace an output/ that later stages were built from, and redo a finished run's export")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by launchers
@@ -154,8 +155,10 @@ def parse_args(argv=None):
     if args.min_lr_ratio > 1:
         p.error(f"--min-lr-ratio must be at most 1, got {args.min_lr_ratio}")
     args.warmup_from_preset = args.warmup_steps is None  # then shortened for a short run (plan_schedule)
+    args.batch_auto, args.batch_from_preset = args.batch_size == "auto", args.batch_size in (None, "auto")
+    args.batch_size = None if args.batch_auto else args.batch_size  # a preset's: lowered if it does not split
     apply_preset(args, PRESETS, "gpt2-100m" if torch.cuda.is_available() else "cpu")
-    args.dtype = dtype_name(args.dtype)
+    args.dtype = dtype_name(args.dtype, allow_fp16=True)
     return args
 
 
@@ -165,20 +168,28 @@ class Engine:
     model: torch.nn.Module  # the GPT itself
     train_model: torch.nn.Module  # what forward/backward run through: model (compiled, DDP-wrapped) or `ds`
     optimizer: object
-    autocast: object  # bf16 autocast; nullcontext under DeepSpeed, whose bf16 mode keeps bf16 weights itself
+    autocast: object  # bf16/fp16 autocast; nullcontext under DeepSpeed, whose bf16/fp16 mode keeps its own weights
     ds: object = None
     mode: str = "single process"
+    scaler: object = None  # fp16 (not DeepSpeed): the GradScaler; a step whose gradients overflow is skipped
 
 
-def build_engine(model, dist, compile_model, bf16, optimizer, ds_config=None):
-    """optimizer: AdamW's lr, betas and weight_decay. ds_config: DeepSpeed's filled-in config, or None."""
+def build_engine(model, dist, compile_model, dtype, optimizer, ds_config=None):
+    """dtype: 'bf16', 'fp16' or 'fp32'; optimizer: AdamW's lr, betas and weight_decay. ds_config: DeepSpeed's
+    filled-in config, or None."""
     if ds_config is not None:
         import deepspeed
 
-        model = torch.compile(model) if compile_model else model
+        # the tied LM head uses wte.weight in GPT.forward, outside wte: ZeRO-3 (which partitions every parameter)
+        # must gather it for GPT's forward and backward too (a no-op under ZeRO-2)
+        deepspeed.zero.register_external_parameter(model, model.transformer.wte.weight)
+        zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+        model = torch.compile(model) if compile_model and not zero3 else model
         with quiet_stdout():
             ds, opt, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                                  model_parameters=param_groups(model, optimizer["weight_decay"]))
+        if compile_model and zero3:  # ZeRO-3's hooks need the eager module: DeepSpeed compiles it itself
+            ds.compile()
         return Engine(model, ds, opt, nullcontext(), ds=ds, mode="deepspeed")
     # fused AdamW: one kernel over all parameters (CPU and CUDA), faster than the foreach default
     opt = torch.optim.AdamW(param_groups(model, optimizer["weight_decay"]), lr=optimizer["lr"],
@@ -187,8 +198,10 @@ def build_engine(model, dist, compile_model, bf16, optimizer, ds_config=None):
     if dist.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
-    return Engine(model, train_model, opt, autocast, mode="ddp" if dist.distributed else "single process")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    autocast = torch.autocast(dist.device.type, dtype=low or torch.bfloat16, enabled=low is not None)
+    scaler = torch.amp.GradScaler(dist.device.type) if dtype == "fp16" else None
+    return Engine(model, train_model, opt, autocast, mode="ddp" if dist.distributed else "single process", scaler=scaler)
 
 
 def forward_backward(engine, batches, step, grad_accum, device, poison=False):
@@ -211,21 +224,27 @@ def forward_backward(engine, batches, step, grad_accum, device, poison=False):
                 loss = engine.train_model(x, y)
                 if poison:
                     loss = loss * float("nan")
-            (loss / grad_accum).backward()
+            (loss / grad_accum if engine.scaler is None else engine.scaler.scale(loss / grad_accum)).backward()
         losses.append(loss.detach().float())
     return torch.stack(losses).mean()
 
 
 def update(engine, apply, grad_clip):
     """Clip the accumulated gradients and step the optimizer (unless not apply: a non-finite loss); returns the
-    gradient norm before clipping."""
+    gradient norm before clipping. fp16: the gradients are unscaled first, and the scaler skips the update of a step
+    whose gradients overflowed (and lowers its scale): the step still counts, it is no NaN stop."""
     if engine.ds is not None:
         if apply:
             engine.ds.step()
         grad_norm = engine.ds.get_global_grad_norm()
     else:
+        if engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(engine.train_model.parameters(), grad_clip)
-        if apply:
+        if apply and engine.scaler is not None:
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        elif apply:
             engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
     return float(grad_norm) if grad_norm is not None else float("nan")
@@ -266,13 +285,15 @@ class Run:
     history: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
     resumed_from: Path = None
+    grad_scaler: dict = None  # fp16: the GradScaler's state (scale, growth tracker), saved in and restored from state
 
     def state(self):
         """What a checkpoint records next to the weights (state.json, DeepSpeed: trainer_state.json)."""
         return {"step": self.step, "rows_per_step": self.rows_per_step,
                 "data_rows_consumed": self.step * self.rows_per_step, "model_config": self.model_config,
                 "settings": self.settings, "history": self.history,
-                **{f"{k}_fingerprint": v for k, v in self.fingerprints.items()}, "args": self.flags}
+                **{f"{k}_fingerprint": v for k, v in self.fingerprints.items()}, "args": self.flags,
+                **({"grad_scaler": self.grad_scaler} if self.grad_scaler else {})}
 
     def summary(self, facts, train_tokens, mfu_per_token_per_s, seconds):
         """pretrain_summary.json: the run's fixed facts (global_batch_tokens among them), then what it did."""
@@ -291,6 +312,7 @@ class Run:
 def save_checkpoint(engine, dist, run, ckpt_dir, keep):
     """checkpoint_dir/step_NNNNNN/ of the step done (llm_train/pretrain_checkpoint.py), the last `keep` kept."""
     tag = f"step_{run.step:06d}"
+    run.grad_scaler = engine.scaler.state_dict() if engine.scaler is not None else None
     if engine.ds is not None:
         engine.ds.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
         if dist.master:  # every rank has written its part (save_checkpoint ends in a barrier): now point at it
@@ -307,6 +329,7 @@ def resume(engine, dist, run, checkpoint):
     """Load the weights, optimizer and RNG states of a checked checkpoint; the run continues after its step."""
     ckpt_path, state = checkpoint
     if engine.ds is not None:
+        checkpoints.check_deepspeed_stage(ckpt_path, engine.ds.zero_optimization_stage() == 3)
         with quiet_stdout():
             path, _ = engine.ds.load_checkpoint(str(ckpt_path.parent), tag=ckpt_path.name)
         if path is None:
@@ -314,6 +337,8 @@ def resume(engine, dist, run, checkpoint):
         checkpoints.restore_deepspeed_rng(ckpt_path, dist.device)
     else:
         checkpoints.load_plain(ckpt_path, engine.model, engine.optimizer, dist.device)
+        if engine.scaler is not None and state.get("grad_scaler"):
+            engine.scaler.load_state_dict(state["grad_scaler"])
     run.step, run.history, run.resumed_from = state["step"], state["history"], ckpt_path
 
 
@@ -350,6 +375,22 @@ def main(argv=None):
         end_distributed(wait=False)
 
 
+def new_model(args, dist, vocab_size, padded_vocab_size, schedule, n_train_rows):
+    """(the seeded GPT to train, on dist.device; the schedule, replanned with --batch-size auto on CUDA at the largest
+    micro batch that fits: the same steps)."""
+    torch.manual_seed(args.seed)
+    if dist.device.type == "cpu":  # else compiled kernels add up in a racing order: runs of one command part
+        torch.use_deterministic_algorithms(True, warn_only=True)  # (docs/experiments.md#pretraining)
+    chunked = args.chunked_loss if args.chunked_loss is not None else dist.device.type == "cuda"
+    model = GPT(vocab_size, args.context_length, args.n_layer, args.n_embd, args.n_head, padded_vocab_size,
+                activation_checkpointing=args.activation_checkpointing, chunked_loss=chunked).to(dist.device)
+    if args.batch_auto and dist.device.type == "cuda":
+        rows = args.global_batch_tokens // (args.context_length * dist.world_size)  # per rank
+        fits = largest_fitting_batch(model, autocast(dist.device, args.dtype), rows, args.context_length, dist)
+        schedule = plan_from_flags(args, dist.world_size, n_train_rows, batch_size=fits)
+    return model, schedule
+
+
 def pretrain(args, dist, t_start):
     # The inputs, checked against each other and the flags before anything is written.
     manifest = read_manifest(args.chunks_dir, args.tokenizer_dir)
@@ -360,10 +401,7 @@ def pretrain(args, dist, t_start):
         raise UserError(f"--vocab-size {padded_vocab_size} is smaller than the tokenizer's {vocab_size}")
     train_rows, val_rows = load_splits(args.chunks_dir, manifest, args.context_length, vocab_size, args.batch_size,
                                        dist.world_size)
-    schedule = plan_schedule(args.global_batch_tokens, args.batch_size, args.context_length, dist.world_size,
-                             len(train_rows), args.chunks_dir, max_steps=args.max_steps, max_tokens=args.max_tokens,
-                             max_epochs=args.max_epochs, warmup_steps=args.warmup_steps,
-                             warmup_from_preset=args.warmup_from_preset, lr=args.lr, min_lr_ratio=args.min_lr_ratio)
+    schedule = plan_from_flags(args, dist.world_size, len(train_rows))  # sets the batch flags to those it trains
 
     # What decides the trained model, compared with a checkpoint's before resuming it and recorded in lineage.json:
     # not paths or logging, nor how a step's rows split into ranks and micro batches (any split trains the same).
@@ -382,11 +420,7 @@ def pretrain(args, dist, t_start):
     stage.prepare(writable=[args.checkpoint_dir, args.log_file.parent, args.tensorboard_dir] if dist.master else [])
 
     # The model, the engine that trains it (plain, DDP or DeepSpeed), and the checkpoint of this run it resumes.
-    torch.manual_seed(args.seed)
-    if dist.device.type == "cpu":  # else compiled kernels add up in a racing order: runs of one command part
-        torch.use_deterministic_algorithms(True, warn_only=True)  # (docs/experiments.md#pretraining)
-    model = GPT(vocab_size, args.context_length, args.n_layer, args.n_embd, args.n_head, padded_vocab_size,
-                activation_checkpointing=args.activation_checkpointing).to(dist.device)
+    model, schedule = new_model(args, dist, vocab_size, padded_vocab_size, schedule, len(train_rows))
     fingerprints = {"tokenizer": manifest["tokenizer_fingerprint"], "chunks": chunks_fingerprint(manifest)}
     flags = {**vars(args), "grad_accum": schedule.grad_accum, "max_steps": schedule.max_steps,
              "warmup_steps": schedule.warmup_steps}  # as run, recorded in its checkpoints
@@ -397,12 +431,14 @@ def pretrain(args, dist, t_start):
     ds_config = None if args.deepspeed is None else deepspeed_config(
         args.deepspeed, args.batch_size, schedule.grad_accum, dist.world_size, args.global_batch_tokens,
         args.grad_clip, args.dtype == "bf16", optimizer)
+    if ds_config is not None:  # DeepSpeed's own fp16 mode (dynamic loss scaling) in place of the GradScaler
+        ds_config.setdefault("fp16", {})["enabled"] = args.dtype == "fp16"
     compile_model = args.compile if args.compile is not None else dist.device.type == "cuda"
-    engine = build_engine(model, dist, compile_model, args.dtype == "bf16", optimizer, ds_config)
+    engine = build_engine(model, dist, compile_model, args.dtype, optimizer, ds_config)
     if checkpoint:
         resume(engine, dist, run, checkpoint)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: p is a partition
     peak, device_name = device_peak_flops(dist.device, args.dtype, args.peak_flops)
     facts = {"preset": args.preset, "model_config": run.model_config, "params": n_params,
              "global_batch_tokens": run.rows_per_step * args.context_length, "batch_size": args.batch_size,
@@ -412,6 +448,8 @@ def pretrain(args, dist, t_start):
     log(f"pretrain: preset {args.preset}, {n_params / 1e6:.2f}M params ({run.model_config}), {engine.mode} "
         f"x{dist.world_size} on {device_name}, {args.dtype}, {len(train_rows)} train rows / {len(val_rows)} val "
         f"rows of {args.context_length + 1} tokens")
+    if schedule.adjusted:
+        log(schedule.adjusted)
     log(schedule.description)
     if run.resumed_from:
         log(f"resumed at step {run.step} from {run.resumed_from}: lines for steps after {run.step} above this one "
@@ -467,7 +505,8 @@ def train(args, dist, engine, schedule, batches, validate, run, log, mfu_per_tok
         if step % args.log_interval == 0 or step == schedule.max_steps or step == 1:
             entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                      "mfu": tokens_per_step / dt * mfu_per_token_per_s if mfu_per_token_per_s else None,
-                     "peak_mem_mb": peak_mem_mb(dist.device)}
+                     "peak_mem_mb": peak_mem_mb(dist.device),
+                     **({"loss_scale": engine.scaler.get_scale()} if engine.scaler is not None else {})}
             run.history.append(entry)
             mfu = f"{100 * entry['mfu']:.1f}%" if entry["mfu"] is not None else "n/a"
             log(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "

@@ -64,10 +64,11 @@ def padded_vocab(vocab_size, multiple=64):
 
 class GPT(nn.Module):
     """vocab_size tokens (the tokenizer's) in an embedding of padded_vocab_size >= vocab_size rows (default: no
-    padding); the logits of the padding rows are -inf."""
+    padding); the logits of the padding rows are -inf. chunked_loss: forward(idx, targets) computes the loss chunk
+    by chunk of rows (chunked_cross_entropy), as on CUDA; logits (targets None) are returned whole either way."""
 
     def __init__(self, vocab_size, context_length, n_layer, n_embd, n_head, padded_vocab_size=None,
-                 activation_checkpointing=False):
+                 activation_checkpointing=False, chunked_loss=False):
         super().__init__()
         if n_embd % n_head:
             raise UserError(f"--n-embd {n_embd} must be divisible by --n-head {n_head}")
@@ -75,6 +76,7 @@ class GPT(nn.Module):
         self.config = dict(vocab_size=vocab_size, padded_vocab_size=padded_vocab_size, context_length=context_length,
                            n_layer=n_layer, n_embd=n_embd, n_head=n_head)
         self.activation_checkpointing = activation_checkpointing
+        self.chunked_loss = chunked_loss  # the training loss by chunked_cross_entropy: never all the logits at once
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(padded_vocab_size, n_embd),
             wpe=nn.Embedding(context_length, n_embd),
@@ -99,6 +101,9 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.chunked_loss:
+            return chunked_cross_entropy(x.reshape(-1, x.shape[-1]), self.transformer.wte.weight, targets.reshape(-1),
+                                         self.config["vocab_size"])
         logits = F.linear(x, self.transformer.wte.weight).float()  # tied LM head
         if self.config["padded_vocab_size"] > self.config["vocab_size"]:
             # padding rows are no tokens: -inf keeps the softmax (and so the loss) that of the real vocabulary, which
@@ -106,8 +111,64 @@ class GPT(nn.Module):
             logits[..., self.config["vocab_size"]:] = float("-inf")
         if targets is None:
             return logits
-        # plain cross-entropy over all fp32 logits: a chunked fused one was slower (see docs/experiments.md#pretraining)
+        # plain cross-entropy over all fp32 logits: on CPU the chunked one costs more (bench/bench_loss.py)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# Logits elements of one chunk of chunked_cross_entropy: 2^26 (256 MB in fp32) whatever the vocabulary.
+LOSS_CHUNK_ELEMENTS = 2**26
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the tied LM head's logits x @ weight.T, chunk by chunk of rows: each chunk's fp32 logits
+    exist only while its loss and its gradients (softmax - one-hot, through the head) are computed, in the forward
+    pass; backward only scales them by the incoming gradient. The same FLOPs as the plain loss, no logits kept."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, dtype, chunk_rows, need_grad):
+        n = x.shape[0]
+        xs, w = x.to(dtype), weight.to(dtype)  # what autocast feeds the plain head's matmul
+        grad_x, grad_w = torch.empty(x.shape, dtype=torch.float32, device=x.device), None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, n, chunk_rows):
+            xc, tc = xs[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = (xc @ w.t()).float()
+            if w.shape[0] > vocab_size:
+                logits[:, vocab_size:] = float("-inf")
+            rows = torch.arange(len(tc), device=x.device)
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits[rows, tc]).sum()
+            if not need_grad:  # validation: the loss only
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # in place: d(the chunk's summed loss) / d(logits) = softmax - one-hot
+            g[rows, tc] -= 1
+            g = g.to(dtype)
+            grad_x[start:start + chunk_rows] = g @ w
+            part = (g.t() @ xc).float()
+            grad_w = part if grad_w is None else grad_w.add_(part)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.dtypes, ctx.n = (x.dtype, weight.dtype), n
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_output.float() / ctx.n
+        return (grad_x * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None, None, None, None
+
+
+def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_elements=None):
+    """F.cross_entropy(x @ weight.T (logits of the rows beyond vocab_size -inf), targets) as the plain loss computes
+    it (under autocast: a matmul in the autocast dtype, fp32 logits) without ever holding all the logits: chunks of
+    at most chunk_elements (default LOSS_CHUNK_ELEMENTS) logits (rows x padded vocabulary). x: (rows, n_embd);
+    weight: (padded vocab, n_embd)."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    rows = max(1, (chunk_elements or LOSS_CHUNK_ELEMENTS) // weight.shape[0])
+    chunk_rows = -(-x.shape[0] // -(-x.shape[0] // rows))  # even chunks of at most `rows` rows
+    with torch.autocast(device_type, enabled=False):
+        need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return _ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, dtype, chunk_rows, need_grad)
 
 
 def param_groups(model, weight_decay):

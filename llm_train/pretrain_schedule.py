@@ -1,11 +1,27 @@
 """What a pretraining run trains, from its flags: how a global batch of tokens splits into micro batches on each
 rank, how many optimizer steps (a length in tokens capped at a number of epochs, or given), and the learning rate of
 each step (linear warmup, cosine decay). The same flags give the same steps and tokens per step on any number of
-ranks."""
+ranks, or the nearest global batch that splits when it does not (with a preset's micro batch only: then one log
+line says so)."""
+import argparse
 import math
 from dataclasses import dataclass
 
+from llm_train.cli import positive_float, positive_int
 from llm_train.errors import UserError
+
+
+def token_count(text):
+    """A positive whole number of tokens, also written as 2e9 or 524_288."""
+    value = positive_float(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text}")
+    return int(value)
+
+
+def micro_batch(text):
+    """--batch-size: rows, or auto."""
+    return "auto" if text == "auto" else positive_int(text)
 
 
 @dataclass(frozen=True)
@@ -16,6 +32,9 @@ class Schedule:
     lr: float  # peak
     min_lr_ratio: float  # the final lr, as a fraction of the peak
     description: str = ""  # the log line saying what the run trains
+    batch_size: int = None  # the micro batch in rows: the one asked for, or a preset's lowered to split the batch
+    global_batch_tokens: int = None  # the one asked for, or the nearest that splits (`adjusted` says why)
+    adjusted: str = ""  # one log line when the micro or the global batch is not the one asked for
 
     def lr_at(self, step):
         """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps (the lr of step, 0-based)."""
@@ -41,13 +60,42 @@ def grad_accum_steps(global_batch_tokens, batch_size, context_length, world_size
     return rows_per_rank // b
 
 
-def plan_schedule(global_batch_tokens, batch_size, context_length, world_size, train_rows, data_name, *, max_steps,
-                  max_tokens, max_epochs, warmup_steps, warmup_from_preset, lr, min_lr_ratio):
-    """The Schedule of a run over train_rows rows (of data_name, for the log line): max_steps if given, else
-    max_tokens capped at max_epochs passes over the training tokens; a preset's warmup (warmup_from_preset) is cut
-    to a tenth of a short run."""
+def split_batch(global_batch_tokens, batch_size, context_length, world_size, batch_from_preset=False):
+    """(micro batch rows, grad_accum, global batch tokens, log line or "") for global_batch_tokens over world_size
+    ranks. An explicit --batch-size must split the global batch exactly (grad_accum_steps' error otherwise). A
+    preset's micro batch b may be lowered to b/2 at the least: the largest that splits the global batch exactly,
+    else the one whose split comes nearest to it (the global batch then moves there, more or fewer tokens)."""
     g, b, t, w = global_batch_tokens, batch_size, context_length, world_size
-    grad_accum = grad_accum_steps(g, b, t, w)
+    if not batch_from_preset:
+        return b, grad_accum_steps(g, b, t, w), g, ""
+
+    def split(d):  # rows per micro batch -> (distance from the asked batch in tokens, -d, d, grad_accum)
+        accum = max(1, round(g / (t * w * d)))
+        return abs(accum * d * w * t - g), -d, d, accum
+
+    _, _, d, accum = min(split(d) for d in range(-(-b // 2), b + 1))
+    tokens = d * accum * w * t
+    if d == b and tokens == g:
+        return b, accum, g, ""
+    rank_s = f"{w} rank{'s' * (w > 1)}"
+    if tokens == g:
+        why = f"the preset's micro batch of {b} rows does not split {g // t} rows over {rank_s}"
+        return d, accum, g, f"--batch-size {d} (not the preset's {b}): {why}"
+    return d, accum, tokens, (
+        f"--global-batch-tokens {tokens:,} ({tokens / g - 1:+.1%}) instead of {g:,}: {g:,} tokens do not split into "
+        f"micro batches of {b // 2 + b % 2}..{b} rows x {t} tokens x {rank_s}; the nearest that does is {accum} "
+        f"micro batch{'es' * (accum > 1)} of {d} rows per rank (pass a --global-batch-tokens that is a multiple of "
+        f"{d * w * t:,} to choose another)")
+
+
+def plan_schedule(global_batch_tokens, batch_size, context_length, world_size, train_rows, data_name, *, max_steps,
+                  max_tokens, max_epochs, warmup_steps, warmup_from_preset, lr, min_lr_ratio, batch_from_preset=False):
+    """The Schedule of a run over train_rows rows (of data_name, for the log line): the split of split_batch (which
+    batch_from_preset lets lower the micro batch, or move the global batch), max_steps if given, else max_tokens
+    capped at max_epochs passes over the training tokens; a preset's warmup (warmup_from_preset) is cut to a tenth
+    of a short run."""
+    t, w = context_length, world_size
+    b, grad_accum, g, adjusted = split_batch(global_batch_tokens, batch_size, t, w, batch_from_preset)
     train_tokens = train_rows * t
     if max_steps is not None:
         how = "--max-steps"
@@ -65,4 +113,17 @@ def plan_schedule(global_batch_tokens, batch_size, context_length, world_size, t
     description = (f"training {trained:,} tokens = {trained / train_tokens:.2f} epochs over the {train_tokens:,} "
                    f"training tokens of {data_name} ({max_steps} steps of {g:,} tokens: {b} rows x {grad_accum} "
                    f"micro batch{'es' * (grad_accum > 1)} x {w} rank{'s' * (w > 1)}; {how})")
-    return Schedule(grad_accum, max_steps, warmup_steps, lr, min_lr_ratio, description)
+    return Schedule(grad_accum, max_steps, warmup_steps, lr, min_lr_ratio, description, b, g, adjusted)
+
+
+def plan_from_flags(args, world_size, train_rows, batch_size=None):
+    """plan_schedule of PreTrain/model.py's flags (args) over train_rows rows, with a preset's micro batch free to
+    move (args.batch_from_preset) unless batch_size is given (one that fits, for --batch-size auto); args.batch_size
+    and args.global_batch_tokens become the ones it trains."""
+    schedule = plan_schedule(args.global_batch_tokens, batch_size or args.batch_size, args.context_length, world_size,
+                             train_rows, args.chunks_dir, max_steps=args.max_steps, max_tokens=args.max_tokens,
+                             max_epochs=args.max_epochs, warmup_steps=args.warmup_steps,
+                             warmup_from_preset=args.warmup_from_preset, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                             batch_from_preset=args.batch_from_preset and batch_size is None)
+    args.batch_size, args.global_batch_tokens = schedule.batch_size, schedule.global_batch_tokens
+    return schedule

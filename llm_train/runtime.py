@@ -22,12 +22,13 @@ def cpu_has_fast_bf16():
 
 
 def dtype_name(requested=None, allow_fp16=False):
-    """'bf16' or 'fp32' (or 'fp16' with allow_fp16, on GPUs without bf16) for a --dtype value; None or 'auto'
-    defers to $LLM_TRAIN_DTYPE, then to the hardware."""
+    """'bf16' or 'fp32' (or 'fp16' with allow_fp16: asked for, or auto on GPUs without bf16) for a --dtype value;
+    None or 'auto' defers to $LLM_TRAIN_DTYPE, then to the hardware."""
     if requested in (None, "auto"):
         requested = os.environ.get(DTYPE_ENV) or "auto"
-    if requested not in DTYPES:
-        raise UserError(f"dtype {requested!r} (from --dtype or ${DTYPE_ENV}) must be one of {', '.join(DTYPES)}")
+    allowed = (*DTYPES, "fp16") if allow_fp16 else DTYPES
+    if requested not in allowed:
+        raise UserError(f"dtype {requested!r} (from --dtype or ${DTYPE_ENV}) must be one of {', '.join(allowed)}")
     if requested != "auto":
         return requested
     import torch

@@ -44,3 +44,37 @@ def peak_mem_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def largest_fitting_batch(model, autocast, rows_per_rank, context_length, dist, margin=0.9):
+    """--batch-size auto on CUDA: the largest micro batch dividing rows_per_rank (rows_per_rank first, then the
+    largest divisor of at most half the last tried: powers of two for a power of two) whose forward and backward
+    on random tokens fit in margin of the GPU's memory with AdamW's states and DDP's buckets (12 bytes a parameter)
+    reserved; a torch.cuda.OutOfMemoryError halves it. The ranks take the smallest of their answers."""
+    device = dist.device
+    total = torch.cuda.get_device_properties(device).total_memory
+    reserve = 12 * sum(p.numel() for p in model.parameters())
+    vocab = model.config["vocab_size"]
+    rows = rows_per_rank
+    while True:
+        fits = False
+        try:
+            torch.cuda.reset_peak_memory_stats(device)
+            x = torch.randint(0, vocab, (rows, context_length + 1), device=device)
+            with autocast:
+                loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            fits = torch.cuda.max_memory_allocated(device) + reserve <= margin * total
+        except torch.cuda.OutOfMemoryError:
+            pass
+        x = loss = None
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        if fits or rows == 1:
+            break
+        rows = max(d for d in range(1, rows // 2 + 1) if rows_per_rank % d == 0)
+    if dist.world_size > 1:
+        agreed = torch.tensor(rows, device=device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        rows = int(agreed)
+    return rows

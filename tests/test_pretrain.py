@@ -4,6 +4,7 @@ One plain reference run (a global batch of 8 rows per optimizer step, fp32) is s
 same 8 rows per step (grad accumulation on the plain path, DDP with 2 ranks, DeepSpeed ZeRO-2 with 2 ranks, 2 "nodes"
 of 1 process on localhost) must reproduce its loss curve, a killed and resumed run must reproduce it exactly, and a
 rerun of it must do nothing."""
+import contextlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from llm_train import paths
 from llm_train import pretrain_checkpoint as checkpoints
-from llm_train.chunks import chunk_rows
+from llm_train.chunks import chunk_rows, write_shard
 from llm_train.errors import UserError
 from llm_train.gpt import GPT, hf_state_dict, padded_vocab, save_hf
 from llm_train.lineage import check_lineage, output_fingerprint, read_lineage, write_lineage
@@ -60,12 +61,11 @@ def write_chunks(tokenizer_dir, out_dir, context_length=CTX, texts=None):
         rows = np.array(ids[: n * row_length], dtype="<u2").reshape(n, row_length)
         shards = []
         for i, part in enumerate(np.array_split(rows, 2)):
-            rel = f"{split}/shard_{i:05d}.bin"
-            (out_dir / split).mkdir(parents=True, exist_ok=True)
-            part.tofile(out_dir / rel)
+            rel = f"{split}/shard_{i:05d}.parquet"
+            write_shard(out_dir / rel, part, row_length, "<u2")
             shards.append(rel)
         splits[split] = {"shards": shards, "rows": n, "tokens": n * row_length, "bytes": nbytes, "documents": len(docs)}
-    manifest = {"format": 2, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
+    manifest = {"format": 3, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
                 "vocab_size": len(tok), "eot_id": tok.eos_token_id, "context_length": context_length,
                 "row_length": row_length, "dtype": "<u2", "splits": splits, "sources": ["test"], "seconds": 0.0}
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
@@ -702,7 +702,7 @@ def test_bad_inputs(model_module, tiny_tokenizer_dir, chunks_dir, tmp_path, caps
     manifest["row_length"] = CTX + 2
     (broken / "manifest.json").write_text(json.dumps(manifest))
     fails(*d[:2], "--chunks-dir", broken, "--output-dir", tmp_path / "o2", *d[6:],
-          match=r"shard_00000.bin: \d+ bytes is not a whole number of rows of 34 uint16")
+          match=r"shard_00000.parquet: its rows are 33 uint16 token ids, not the manifest's 34 uint16")
     assert not (tmp_path / "o2").exists() and not list((tmp_path / "ckpt").glob("step_*"))
 
 
@@ -856,3 +856,208 @@ def test_generation_past_the_context_slides_the_window(reference, capsys):
     inference.main(["--model-dir", str(out), "--prompt", "The answer is", "--max-new-tokens", "70",
                     "--temperature", "0"])
     assert re.search(r"--- \d+ new tokens in .*tokens/s", capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any number of GPUs, GPU memory (chunked loss, --batch-size auto), fp16.
+def test_any_gpu_count_plans_the_makefile_batch(model_module):
+    """make all SCALE=gpu (gpt2-100m, --global-batch-tokens 131072) on 1-8 GPUs: the preset's micro batch of 16 x
+    1024 splits 128 rows on 1, 2, 4 and 8 ranks; on 3, 5, 6 and 7 no micro batch does, so the global batch moves to
+    the nearest that splits (within 4%, micro batches of 8-16 rows) and one line says so. An explicit --batch-size
+    that does not split is still the error it was; --batch-size auto on CPU is the preset's."""
+    def schedule(world_size, *flags):
+        a = model_module.parse_args(["--preset", "gpt2-100m", "--global-batch-tokens", "131072", *flags])
+        return plan_schedule(a.global_batch_tokens, a.batch_size, a.context_length, world_size, 3705, "chunks",
+                             max_steps=a.max_steps, max_tokens=a.max_tokens, max_epochs=a.max_epochs,
+                             warmup_steps=a.warmup_steps, warmup_from_preset=a.warmup_from_preset, lr=a.lr,
+                             min_lr_ratio=a.min_lr_ratio, batch_from_preset=a.batch_from_preset)
+
+    for w in range(1, 9):
+        s = schedule(w)
+        assert s.batch_size * s.grad_accum * w * 1024 == s.global_batch_tokens and 8 <= s.batch_size <= 16
+        assert f"{s.max_steps} steps of {s.global_batch_tokens:,} tokens: {s.batch_size} rows x {s.grad_accum}" in (
+            s.description)
+        if w in (1, 2, 4, 8):
+            assert (s.global_batch_tokens, s.batch_size, s.grad_accum, s.adjusted) == (131072, 16, 8 // w, "")
+        else:
+            assert abs(s.global_batch_tokens / 131072 - 1) < 0.04 and "\n" not in s.adjusted
+            assert s.adjusted.startswith(f"--global-batch-tokens {s.global_batch_tokens:,} (")
+            assert "instead of 131,072: 131,072 tokens do not split into micro batches of 8..16 rows" in s.adjusted
+    assert (schedule(3).batch_size, schedule(3).grad_accum, schedule(3).global_batch_tokens) == (14, 3, 129024)
+    # the micro batch alone moves when that keeps the global batch: 24 rows a rank split by 12
+    s = schedule(1, "--global-batch-tokens", str(24 * 1024))
+    assert (s.batch_size, s.grad_accum, s.global_batch_tokens) == (12, 2, 24 * 1024)
+    assert s.adjusted.startswith("--batch-size 12 (not the preset's 16): ")
+    with pytest.raises(UserError, match=r"--global-batch-tokens 131072 does not split into micro batches of "
+                                        r"--batch-size 16 x --context-length 1024 tokens on 3 ranks"):
+        schedule(3, "--batch-size", "16")
+    a = model_module.parse_args(["--preset", "gpt2-100m", "--batch-size", "auto"])
+    assert a.batch_auto and a.batch_from_preset and a.batch_size == 16
+
+
+def test_three_ranks_with_a_batch_that_did_not_split(tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """torchrun with 3 CPU ranks at the smoke preset (tiny model): its 32-row global batch (1,024 tokens at context
+    32) has no split over 3 ranks, which stopped the run; it now trains the nearest that splits, 30 rows = 2 micro
+    batches of 5 rows per rank, and the log says so in one line."""
+    flags = ["--preset", "smoke", "--n-layer", 2, "--n-embd", 32, "--n-head", 2, "--context-length", CTX,
+             "--max-steps", 2, "--eval-rows", 6, "--log-interval", 1]
+    launch("torchrun", 3, [*flags, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)],
+           env={"OMP_NUM_THREADS": "1", **FP32})
+    s = summary(tmp_path / "output")
+    assert (s["world_size"], s["batch_size"], s["grad_accum"], s["global_batch_tokens"]) == (3, 5, 2, 30 * CTX)
+    assert s["tokens_seen"] == 2 * 30 * CTX and len(losses(tmp_path / "output")) == 2
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("--global-batch-tokens 960 (-6.2%) instead of 1,024: ") == 1
+    assert "5 rows x 2 micro batches x 3 ranks" in log
+
+
+def grads_of(model, idx, dtype):
+    """The loss of a forward + backward under dtype's autocast, and every parameter's gradient."""
+    from llm_train.runtime import autocast
+
+    model.zero_grad(set_to_none=True)
+    with autocast("cpu", dtype):
+        loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@BOTH_DTYPES
+def test_chunked_loss_equals_the_full_logits_loss(dtype, monkeypatch):
+    """chunked_cross_entropy in 4 chunks (a padded vocabulary: 600 tokens in 640 rows) gives the plain loss and
+    gradients: to float32 rounding in fp32, to bf16 rounding under bf16 autocast (where the chunks' bf16 weight
+    gradients are summed in fp32, not in one bf16 matmul). Without gradients (validation) the same loss, and the
+    logits (targets None, as inference and the export use them) are the plain ones."""
+    from llm_train import gpt
+
+    monkeypatch.setenv(DTYPE_ENV, dtype)
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", 640 * 16)  # 4 chunks of the 2 x 32 rows
+    torch.manual_seed(0)
+    model = GPT(600, CTX, 2, 32, 2, 640)
+    idx = torch.randint(0, 600, (2, CTX + 1))
+    loss, grads = grads_of(model, idx, dtype)
+    model.chunked_loss = True
+    chunked_loss, chunked_grads = grads_of(model, idx, dtype)
+    atol, rtol = (1e-6, 1e-4) if dtype == "fp32" else (2e-3, 2e-2)
+    torch.testing.assert_close(chunked_loss, loss, atol=atol, rtol=rtol)
+    for name, grad in grads.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(chunked_grads[name], grad, atol=atol * max(scale, 1e-3), rtol=rtol, msg=name)
+    assert chunked_grads["transformer.wte.weight"][600:].abs().max() == 0  # the padding rows get no gradient
+    with torch.no_grad():
+        assert model(idx[:, :-1], idx[:, 1:]).item() == pytest.approx(loss.item(), abs=atol * 10)
+        model.chunked_loss = False
+        plain_logits = model(idx[:, :-1])
+        model.chunked_loss = True
+        assert torch.equal(model(idx[:, :-1]), plain_logits)
+
+
+def test_chunked_loss_never_holds_all_the_logits(monkeypatch):
+    """A forward + backward at a 16k vocabulary: the plain loss makes tensors of rows x vocab elements (the fp32
+    logits, their gradient), the chunked one none larger than a chunk (every op's output is seen by a dispatch
+    mode, backward's too), so its peak memory is lower by ~2 x rows x vocab x 4 bytes."""
+    from llm_train import gpt
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.largest = max([self.largest, *sizes])
+            return out
+
+    vocab, rows = 16384, 4 * CTX
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", vocab * rows // 4)
+    torch.manual_seed(0)
+    model = GPT(vocab, CTX, 1, 32, 2)
+    idx = torch.randint(0, vocab, (4, CTX + 1))
+    largest = {}
+    for chunked in (False, True):
+        model.chunked_loss = chunked
+        with Largest() as mode:
+            model(idx[:, :-1], idx[:, 1:]).backward()
+        largest[chunked] = mode.largest
+    assert largest == {False: rows * vocab, True: rows * vocab // 4}
+
+
+def test_fp16_skips_an_overflowed_step_without_stopping(model_module):
+    """fp16 (no DeepSpeed): fp16 autocast and a GradScaler; gradients that overflowed skip the update (the weights
+    stay, the scale halves) and return, no NaN stop; a finite step updates the weights."""
+    from llm_train.distributed import Dist
+
+    torch.manual_seed(0)
+    model = GPT(600, CTX, 1, 32, 2, 640)
+    dist = Dist(0, 0, 1, False, torch.device("cpu"))
+    engine = model_module.build_engine(model, dist, False, "fp16", {"lr": 1e-2, "betas": (0.9, 0.95),
+                                                                    "weight_decay": 0.1})
+    assert engine.scaler is not None and engine.autocast.fast_dtype == torch.float16
+    batches = Batches(np.random.default_rng(0).integers(0, 600, (8, CTX + 1)), 4, 2, 0, 1, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model_module.forward_backward(engine, batches, 0, 2, dist.device)
+    model.transformer.h[0].mlp.c_fc.weight.grad[0, 0] = float("inf")
+    scale = engine.scaler.get_scale()
+    model_module.update(engine, True, 1.0)
+    assert engine.scaler.get_scale() == scale / 2
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    loss = model_module.forward_backward(engine, batches, 1, 2, dist.device)
+    model_module.update(engine, True, 1.0)
+    assert math.isfinite(loss.item()) and engine.scaler.get_scale() == scale / 2
+    assert not torch.equal(model.transformer.wte.weight, before["transformer.wte.weight"])
+
+
+def test_fp16_trains_and_a_killed_run_restores_the_scaler(tiny_tokenizer_dir, chunks_dir, tmp_path):
+    """--dtype fp16 on CPU (fp16 autocast, GradScaler): finite, decreasing losses; the scaler's state is in each
+    checkpoint, and a run killed after step 5 resumes from step 3 with it, to the uninterrupted run's losses and
+    scaler state exactly."""
+    args = [*TINY, *SCHEDULE, "--batch-size", 8, "--dtype", "fp16"]
+    run_script("PreTrain/model.py", *args, *dirs(tmp_path / "a", tiny_tokenizer_dir, chunks_dir))
+    ref = losses(tmp_path / "a" / "output")
+    assert summary(tmp_path / "a" / "output")["dtype"] == "fp16"
+    assert all(math.isfinite(v) for v in ref.values()) and ref[6] < ref[1] - 0.2
+
+    def scaler(run, step):
+        return json.loads((tmp_path / run / "ckpt" / f"step_{step:06d}" / "state.json").read_text())["grad_scaler"]
+
+    assert scaler("a", 6)["scale"] > 0 and "_growth_tracker" in scaler("a", 6)
+    d = dirs(tmp_path / "b", tiny_tokenizer_dir, chunks_dir)
+    proc = run_script("PreTrain/model.py", *args, *d, "--debug-kill-step", 5, check=False)
+    assert proc.returncode == -9 and scaler("b", 3) == scaler("a", 3)
+    run_script("PreTrain/model.py", *args, *d)
+    assert "resumed at step 3" in (tmp_path / "b" / "train.log").read_text()
+    assert losses(tmp_path / "b" / "output") == ref and scaler("b", 6) == scaler("a", 6)
+
+
+def test_batch_size_auto_halves_until_it_fits(monkeypatch):
+    """--batch-size auto's probe (CUDA only; here its CUDA calls are stand-ins): from the rows per rank down by
+    halves (the largest divisor of at most half), past an OutOfMemoryError and past a batch that would leave no room
+    for AdamW's states, to the largest that fits."""
+    from llm_train import throughput
+    from llm_train.distributed import Dist
+
+    torch.manual_seed(0)
+    model = GPT(600, CTX, 1, 32, 2, 640)
+    params = sum(p.numel() for p in model.parameters())
+    tried, peak = [], {}
+
+    def forward(idx, targets):
+        rows = idx.shape[0]
+        tried.append(rows)
+        if rows > 12:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        peak["bytes"] = rows * 10**6 - 12 * params  # 0.9 x 10^7 total: 9 rows of memory besides AdamW's states
+        return model.transformer.wte.weight.sum() * 0 + rows
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Namespace(total_memory=10**7))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peak["bytes"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    dist = Dist(0, 0, 1, False, torch.device("cpu"))
+    assert throughput.largest_fitting_batch(model, contextlib.nullcontext(), 48, CTX, dist) == 6
+    assert tried == [48, 24, 12, 6]
+    tried.clear()
+    assert throughput.largest_fitting_batch(model, contextlib.nullcontext(), 64, CTX, dist) == 8
+    assert tried == [64, 32, 16, 8]
