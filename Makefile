@@ -1,6 +1,6 @@
 # llm_train: `make all` runs the pipeline on the embedded corpus, `make test` runs the test suite.
 #   make all                 CPU presets with no GPU, the full-size presets with GPUs (SCALE=gpu)
-#   make all SCALE=smoke     the same code paths on tiny sizes (a few minutes)
+#   make all SCALE=smoke     the same code paths on tiny sizes (about a minute)
 # A stage whose output is newer than its inputs is skipped, as make does. Checkpoints are kept per scale
 # (checkpoints/$(SCALE)/): another SCALE retrains the outputs but never touches this scale's checkpoints, and coming
 # back to a scale resumes (or just re-exports) from them.
@@ -51,6 +51,10 @@ REPORT_FLAGS :=
 endif
 # With several GPUs pretraining runs under DeepSpeed ZeRO-2, one rank per GPU.
 PRETRAIN_LAUNCH := $(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/deepspeed --num_gpus=$(NGPU) PreTrain/model.py --deepspeed PreTrain/ds_config.json,$(PY) PreTrain/model.py)
+# SFT, the reward model and GRPO: one process per GPU under accelerate (DDP); their presets fix the global batch, so
+# 1 or 8 GPUs train the same sequences per optimizer step. With 0 or 1 GPU, one plain process.
+POST_LAUNCH := $(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NGPU) \
+  --num_machines 1 --mixed_precision no --dynamo_backend no,$(PY))
 
 # Run a stage, print its wall time and record it in report/timings/ for the report card.
 define timed
@@ -114,13 +118,13 @@ output/pretrain_summary.json: PreTrain/model.py pretrain_data_chunks/manifest.js
 	$(call timed,pretrain,$(PRETRAIN_LAUNCH) --force --checkpoint-dir checkpoints/$(SCALE)/pretrain $(PRETRAIN_FLAGS))
 
 SFT/eval.json: SFT/qlora_fine_tune_trl.py output/pretrain_summary.json
-	$(call timed,sft,$(PY) SFT/qlora_fine_tune_trl.py --force --merge --checkpoint-dir checkpoints/$(SCALE)/sft $(SFT_FLAGS))
+	$(call timed,sft,$(POST_LAUNCH) SFT/qlora_fine_tune_trl.py --force --merge --checkpoint-dir checkpoints/$(SCALE)/sft $(SFT_FLAGS))
 
 RLHF/reward_eval.json: RLHF/reward_model.py SFT/eval.json
-	$(call timed,reward_model,$(PY) RLHF/reward_model.py --force --checkpoint-dir checkpoints/$(SCALE)/reward_model $(RM_FLAGS))
+	$(call timed,reward_model,$(POST_LAUNCH) RLHF/reward_model.py --force --checkpoint-dir checkpoints/$(SCALE)/reward_model $(RM_FLAGS))
 
 RLHF/eval.json: RLHF/grpo_trl.py RLHF/reward_eval.json
-	$(call timed,grpo,$(PY) RLHF/grpo_trl.py --force --checkpoint-dir checkpoints/$(SCALE)/grpo $(GRPO_FLAGS))
+	$(call timed,grpo,$(POST_LAUNCH) RLHF/grpo_trl.py --force --checkpoint-dir checkpoints/$(SCALE)/grpo $(GRPO_FLAGS))
 
 # lm-eval on every model, the same tasks (the offline ones of Eval/tasks/): the report card's comparison table.
 Eval/results.json: Eval/evaluate.py $(wildcard Eval/tasks/*.py Eval/tasks/*yaml) RLHF/eval.json

@@ -65,6 +65,8 @@ STAGE = "grpo"
 # Budget and optimizer per scale of policy, in one place (README table); each value can be overridden by its flag.
 # Measured: see docs/experiments.md#grpo. beta 0.05 and unscaled advantages at every scale; rm_weight 0.1: the
 # reward model's scores spread far wider than the 0/1 exact answer, and it scores only the chat prompts.
+# batch_size is the global batch: completions per optimizer step over all processes (split_global_batch splits it, in
+# whole groups: gpu 1 x 64 or 8 x 8).
 PRESETS = {
     # groups of 8: a prompt answered right some of the time gets a non-zero advantage
     "gpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=2048, epochs=3.0, num_generations=8, batch_size=64,
@@ -85,17 +87,26 @@ DEFAULT_CHAT_PROMPTS = ["Anna has 12 apples and gets 7 more. How many apples doe
                         "小明有25本书，送给别人8本书。还剩多少本书？", "Hello, how are you?", "你好"]
 
 
+def batch_split(args):
+    """--batch-size completions per optimizer step split over the processes (whole groups of --num-generations)."""
+    return trainer_runs.split_global_batch(args.batch_size, args.micro_batch, multiple_of=args.num_generations)
+
+
 def grpo_config(args, output_dir, reward_weights, dtype):
-    """The GRPOConfig of a run (tests build TRL's side of the loss comparison from it too)."""
+    """The GRPOConfig of a run (tests build TRL's side of the loss comparison from it too). One generation batch is
+    one optimizer step: TRL samples per device x processes x accumulation steps completions at once."""
     from trl import GRPOConfig
 
+    split = batch_split(args)
     return GRPOConfig(
-        output_dir=str(output_dir), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        output_dir=str(output_dir), num_train_epochs=args.epochs, per_device_train_batch_size=split.per_device,
+        gradient_accumulation_steps=split.accum,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
         learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
         beta=0.05, loss_type="dapo", scale_rewards="none", epsilon=0.2, temperature=args.temperature,
         reward_weights=reward_weights, logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
-        save_total_limit=2, report_to="none", seed=args.seed, gradient_checkpointing=False,
+        save_total_limit=2, report_to="none", seed=args.seed, activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         bf16=dtype == "bf16", fp16=dtype == "fp16",  # mixed precision: autocast over fp32 weights
         use_cpu=not torch.cuda.is_available(), disable_dropout=True, dataloader_num_workers=0)
 
@@ -269,6 +280,7 @@ def run_settings(args):
     recorded in grpo_output/lineage.json, where an identical rerun finds it finished."""
     return {**settings_of(args, "rm_weight", "exact_weight", "num_prompts", "epochs", "num_generations", "batch_size",
                           "max_completion_length", "temperature", "lr", "warmup_steps", "lora_r", "qlora", "seed"),
+            **({"micro_batch": args.micro_batch} if args.micro_batch else {}),
             "dtype": dtype_name(allow_fp16=True), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
@@ -293,8 +305,11 @@ def trainable_policy(args):
         if args.qlora:  # reload the (merged) SFT weights as 4-bit NF4; LoRA adapters train on top
             policy.save_pretrained(tmp)
             generation_config = policy.generation_config
+            # each process puts its copy on its own GPU (without a device map all would load on cuda:0); CPU: as is
+            placement = {"device_map": {"": runtime.device()}} if torch.cuda.is_available() else {}
             policy = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype(allow_fp16=True)))
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype(allow_fp16=True)),
+                **placement)
             policy.generation_config = generation_config
     return policy, tok
 
@@ -331,7 +346,8 @@ def logging_callbacks(args, tok, history_file):
               f"{sampled:.3f})")
         return {"heldout/exact_answer": greedy, "heldout/sampled_exact_answer": sampled}
 
-    return [logs] + ([heldout_eval_callback(args.eval_every, evaluate_heldout, log_to)] if heldout else []) + \
+    recipe = trainer_runs.recipe_log_callback(args.batch_size, "completions", lambda line: print(line, flush=True))
+    return [logs, recipe] + ([heldout_eval_callback(args.eval_every, evaluate_heldout, log_to)] if heldout else []) + \
         ([tensorboard] if tensorboard else [])
 
 
@@ -412,7 +428,7 @@ def build_parser():
     parser.add_argument("--epochs", type=positive_float, help="(preset)")
     parser.add_argument("--num-generations", type=positive_int,
                         help="(preset) group size: completions per prompt (at least 2)")
-    parser.add_argument("--batch-size", type=positive_int, help="(preset) completions per device per step")
+    trainer_runs.add_batch_flags(parser, "completions")
     parser.add_argument("--max-completion-length", type=positive_int,
                         help="(preset) longest completion (a worked arithmetic answer is ~40-50 tokens)")
     parser.add_argument("--temperature", type=nonnegative_float,
@@ -444,14 +460,13 @@ def parse_args(argv=None):
     args = apply_preset(parser.parse_args(argv), PRESETS, default_scale())
     args.reward_model = args.reward_model or args.out_dir / "reward_model"
     if args.mode == "train":  # what TRL would reject later with a traceback
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
         if not args.rm_weight and not args.exact_weight:
             parser.error("--rm-weight and --exact-weight are both 0: there is nothing to reward")
         if args.num_generations < 2:
             parser.error("--num-generations must be at least 2: advantages compare completions of the same prompt")
-        if args.batch_size * processes % args.num_generations:
-            parser.error(f"--batch-size {args.batch_size} x {processes} process(es) must be a multiple of "
-                         f"--num-generations {args.num_generations}: a step holds whole groups")
+        if args.batch_size % args.num_generations:
+            parser.error(f"--batch-size {args.batch_size} must be a multiple of --num-generations "
+                         f"{args.num_generations}: a step holds whole groups")
     if args.mode != "inference" and args.temperature == 0:
         parser.error("--temperature must be above 0 for training and evaluation (0 = greedy is for --mode inference)")
     if args.mode != "inference" and not args.eval_arithmetic + args.eval_conversation:

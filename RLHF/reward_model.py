@@ -44,7 +44,15 @@ from llm_train.rl import load_policy, reward_model_input_ids, reward_model_score
 from llm_train.runtime import default_scale, dtype_name
 from llm_train.stage import Stage
 from llm_train.tokenizer import load_chat_tokenizer
-from llm_train.trainer_runs import append_jsonl, jsonl_log_callback, mean_logged, train_and_end
+from llm_train.trainer_runs import (
+    add_batch_flags,
+    append_jsonl,
+    jsonl_log_callback,
+    mean_logged,
+    recipe_log_callback,
+    split_global_batch,
+    train_and_end,
+)
 
 import torch
 
@@ -54,7 +62,8 @@ STAGE = "reward_model"
 # Budget and optimizer per scale of policy, in one place (README table); each value can be overridden by its flag.
 # All weights are trained (the scalar head is new), so the lr is lower than a LoRA run's. cpu: 1 epoch over two
 # rejected kinds per prompt plus a contradiction per problem, lr 2e-4 (more epochs, other lrs, LoRA, length-grouped
-# batches: no better within the seeds' spread; see docs/experiments.md#reward-model).
+# batches: no better within the seeds' spread; see docs/experiments.md#reward-model). batch_size is the global batch
+# (pairs per optimizer step over all processes; split_global_batch splits it, e.g. gpu: 1 x 32 or 8 x 4).
 PRESETS = {
     "gpu": dict(epochs=1.0, max_steps=-1, batch_size=32, lr=5e-5, save_steps=100),
     "cpu": dict(epochs=1.0, max_steps=-1, batch_size=16, lr=2e-4, save_steps=100),
@@ -231,7 +240,7 @@ def build_parser():
                         "(default: gpu with CUDA, cpu without); the flags below marked (preset) override it")
     parser.add_argument("--epochs", type=positive_float, help="(preset)")
     parser.add_argument("--max-steps", type=steps, help="(preset) stop after this many steps; -1 = whole --epochs")
-    parser.add_argument("--batch-size", type=positive_int, help="(preset) pairs per device per step")
+    add_batch_flags(parser, "pairs")
     parser.add_argument("--lr", type=positive_float, help="(preset)")
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="a longer prompt + answer keeps its last this many tokens (default: the model's context, as "
@@ -264,6 +273,7 @@ def run_settings(args, train_pairs, eval_pairs):
     recorded in reward_model/lineage.json, where an identical rerun finds it finished."""
     return {**settings_of(args, "hf_dataset", "hf_split", "hf_eval_split", "epochs", "max_steps", "batch_size", "lr",
                           "max_length", "seed"),
+            **({"micro_batch": args.micro_batch} if args.micro_batch else {}),
             "data": [str(p.resolve()) for p in args.data or []],
             "eval_data": [str(p.resolve()) for p in args.eval_data or []],
             "pairs_sha256": hashlib.sha256(json.dumps([train_pairs, eval_pairs], ensure_ascii=False).encode())
@@ -285,20 +295,25 @@ def pair_dataset(tok, pairs, max_len):
 
 
 def build_trainer(args, model, tok, train_ds, ckpt_dir):
+    """RewardTrainer taking --batch-size pairs per optimizer step however many processes split them."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
     from trl import RewardConfig, RewardTrainer
 
     dtype = dtype_name(allow_fp16=True)
+    split = split_global_batch(args.batch_size, args.micro_batch)
     config = RewardConfig(
         output_dir=str(ckpt_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=0.05, weight_decay=0.0, max_length=None, gradient_checkpointing=False,
+        per_device_train_batch_size=split.per_device, gradient_accumulation_steps=split.accum, learning_rate=args.lr,
+        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, max_length=None,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         bf16=dtype == "bf16", fp16=dtype == "fp16",  # mixed precision: autocast over fp32 weights
         logging_steps=5, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=2, report_to="none", seed=args.seed, dataloader_num_workers=0,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available())
-    callbacks = [jsonl_log_callback({args.out_dir / "train.log": {"stage": STAGE}})]
+    callbacks = [jsonl_log_callback({args.out_dir / "train.log": {"stage": STAGE}}),
+                 recipe_log_callback(args.batch_size, "pairs", lambda line: print(line, flush=True))]
     if int(os.environ.get("RANK", "0")) == 0:
         callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / STAGE))))
     return RewardTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)

@@ -55,7 +55,15 @@ from llm_train.paths import OUTPUT_DIR, REPO, SFT_OUTPUT_DIR
 from llm_train.runtime import autocast, compute_dtype, default_scale, dtype_name, end_distributed
 from llm_train.stage import Stage
 from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
-from llm_train.trainer_runs import check_launch, mean_train_loss, train_or_finish, write_history
+from llm_train.trainer_runs import (
+    add_batch_flags,
+    check_launch,
+    mean_train_loss,
+    recipe_log_callback,
+    split_global_batch,
+    train_or_finish,
+    write_history,
+)
 
 warnings.filterwarnings("ignore", r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)  # peft
 # bitsandbytes on AVX512-BF16 CPUs: an optional faster kernel package (`kernels`) is not installed; nothing is wrong.
@@ -71,16 +79,16 @@ log = logging.getLogger("sft")
 # Budget and optimizer per scale of base model, in one place (README table); each value can be overridden by its flag.
 PRESETS = {  # measured: see docs/experiments.md#sft
     # the seed's QLoRA recipe for the 100M model (~2.3k steps)
-    "gpu": dict(four_bit=True, arith_tasks=10000, max_steps=-1, epochs=3.0, batch_size=4, grad_accum=4, lr=1e-4,
+    "gpu": dict(four_bit=True, arith_tasks=10000, max_steps=-1, epochs=3.0, batch_size=16, micro_batch=4, lr=1e-4,
                 lora_r=64, lora_alpha=128, save_steps=500, eval_steps=500, eval_tasks=200, eval_chats=32,
                 max_new_tokens=64),
     # short: the 3.4M model learns its arithmetic in mid-training; LoRA on the fp32 base (NF4 halves the CPU step
     # rate); 200 held-out problems (the exact match of 64 moves by +-6 points from chance alone)
-    "cpu": dict(four_bit=False, arith_tasks=4000, max_steps=100, epochs=1.0, batch_size=16, grad_accum=1, lr=1e-3,
+    "cpu": dict(four_bit=False, arith_tasks=4000, max_steps=100, epochs=1.0, batch_size=16, micro_batch=16, lr=1e-3,
                 lora_r=16, lora_alpha=32, save_steps=50, eval_steps=50, eval_tasks=200, eval_chats=16,
                 max_new_tokens=64),
     # seconds: the same code paths
-    "smoke": dict(four_bit=True, arith_tasks=300, max_steps=6, epochs=1.0, batch_size=4, grad_accum=1, lr=1e-3,
+    "smoke": dict(four_bit=True, arith_tasks=300, max_steps=6, epochs=1.0, batch_size=4, micro_batch=4, lr=1e-3,
                   lora_r=8, lora_alpha=16, save_steps=50, eval_steps=50, eval_tasks=8, eval_chats=4, max_new_tokens=12),
 }
 
@@ -106,8 +114,7 @@ def parse_args(argv=None):
                    help="(preset) arithmetic problems added to the embedded set")
     p.add_argument("--max-steps", type=step_count, help="(preset) optimizer steps; -1 trains --epochs epochs")
     p.add_argument("--epochs", type=positive_float, help="(preset)")
-    p.add_argument("--batch-size", type=positive_int, help="(preset) conversations per device per micro step")
-    p.add_argument("--grad-accum", type=positive_int, help="(preset)")
+    add_batch_flags(p, "conversations", micro_preset=True)
     p.add_argument("--lr", type=positive_float, help="(preset)")
     p.add_argument("--lora-r", type=positive_int, help="(preset)")
     p.add_argument("--lora-alpha", type=positive_int, help="(preset)")
@@ -359,7 +366,7 @@ def save_outputs(trainer, tokenizer, args, stage):
     log.info(f"wrote adapter, tokenizer{' and merged model' if args.merge else ''} to {args.output_dir}")
 
 
-def sft_config(args, checkpoint_dir):
+def sft_config(args, checkpoint_dir, split):
     import torch
     from trl import SFTConfig
 
@@ -367,11 +374,13 @@ def sft_config(args, checkpoint_dir):
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(args.run_dir / "runs"))
     return SFTConfig(
         output_dir=str(checkpoint_dir), max_steps=args.max_steps, num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size * 4,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="cosine",
+        per_device_train_batch_size=split.per_device, per_device_eval_batch_size=split.per_device * 4,
+        gradient_accumulation_steps=split.accum, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=0.05, weight_decay=0.0, max_grad_norm=1.0,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        activation_checkpointing=False,  # conversations are short: memory is no issue, recomputing costs a third
+        # off by default: conversations are short, memory is no issue, recomputing costs a third
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         use_cpu=not torch.cuda.is_available(),
         max_length=args.max_length, packing=False, assistant_only_loss=True, eos_token=IM_END,
         logging_steps=max(1, min(10, args.eval_steps // 5)), eval_strategy="steps", eval_steps=args.eval_steps,
@@ -381,7 +390,7 @@ def sft_config(args, checkpoint_dir):
     )
 
 
-def build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir):
+def build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir, split):
     """SFTTrainer with LoRA on the (4-bit, with --4bit) base, its adapters in fp32."""
     import datasets
     from peft import LoraConfig, prepare_model_for_kbit_training
@@ -390,11 +399,12 @@ def build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir):
     model = load_base(args.model_dir, args.four_bit)
     if args.four_bit:
         # Freezes the base and upcasts norms/embeddings to fp32.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
                       fan_in_fan_out=not args.four_bit)  # Linear4bit is (out, in); unquantized GPT-2 Conv1D (in, out)
-    trainer = SFTTrainer(model=model, args=sft_config(args, checkpoint_dir), processing_class=tokenizer,
+    trainer = SFTTrainer(model=model, args=sft_config(args, checkpoint_dir, split), processing_class=tokenizer,
                          peft_config=lora, train_dataset=datasets.Dataset.from_dict({"messages": train_conversations}),
                          eval_dataset=datasets.Dataset.from_dict({"messages": val}))
     # TRL casts QLoRA adapters to bf16. Keep them fp32 in every dtype: the Trainer's autocast still computes in bf16,
@@ -408,7 +418,9 @@ def build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir):
 
 def train(args, stage, tokenizer, train_conversations, val, checkpoint_dir, resume, finished):
     """Train (or finish) the run from checkpoint `resume`, then save_outputs on the main process."""
-    trainer = build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir)
+    split = split_global_batch(args.batch_size, args.micro_batch)
+    trainer = build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir, split)
+    trainer.add_callback(recipe_log_callback(args.batch_size, "conversations", log.info))
     if trainer.accelerator.is_main_process:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
@@ -445,7 +457,7 @@ def run_settings(args, processes):
     checkpoints' run before resuming it, and (with --merge) recorded in the outputs' lineage.json, where an identical
     rerun finds it finished."""
     return {**settings_of(args, "hf_dataset", "hf_split", "arith_tasks", "max_steps", "epochs", "batch_size",
-                                 "grad_accum", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length", "four_bit",
+                                 "micro_batch", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length", "four_bit",
                                  "seed", "val_size"),
             "data_sha256": data_fingerprint(args.data),
             "dtype": dtype_name(allow_fp16=True), "processes": processes}

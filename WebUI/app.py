@@ -47,7 +47,7 @@ from llm_train.errors import UserError, run_main
 from llm_train.lineage import check_lineage
 from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, REWARD_MODEL_DIR, SFT_OUTPUT_DIR, TOKENIZER_DIR
 from llm_train.rl import find_policy, load_policy, load_reward_model, policy_parents, reward_model_scores
-from llm_train.runtime import compute_dtype
+from llm_train.runtime import compute_dtype, dtype_name
 from llm_train.tokenizer import load_tokenizer, render_messages
 from llm_train.trainer_runs import rerun_command
 from llm_train.webui_views import public, training_view
@@ -131,8 +131,13 @@ def load_reward(args):
 def load_all(args):
     """(engines {name: Engine} of base / SFT / GRPO, (reward model, tokenizer) or None, {name: why not loaded}) of
     the stages that loaded; the others' messages name server paths (the page shows them through public())."""
+    import torch
+
     dev = runtime.device()
-    dtype = compute_dtype(allow_fp16=True)
+    # On a GPU as the evaluations that wrote eval.json generate: fp32 weights under the compute dtype's autocast. On
+    # CPU the weights are loaded in the compute dtype, with no autocast.
+    on_gpu = dev.type == "cuda"
+    dtype = torch.float32 if on_gpu else compute_dtype(allow_fp16=True)
     loaded, problems = {}, {}
     for name, load in (("base", lambda: load_base(args, dtype)), ("SFT", lambda: load_sft(args, dtype)),
                        ("GRPO", lambda: load_grpo(args, dtype)), ("reward model", lambda: load_reward(args))):
@@ -143,8 +148,8 @@ def load_all(args):
             continue
         loaded[name] = (model.to(dev).eval(), tok)
     reward = loaded.pop("reward model", None)
-    # the weights are in the compute dtype already: no autocast (dtype "fp32")
-    return {name: Engine(model, tok) for name, (model, tok) in loaded.items()}, reward, problems
+    engine_dtype = dtype_name(allow_fp16=True) if on_gpu else "fp32"  # "fp32": no autocast
+    return {name: Engine(model, tok, engine_dtype) for name, (model, tok) in loaded.items()}, reward, problems
 
 
 def server_dirs(args):

@@ -17,7 +17,7 @@
 #   pretrain   deepspeed --num_gpus=2 PreTrain/model.py --deepspeed PreTrain/ds_config.json --preset gpt2-100m
 #              --max-steps 3 --batch-size 1 --global-batch-tokens 2048 (2 ranks x 1 row x 1024), DS_ACCELERATOR=cpu;
 #              ends with the ZeRO-2 checkpoint and the export to output/
-#   sft        SFT/qlora_fine_tune_trl.py --preset gpu --merge --max-steps 3 --batch-size 1 --grad-accum 1 (4-bit base)
+#   sft        SFT/qlora_fine_tune_trl.py --preset gpu --merge --max-steps 3 --batch-size 1 (4-bit base)
 #   reward     RLHF/reward_model.py --preset gpu --max-steps 1 --batch-size 2 (held-out accuracy on $RM_EVAL_PAIRS pairs)
 #   grpo       RLHF/grpo_trl.py --preset gpu, 2 prompts x 2 completions of 8 tokens = one step
 #   reload     AutoModelForCausalLM on output/ and grpo_output/, PeftModel with the SFT adapter; generates a few tokens
@@ -99,7 +99,7 @@ run_stage pretrain env DS_ACCELERATOR=cpu "$DEEPSPEED" --num_gpus="$RANKS" --mas
 
 run_stage sft "$PY" SFT/qlora_fine_tune_trl.py --preset gpu --merge --model-dir "$WORK/output" \
   --output-dir "$WORK/sft/sft_output" --run-dir "$WORK/sft" --checkpoint-dir "$WORK/ckpt/sft" \
-  --max-steps "$SFT_STEPS" --batch-size 1 --grad-accum 1 --eval-tasks 2 --eval-chats 1 --max-new-tokens 8 \
+  --max-steps "$SFT_STEPS" --batch-size 1 --eval-tasks 2 --eval-chats 1 --max-new-tokens 8 \
   "${SFT_EXTRA[@]}"
 
 # The embedded pairs, held-out accuracy on the first RM_EVAL_PAIRS held-out ones (all 348 take minutes at 100M on CPU).

@@ -1,12 +1,14 @@
 """Trainer runs (SFT, reward model, GRPO): what a rerun resumes (the checkpoint dir holds a lineage.json of the run
 that writes it), training on from a checkpoint with the logging window it was in, or only finishing a run whose last
-checkpoint is already written; the runs' JSON-lines logs and history, and the launch check of multi-process runs."""
+checkpoint is already written; the runs' JSON-lines logs and history, the launch check of multi-process runs, and
+the split of a global batch over the processes."""
 import json
 import os
 import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from llm_train.atomic import atomic_write_bytes
 from llm_train.errors import UserError
@@ -213,3 +215,81 @@ def write_history(log_history, path):
             row["eval_loss"] = round(entry["eval_loss"], 4)
     lines = "".join(json.dumps(r) + "\n" for r in sorted(rows.values(), key=lambda r: r["step"]))
     atomic_write_bytes(path, lines.encode())
+
+
+class BatchSplit(NamedTuple):
+    per_device: int  # examples per process per micro step
+    accum: int  # micro steps per optimizer step
+    processes: int
+    total: int  # examples per optimizer step over all processes: per_device x accum x processes
+    asked: int  # the global batch asked for
+
+    def describe(self, what):
+        """'16 conversations per optimizer step = 2 processes x 4 per device x 2 accumulation steps' (+ why it is
+        not the global batch asked for, when it cannot be)."""
+        line = (f"{self.total} {what} per optimizer step = {self.processes} process{'es' * (self.processes > 1)} x "
+                f"{self.per_device} per device x {self.accum} accumulation step{'s' * (self.accum > 1)}")
+        if self.total != self.asked:
+            line += f" (the nearest to the {self.asked} asked for that {self.processes} processes can split)"
+        return line
+
+
+def split_global_batch(global_batch, max_per_device=None, processes=None, multiple_of=1):
+    """How `processes` (default: $WORLD_SIZE, else 1) train `global_batch` examples per optimizer step, as
+    pretraining's global batch does: per-device micro batches of at most max_per_device (default: the whole share)
+    times accumulation steps, so 1 or 8 processes take the same optimizer steps. When no split is exact, the nearest
+    total (ties: the smaller one) that is a multiple of `multiple_of` (GRPO: whole groups); then the fewest
+    accumulation steps, then the largest micro batch."""
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    max_per_device = max_per_device or max(1, -(-global_batch // processes))
+    best = None
+    for micro in range(1, max_per_device + 1):
+        around = global_batch / (micro * processes)
+        for accum in range(max(1, int(around) - multiple_of), int(around) + multiple_of + 2):
+            total = micro * accum * processes
+            if total % multiple_of:
+                continue
+            key = (abs(total - global_batch), total > global_batch, accum, -micro)
+            if best is None or key < best[0]:
+                best = key, BatchSplit(micro, accum, processes, total, global_batch)
+    return best[1]
+
+
+def add_batch_flags(parser, what, micro_preset=False):
+    """--batch-size (the global batch), --micro-batch and --gradient-checkpointing (alias --activation-checkpointing,
+    pretraining's name) of the Trainer stages; `what`: the examples ('pairs'); micro_preset: the preset sets
+    --micro-batch (else the default is the process's whole share)."""
+    from llm_train.cli import positive_int
+
+    parser.add_argument("--batch-size", type=positive_int,
+                        help=f"(preset) {what} per optimizer step over all processes (the global batch): 1 or 8 "
+                             "processes train the same steps")
+    parser.add_argument("--micro-batch", type=positive_int,
+                        help=("(preset) " if micro_preset else "") + f"the most {what} per process per micro step"
+                        + ("" if micro_preset else " (default: the process's whole share)")
+                        + "; the rest is gradient accumulation")
+    parser.add_argument("--gradient-checkpointing", "--activation-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, about a third more compute")
+
+
+def effective_batch(args, asked, what):
+    """The Trainer's own examples per optimizer step, in words, from its TrainingArguments `args`: '16 conversations
+    per optimizer step = 2 processes x 4 per device x 2 accumulation steps' (`asked`: the global batch asked for)."""
+    per_optimizer_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return BatchSplit(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
+                      per_optimizer_step, asked).describe(what)
+
+
+def recipe_log_callback(asked, what, say):
+    """A TrainerCallback that says (say(line), on the main process, when training starts) the Trainer's examples per
+    optimizer step (effective_batch) and whether the model it trains recomputes activations (--gradient-checkpointing,
+    which the Trainer turns on at the start of train())."""
+    from transformers import TrainerCallback
+
+    class LogRecipe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero:
+                on = bool(getattr(model, "is_activation_checkpointing", False))
+                say(effective_batch(args, asked, what) + f"; gradient checkpointing {'on' if on else 'off'}")
+
+    return LogRecipe()

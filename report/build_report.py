@@ -17,11 +17,13 @@ import argparse
 import platform
 from pathlib import Path
 
+from llm_train import runtime
 from llm_train.atomic import atomic_write_bytes, atomic_write_json
 from llm_train.cli import positive_int
 from llm_train.engine import GREEDY, Engine, Sampling
 from llm_train.errors import run_main
 from llm_train.paths import CHUNKS_DIR, GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, SFT_OUTPUT_DIR, TOKENIZER_DIR
+from llm_train.runtime import dtype_name
 from llm_train.stage_files import read_json, read_jsonl, series, tokenizer_report
 from llm_train.tokenizer import IM_END, load_tokenizer, render_messages
 
@@ -83,6 +85,10 @@ def generate_samples(max_new_tokens, seed=0, base_dir=OUTPUT_DIR, sft_dir=SFT_OU
     SFT and GRPO models answer through the chat template. Each model with the tokenizer saved with it."""
     from transformers import AutoModelForCausalLM
 
+    # On a GPU the models sample there, as the evaluations that wrote eval.json generate (fp32 weights under the compute
+    # dtype's autocast); on CPU in fp32.
+    dev = runtime.device()
+    dtype = dtype_name(allow_fp16=True) if dev.type == "cuda" else "fp32"
     # full models only: SFT's merged/ copy, GRPO's output dir (it saves the merged policy there); the base twice
     runs = [("pretrained", base_dir, False), ("pretrained, chat template", base_dir, True),
             ("sft", Path(sft_dir) / "merged", True), ("grpo", grpo_dir, True)]
@@ -92,7 +98,8 @@ def generate_samples(max_new_tokens, seed=0, base_dir=OUTPUT_DIR, sft_dir=SFT_OU
             continue
         if path != loaded:
             tok = load_tokenizer(path)
-            engine, loaded = Engine(AutoModelForCausalLM.from_pretrained(str(path)).eval(), tok), path  # fp32
+            model = AutoModelForCausalLM.from_pretrained(str(path)).to(dev).eval()  # fp32 weights
+            engine, loaded = Engine(model, tok, dtype), path
         samples[label] = {prompt: prompt_samples(engine, prompt, chat, max_new_tokens, seed) for prompt in PROMPTS}
     return samples
 

@@ -97,6 +97,8 @@ def test_bad_preference_file_exits_2_and_writes_nothing(tmp_path, tiny_model_dir
 
 @pytest.mark.parametrize("script, args, message", [
     ("reward_model", ["--batch-size", "0"], "--batch-size: must be at least 1"),
+    ("reward_model", ["--micro-batch", "0"], "--micro-batch: must be at least 1"),
+    ("grpo_trl", ["--micro-batch", "0"], "--micro-batch: must be at least 1"),
     ("reward_model", ["--max-steps", "0"], "--max-steps: must be at least 1"),
     ("reward_model", ["--lr", "-0.001"], "--lr: must be a positive number"),
     ("grpo_trl", ["--rm-weight", "-1"], "--rm-weight: must be 0 or a positive number"),
@@ -483,7 +485,8 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
     second epoch's prompt order, the sampling RNG and the optimizer restored) and saves the same model."""
     from safetensors.torch import load_file
 
-    run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, rlhf_dir, "--epochs", 2, "--eval-every", 4))
+    proc = run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, rlhf_dir, "--epochs", 2, "--eval-every", 4))
+    assert "8 completions per optimizer step = 1 process x 8 per device x 1 accumulation step" in proc.stdout
     history = jsonl(rlhf_dir / "grpo_output" / "history.jsonl")
     steps = [h for h in history if "reward" in h]
     assert [h["step"] for h in steps] == list(range(1, 9))  # 8 prompts x 4 completions / 8 per step, 2 epochs
@@ -599,10 +602,12 @@ def test_grpo_trl_two_processes(rlhf_dir, tiny_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={free_port()}", str(REPO / "RLHF" / "grpo_trl.py"),
-                           *map(str, grpo_args(tiny_model_dir, out, "--epochs", 1, "--batch-size", 4,
-                                               "--eval-every", 2))],
+                           *map(str, grpo_args(tiny_model_dir, out, "--epochs", 1, "--eval-every", 2))],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # --batch-size 8 is the global batch: the 1-process run of test_grpo_trl_trains_logs_saves_and_resumes_exactly
+    # takes 8 completions per step on its own
+    assert "8 completions per optimizer step = 2 processes x 4 per device x 1 accumulation step" in proc.stdout
     steps = jsonl(out / "grpo_output" / "history.jsonl")
     assert len([h for h in steps if "reward" in h]) == 4  # 32 completions / (4 per process x 2 processes)
     assert [h["step"] for h in steps if "heldout/exact_answer" in h] == [0, 2, 4]  # by rank 0 alone

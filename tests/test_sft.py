@@ -358,7 +358,7 @@ def test_non_utf8_data_is_a_clear_error(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("script, flag, value", [
     ("SFT/qlora_fine_tune_trl.py", "--batch-size", "0"), ("SFT/qlora_fine_tune_trl.py", "--batch-size", "-1"),
-    ("SFT/qlora_fine_tune_trl.py", "--grad-accum", "0"), ("SFT/qlora_fine_tune_trl.py", "--max-steps", "0"),
+    ("SFT/qlora_fine_tune_trl.py", "--micro-batch", "0"), ("SFT/qlora_fine_tune_trl.py", "--max-steps", "0"),
     ("SFT/qlora_fine_tune_trl.py", "--max-steps", "-2"), ("SFT/qlora_fine_tune_trl.py", "--epochs", "0"),
     ("SFT/qlora_fine_tune_trl.py", "--lr", "nan"), ("SFT/qlora_fine_tune_trl.py", "--lora-r", "0"),
     ("SFT/qlora_fine_tune_trl.py", "--lora-alpha", "0"), ("SFT/qlora_fine_tune_trl.py", "--lora-dropout", "1"),
@@ -394,10 +394,11 @@ def test_accelerate_launch_without_multi_gpu_stops_with_the_working_command(tiny
     assert not (tmp_path / "run").exists()
 
 
-def test_two_processes_hf_dataset_and_inference(tiny_model_dir, tmp_path):
+def test_two_processes_hf_dataset_and_inference(tiny_model_dir, tmp_path, trained):
     """accelerate launch --multi_gpu --num_processes=2 (torchrun underneath; gloo on CPU), reading an Alpaca-style
     dataset through datasets.load_dataset (a local directory stands in for a hub name), then the inference script on
-    the result; once the base is retrained, the inference script refuses the adapter."""
+    the result; once the base is retrained, the inference script refuses the adapter. The two processes train the
+    preset's global batch per optimizer step, as the one process of `trained` does (the Trainer's own numbers)."""
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
     dataset_dir = tmp_path / "alpaca"
@@ -416,6 +417,11 @@ def test_two_processes_hf_dataset_and_inference(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     log = (out / "train.log").read_text()
     assert "2 process(es)" in log and "trained to step 6" in log
+    assert "4 conversations per optimizer step = 2 processes x 2 per device x 1 accumulation step" in log
+    assert "4 conversations per optimizer step = 1 process x 4 per device x 1 accumulation step" in \
+        (trained["out"] / "train.log").read_text()
+    one = trained["trainer"].args
+    assert one.per_device_train_batch_size * one.gradient_accumulation_steps * one.world_size == 4
     assert (out / "sft_output" / "adapter_model.safetensors").is_file() and (out / "eval.json").is_file()
     assert read_lineage(out / "sft_output")["settings"]["processes"] == 2
     assert "FutureWarning" not in proc.stderr and "Setting accelerator to CPU" not in proc.stdout + proc.stderr
