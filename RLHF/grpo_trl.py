@@ -38,7 +38,7 @@ from pathlib import Path
 from llm_train import runtime, trainer_runs
 from llm_train.atomic import atomic_write_json
 from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
-from llm_train.engine import generate_completions, prompt_room, prompt_token_ids
+from llm_train.engine import generate_completions, prompt_room, prompt_token_ids, stop_token_ids
 from llm_train.errors import UserError, run_main
 from llm_train.grpo import grpo_trainer_class, heldout_eval_callback, trim_history
 from llm_train.lineage import check_lineage, recorded_parents
@@ -55,7 +55,7 @@ from llm_train.rl import (
 from llm_train.runtime import compute_dtype, default_scale, dtype_name
 from llm_train.sampling import completion_logps
 from llm_train.stage import Stage
-from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+from llm_train.tokenizer import IM_END, load_chat_tokenizer
 from llm_train.trainer_runs import checkpoint_epoch, jsonl_log_callback, train_and_end
 
 import torch
@@ -260,7 +260,7 @@ def load_grpo_model(args, parents):
     check_lineage(grpo_dir, rerun_command(args), **parents)
     model = AutoModelForCausalLM.from_pretrained(str(grpo_dir), dtype=torch.float32).eval()
     tok = load_chat_tokenizer(grpo_dir)
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)]
+    model.generation_config.eos_token_id = stop_token_ids(tok)
     return model.to(runtime.device()), tok
 
 

@@ -48,7 +48,7 @@ from llm_train.atomic import atomic_write_json, check_writable_dir
 from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
 from llm_train.conversations import read_rows, split_train_val, to_messages
 from llm_train.corpus import read_jsonl_gz
-from llm_train.engine import Engine, prompt_token_ids
+from llm_train.engine import Engine, prompt_token_ids, stop_token_ids
 from llm_train.errors import UserError, run_main
 from llm_train.lineage import check_lineage, refuse_to_replace
 from llm_train.paths import OUTPUT_DIR, REPO, SFT_OUTPUT_DIR
@@ -338,7 +338,7 @@ def save_outputs(trainer, tokenizer, args, stage):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(EOT)]
+    stops = stop_token_ids(tokenizer)
     generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                                          bos_token_id=tokenizer.convert_tokens_to_ids(EOT))
     with stage.output() as tmp:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from llm_train.arithmetic import arithmetic_tasks, extract_answer
 from llm_train.corpus import read_jsonl_gz
+from llm_train.engine import stop_token_ids
 from llm_train.errors import UserError
 from llm_train.lineage import check_lineage
 from llm_train.paths import OUTPUT_DIR, PREFERENCE_FILES, SFT_OUTPUT_DIR
-from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
+from llm_train.tokenizer import load_chat_tokenizer
 from llm_train.trainer_runs import rerun_command
 
 
@@ -68,7 +69,7 @@ def load_policy(sft_dir, base_dir, dtype=None):
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     tok = load_chat_tokenizer(path if (Path(path) / "tokenizer.json").is_file() else base_dir)
     # Generation stops at the end of the assistant turn (and, as a fallback, at the end of a document).
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)]
+    model.generation_config.eos_token_id = stop_token_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
 
