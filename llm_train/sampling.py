@@ -1,7 +1,5 @@
 """Scoring sampled completions: their log-probabilities at the positions generate() gave them. Prompts are
-left-padded so that every completion starts at the same column. (Sampling itself is llm_train.engine's; its
-prompt_token_ids, prompt_room and generate_completions are importable from here too.)"""
-from llm_train.engine import generate_completions, prompt_room, prompt_token_ids  # noqa: F401  (moved there)
+left-padded so that every completion starts at the same column. (Sampling itself is llm_train.engine's.)"""
 
 
 def position_ids(attention_mask):

@@ -12,11 +12,12 @@ from llm_train import sampling
 from llm_train.arithmetic import arithmetic_split, arithmetic_tasks, extract_answer
 from llm_train.atomic import atomic_write_json
 from llm_train.corpus import read_jsonl_gz
+from llm_train.engine import generate_completions, prompt_room, prompt_token_ids
 from llm_train.errors import UserError
 from llm_train.lineage import output_fingerprint, read_lineage, write_lineage
 from llm_train.rl import load_policy, rlhf_prompts
 from llm_train.runtime import DTYPE_ENV, autocast, dtype_name
-from llm_train.sampling import completion_logps, generate_completions, prompt_room, prompt_token_ids
+from llm_train.sampling import completion_logps
 from llm_train.tokenizer import IM_END, PAD, load_chat_tokenizer
 from llm_train.trainer_runs import checkpoint_to_resume
 
