@@ -4,10 +4,10 @@ in WORK (logs/*.stage, logs/*.skipped, the runs' pretrain_summary.json and histo
 
     python bench/gpu_check_summary.py WORK RESULTS NGPU
 """
+import argparse
 import json
 import math
 import statistics
-import sys
 import tarfile
 from pathlib import Path
 
@@ -107,7 +107,12 @@ def make_all(repo):
 
 
 def main():
-    work, results, ngpu = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    ap = argparse.ArgumentParser(description="Write the summary of bench/gpu_check.sh from what its stages left.")
+    ap.add_argument("work", type=Path, help="gpu_check.sh's WORK directory")
+    ap.add_argument("results", type=Path, help="where gpu_check.md, gpu_check.json and logs.tar.gz go")
+    ap.add_argument("ngpu", type=int, help="the number of GPUs (or CPU processes) the check ran on")
+    args = ap.parse_args()
+    work, results, ngpu = args.work, args.results, args.ngpu
     logs, repo = work / "logs", work / "repo"
     stages = {}
     for f in sorted(logs.glob("*.stage"), key=lambda f: f.stat().st_mtime):  # in the order they ran
