@@ -5,25 +5,18 @@ in WORK (logs/*.stage, logs/*.skipped, the runs' pretrain_summary.json and histo
     python bench/gpu_check_summary.py WORK RESULTS NGPU
 """
 import argparse
+import functools
 import json
 import math
 import statistics
 import tarfile
 from pathlib import Path
 
+from llm_train import stage_files
 
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def jsonl(path):
-    try:
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
+# A stage that failed or ran out of time leaves a file missing or cut short: None / [] for it.
+read_json = functools.partial(stage_files.read_json, lenient=True)
+jsonl = functools.partial(stage_files.read_jsonl, lenient=True)
 
 
 def text(path, default):
@@ -98,8 +91,8 @@ def fp16_check(out_dir):
 def make_all(repo):
     report = repo / "report" / "report.md"
     out = {"report_md": report.is_file(), "report_lines": len(text(report, "").splitlines()),
-           "timings": {p.stem: read_json(p).get("seconds") for p in sorted((repo / "report" / "timings").glob("*.json"))
-                       if read_json(p)}}
+           "timings": {p.stem: timing.get("seconds") for p in sorted((repo / "report" / "timings").glob("*.json"))
+                       if (timing := read_json(p))}}
     ev = read_json(repo / "Eval" / "results.json")
     if ev:
         out["eval_models"] = sorted(ev.get("models", ev)) if isinstance(ev.get("models", ev), dict) else None
