@@ -101,7 +101,7 @@ from llm_train.tokenizer import EOT, render_messages, tokenizer_fingerprint
 
 FORMAT = 3  # 1: parquet shards (list<int32> rows); 2: flat uint16/uint32 token files; 3: parquet shards of
 # fixed_size_list<uint16/uint32> rows, uncompressed, one data page per row group
-LAYOUT = "chats-start-rows"  # chunk sets made before chats started their rows (packed anywhere) are made again
+LAYOUT = "chats-packed-rows"  # chunk sets made before chats were packed several to a row are made again
 MIDTRAIN_SEED = 4242  # SFT draws its problems with other seeds; the train/held-out split is by hash either way
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from llm_train import runtime, trainer_runs
 from llm_train.atomic import atomic_write_json
 from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
+from llm_train.arithmetic import exact_match_scores, extract_answer
 from llm_train.engine import generate_completions, prompt_room, prompt_token_ids, stop_token_ids
 from llm_train.errors import UserError, run_main
 from llm_train.grpo import grpo_trainer_class, heldout_eval_callback, trim_history
@@ -48,6 +49,7 @@ from llm_train.rl import (
     exact_answer_reward,
     load_policy,
     load_reward_model,
+    paired_bootstrap_error_reduction,
     policy_parents,
     reward_model_scores,
     rlhf_prompts,
@@ -71,12 +73,12 @@ PRESETS = {
     # groups of 8: a prompt answered right some of the time gets a non-zero advantage
     "gpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=2048, epochs=3.0, num_generations=8, batch_size=64,
                 warmup_steps=0, max_completion_length=64, temperature=1.0, lr=5e-5, lora_r=16, save_steps=100,
-                eval_arithmetic=200, eval_conversation=64, eval_every=64),
+                eval_arithmetic=1000, eval_conversation=64, eval_every=64),
     # fresh prompts x 1 epoch (repeated ones are learned by heart), 16 prompts per update: moves the policy without
     # harming it beyond chance; far more steps are what improves it (docs/experiments.md#grpo)
     "cpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=384, epochs=1.0, num_generations=8, batch_size=128,
                 warmup_steps=4, max_completion_length=56, temperature=0.7, lr=5e-4, lora_r=16, save_steps=8,
-                eval_arithmetic=200, eval_conversation=32, eval_every=0),
+                eval_arithmetic=1000, eval_conversation=32, eval_every=0),
     # seconds: the same code paths
     "smoke": dict(rm_weight=1.0, exact_weight=1.0, num_prompts=8, epochs=1.0, num_generations=4, batch_size=8,
                   warmup_steps=0, max_completion_length=12, temperature=1.0, lr=2e-4, lora_r=16, save_steps=10,
@@ -145,64 +147,62 @@ def rerun_command(args):
                                      base_dir=(args.base_dir, OUTPUT_DIR), out_dir=(args.out_dir, RLHF_DIR))
 
 
-def sampled_exact_answer_accuracy(args, model, tok, messages, answers, batch_size=32):
-    """Exact-answer accuracy of SAMPLES answers per problem, sampled at the training temperature from args.seed
-    (a smoother measure than one greedy answer each): eval.json's, and the --eval-every curve's."""
+def sampled_exact_answers(args, model, tok, messages, answers, batch_size=64):
+    """Per problem, the fraction right of SAMPLES answers sampled at the training temperature from args.seed (a
+    smoother measure than one greedy answer each, and what GRPO optimizes): eval.json's, and the --eval-every curve's."""
     torch.manual_seed(args.seed)
     _, sampled = generate_completions(model, tok, [m for m in messages for _ in range(SAMPLES)],
-                                                  args.max_completion_length, do_sample=True,
-                                                  temperature=args.temperature, batch_size=batch_size,
-                                                  dtype=dtype_name(allow_fp16=True))
+                                      args.max_completion_length, do_sample=True, temperature=args.temperature,
+                                      batch_size=batch_size, dtype=dtype_name(allow_fp16=True))
     rewards = exact_answer_reward(sampled, [a for a in answers for _ in range(SAMPLES)])
-    return sum(rewards) / max(1, len(rewards))
+    return [sum(rewards[i:i + SAMPLES]) / SAMPLES for i in range(0, len(rewards), SAMPLES)]
 
 
 def heldout_exact_answers(args, model, tok, arithmetic):
     """(greedy, sampled) exact-answer accuracy of model on the held-out arithmetic prompts during training (the
-    --eval-every curve), in batches of 128 (faster than eval.json's 32). The global RNG is left as it was, so
-    training samples what it would without."""
+    --eval-every curve), in batches of 128. The global RNG is left as it was, so training samples what it would
+    without."""
     messages, answers = [p["prompt"] for p in arithmetic], [p["answer"] for p in arithmetic]
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         _, greedy = generate_completions(model, tok, messages, args.max_completion_length,
-                                                     do_sample=False, batch_size=128,
-                                                     dtype=dtype_name(allow_fp16=True))
-        sampled = sampled_exact_answer_accuracy(args, model, tok, messages, answers, batch_size=128)
+                                         do_sample=False, batch_size=128, dtype=dtype_name(allow_fp16=True))
+        sampled = sampled_exact_answers(args, model, tok, messages, answers, batch_size=128)
     model.train(was_training)
     greedy = exact_answer_reward(greedy, answers)
-    return sum(greedy) / len(greedy), sampled
+    return sum(greedy) / len(greedy), sum(sampled) / len(sampled)
 
 
 def policy_metrics(args, model, tok, prompts, rm):
-    """eval.json's numbers of one policy on the held-out prompts: exact-answer accuracy of its greedy answers
-    (overall, by kind), how many end the turn, examples, the reward model's mean score (rm: (model, tokenizer) or
-    None) and the exact-answer accuracy of answers sampled at the training temperature (what GRPO optimizes: its
-    training reward can rise by learning the training prompts by heart; this is the same measure on held-out ones)."""
+    """eval.json's numbers of one policy on the held-out prompts, and the per-problem fraction of sampled answers
+    right (for the paired bootstrap): exact-answer accuracy of its greedy answers (per held-out split and language x
+    op x digits cell), how many end the turn, examples, the reward model's mean score (rm: (model, tokenizer) or
+    None) and the exact-answer accuracy of answers sampled at the training temperature (what GRPO optimizes)."""
     messages, answers = [p["prompt"] for p in prompts], [p["answer"] for p in prompts]
     model.eval()
     ids, texts = generate_completions(model, tok, messages, args.max_completion_length, do_sample=False,
-                                      dtype=dtype_name(allow_fp16=True))
-    rewards = exact_answer_reward(texts, answers)
-    exact = [r for r in rewards if r is not None]
-    by_kind = {}
-    for r, p in zip(rewards, prompts):  # per operation and language, e.g. "add_en"
-        if r is not None:
-            by_kind.setdefault(p["kind"], []).append(r)
+                                      batch_size=64, dtype=dtype_name(allow_fp16=True))
+    arithmetic = [(p, t) for p, t in zip(prompts, texts) if p["answer"] is not None]
+    greedy = exact_match_scores([p for p, _ in arithmetic], [extract_answer(t) for _, t in arithmetic])
     im_end = tok.convert_tokens_to_ids(IM_END)
-    result = {"exact_answer_accuracy": sum(exact) / max(1, len(exact)),
-              "exact_answer_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+    result = {"exact_answer_accuracy": greedy["both"]["exact_match"],  # both held-out splits
+              "exact_match": greedy["heldout"]["exact_match"],
+              "exact_match_heldout_wordings": greedy["heldout_wordings"]["exact_match"],
+              "arithmetic": greedy,
               "ends_with_im_end": sum(bool(x) and x[-1] == im_end for x in ids) / max(1, len(ids)),
-              "examples": [{"prompt": m[-1]["content"], "completion": t} for m, t in zip(messages[::9], texts[::9])]}
+              "examples": [{"prompt": m[-1]["content"], "completion": t} for m, t in zip(messages[::97], texts[::97])]}
     if rm is not None:
         scores = reward_model_scores(rm[0], rm[1], messages, texts)
         result["reward_model_score"] = sum(scores) / len(scores)
     # Both models are sampled from the same seed: the SFT policy against itself gives the same value.
-    arithmetic = [(m, a) for m, a in zip(messages, answers) if a is not None]
-    result["sampled_exact_answer_accuracy"] = sampled_exact_answer_accuracy(
-        args, model, tok, [m for m, _ in arithmetic], [a for _, a in arithmetic])
-    return result
+    sampled = sampled_exact_answers(args, model, tok, [p["prompt"] for p, _ in arithmetic],
+                                    [p["answer"] for p, _ in arithmetic])
+    by_split = exact_match_scores([p for p, _ in arithmetic], sampled)
+    result["sampled_exact_answer_accuracy"] = by_split["both"]["exact_match"]
+    result["sampled"] = {split: by_split[split]["exact_match"] for split in ("heldout", "heldout_wordings")}
+    return result, sampled
 
 
 def kl_to_sft(args, grpo_model, sft_model, tok, messages):
@@ -233,8 +233,12 @@ def evaluate(args, grpo_model, tok):
     result = {"prompts": len(prompts), "arithmetic_prompts": sum(p["answer"] is not None for p in prompts),
               "max_new_tokens": args.max_completion_length, "sampling": {"temperature": args.temperature,
                                                                         "samples_per_problem": SAMPLES}}
+    sampled = {}
     for name, model in (("sft", sft_model), ("grpo", grpo_model)):
-        result[name] = policy_metrics(args, model, tok, prompts, rm)
+        result[name], sampled[name] = policy_metrics(args, model, tok, prompts, rm)
+    # GRPO's primary measure: the relative fall of the sampled error rate, with a 95% paired-bootstrap interval
+    result["sampled_error_reduction"] = paired_bootstrap_error_reduction(sampled["sft"], sampled["grpo"],
+                                                                         seed=args.seed)
     result["kl_k1_per_token"], result["kl_k3_per_token"] = kl_to_sft(args, grpo_model, sft_model, tok,
                                                                      [p["prompt"] for p in prompts])
     atomic_write_json(args.out_dir / "eval.json", result)
@@ -244,6 +248,9 @@ def evaluate(args, grpo_model, tok):
             f"{sft['sampled_exact_answer_accuracy']:.3f} -> {grpo['sampled_exact_answer_accuracy']:.3f})")
     if rm is not None:
         line += f"; reward-model score SFT {sft['reward_model_score']:.3f} -> GRPO {grpo['reward_model_score']:.3f}"
+    cut = result["sampled_error_reduction"]
+    line += (f"; sampled error rate {cut['relative']:+.1%} relative (95% CI {cut['ci95'][0]:+.1%} .. "
+             f"{cut['ci95'][1]:+.1%})")
     print(line + f"; KL(GRPO||SFT) per token {result['kl_k1_per_token']:.4f} (k3 {result['kl_k3_per_token']:.4f}); "
           f"wrote {args.out_dir / 'eval.json'}")
     return result

@@ -43,7 +43,7 @@ import time
 import warnings
 from pathlib import Path
 
-from llm_train.arithmetic import arithmetic_tasks, extract_answer
+from llm_train.arithmetic import arithmetic_tasks, evaluation_tasks, exact_match_scores, extract_answer
 from llm_train.atomic import atomic_write_json, check_writable_dir
 from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
 from llm_train.conversations import read_rows, split_train_val, to_messages
@@ -80,12 +80,12 @@ log = logging.getLogger("sft")
 PRESETS = {  # measured: see docs/experiments.md#sft
     # the seed's QLoRA recipe for the 100M model (~2.3k steps)
     "gpu": dict(four_bit=True, arith_tasks=10000, max_steps=-1, epochs=3.0, batch_size=16, micro_batch=4, lr=1e-4,
-                lora_r=64, lora_alpha=128, save_steps=500, eval_steps=500, eval_tasks=200, eval_chats=32,
+                lora_r=64, lora_alpha=128, save_steps=500, eval_steps=500, eval_tasks=400, eval_chats=32,
                 max_new_tokens=64),
     # short: the 3.4M model learns its arithmetic in mid-training; LoRA on the fp32 base (NF4 halves the CPU step
     # rate); 200 held-out problems (the exact match of 64 moves by +-6 points from chance alone)
     "cpu": dict(four_bit=False, arith_tasks=4000, max_steps=100, epochs=1.0, batch_size=16, micro_batch=16, lr=1e-3,
-                lora_r=16, lora_alpha=32, save_steps=50, eval_steps=50, eval_tasks=200, eval_chats=16,
+                lora_r=16, lora_alpha=32, save_steps=50, eval_steps=50, eval_tasks=400, eval_chats=16,
                 max_new_tokens=64),
     # seconds: the same code paths
     "smoke": dict(four_bit=True, arith_tasks=300, max_steps=6, epochs=1.0, batch_size=4, micro_batch=4, lr=1e-3,
@@ -130,7 +130,7 @@ def parse_args(argv=None):
                    help="held-out conversations for the validation loss")
     p.add_argument("--eval-only", action="store_true", help="only compare base and SFT (from --output-dir)")
     p.add_argument("--eval-tasks", type=nonnegative_int,
-                   help="(preset) held-out arithmetic problems for exact match")
+                   help="(preset) held-out arithmetic problems for exact match, in each held-out split")
     p.add_argument("--eval-chats", type=nonnegative_int,
                    help="(preset) held-out chat prompts for the clean-ending check")
     p.add_argument("--max-new-tokens", type=positive_int,
@@ -272,18 +272,17 @@ def generate(model, tokenizer, conversations, max_new_tokens, batch_size=32):
 def measure(model, tokenizer, val, tasks, chat_prompts, max_new_tokens):
     task_replies = generate(model, tokenizer, [arithmetic_conversation(t)[:1] for t in tasks], max_new_tokens)
     chat_replies = generate(model, tokenizer, chat_prompts, max_new_tokens)
-    correct = [extract_answer(text) == t["answer"] for (text, _), t in zip(task_replies, tasks)]
-    by_kind = {}
-    for ok, t in zip(correct, tasks):  # per operation and language, e.g. "add_en"
-        by_kind.setdefault(f"{t['op']}_{t['lang']}", []).append(ok)
+    scores = exact_match_scores(tasks, [extract_answer(text) for text, _ in task_replies])
     replies = task_replies + chat_replies
+    step = max(1, len(tasks) // 6)
     return {
         "val_loss_assistant_tokens": round(assistant_loss(model, tokenizer, val), 4),
-        "exact_match": round(sum(correct) / max(len(tasks), 1), 4),
-        "exact_match_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
+        "exact_match": scores["heldout"]["exact_match"],  # held-out problems in the trained wordings
+        "exact_match_heldout_wordings": scores["heldout_wordings"]["exact_match"],
+        "arithmetic": scores,  # per split and per language x op x digits cell
         "ends_with_im_end": round(sum(ended for _, ended in replies) / max(len(replies), 1), 4),
-        "examples": [{"prompt": t["prompt"], "answer": t["answer"], "reply": text}
-                     for (text, _), t in list(zip(task_replies, tasks))[:3]]
+        "examples": [{"prompt": t["prompt"], "split": t["split"], "answer": t["answer"], "reply": text}
+                     for (text, _), t in list(zip(task_replies, tasks))[::step]]
                     + [{"prompt": c[-1]["content"], "reply": text} for (text, _), c in list(zip(chat_replies, chat_prompts))[:3]],
     }
 
@@ -299,18 +298,18 @@ def evaluate(args, tokenizer, val, chat_prompts):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.float32).to(device).eval()
     model = PeftModel.from_pretrained(base, str(args.output_dir)).eval()
-    tasks = arithmetic_tasks(args.eval_tasks, "heldout", args.seed)
+    tasks = evaluation_tasks(args.eval_tasks, args.seed)
     t0 = time.time()
     with model.disable_adapter():
         base_metrics = measure(model, tokenizer, val, tasks, chat_prompts, args.max_new_tokens)
     sft_metrics = measure(model, tokenizer, val, tasks, chat_prompts, args.max_new_tokens)
-    report = {"base": base_metrics, "sft": sft_metrics, "n_val_conversations": len(val), "n_heldout_tasks": len(tasks),
+    report = {"base": base_metrics, "sft": sft_metrics, "n_val_conversations": len(val), "n_heldout_tasks": len(tasks) // 2,
               "n_chat_prompts": len(chat_prompts), "model_dir": str(args.model_dir), "adapter_dir": str(args.output_dir),
               "eval_seconds": round(time.time() - t0, 1)}
     atomic_write_json(args.run_dir / "eval.json", report)
     for name, m in (("base", base_metrics), ("sft", sft_metrics)):
         log.info(f"{name:>4}: val loss (assistant tokens) {m['val_loss_assistant_tokens']:.3f}  exact match "
-                 f"{m['exact_match']:.1%}  ends with {IM_END} {m['ends_with_im_end']:.1%}")
+                 f"{m['exact_match']:.1%} (held-out wordings {m['exact_match_heldout_wordings']:.1%})  ends with {IM_END} {m['ends_with_im_end']:.1%}")
     log.info(f"wrote {args.run_dir / 'eval.json'}")
     return report
 

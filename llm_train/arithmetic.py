@@ -1,45 +1,164 @@
-"""Verifiable tasks: 2-digit addition and subtraction word problems (carries and borrows) in English and Chinese with
-one exact integer answer. Reference answers work the columns out before the final sentence: a 3M-parameter model
-learns that, and learns next to nothing from the bare number (57% vs 1.5% held-out exact match, measured).
-SFT trains on them, RLHF rewards exact answers on them. A problem's split is decided by a hash of its text,
-so the held-out split can never overlap training, whatever seed or count generated it."""
+"""Verifiable tasks: addition and subtraction of whole numbers 0-99 (any mix of one- and two-digit operands, no
+negative results) in English and Chinese, in many wordings: word problems of several shapes (names, items, verbs and
+places varied) and bare expressions as people type them ("What is 47 + 38?", "47 + 38 = ?", "47加38等于多少？").
+Reference answers work the columns out before the final sentence: a 3M-parameter model learns that, and learns next
+to nothing from the bare number (57% vs 1.5% held-out exact match, measured).
+
+Three splits, so that a score means the skill and not memory:
+  train             problems in the trained wordings (SFT, mid-training, the reward model and GRPO train on these)
+  heldout           other problems in the trained wordings, never trained on (a hash of the text decides)
+  heldout_wordings  problems in wordings (whole templates) no training stage ever sees
+SFT trains on them, RLHF rewards exact answers on them."""
 import hashlib
 import itertools
 import random
 import re
 
-EN_ITEMS = ["apples", "books", "pencils", "coins", "stamps", "marbles", "cookies", "flowers"]
-ZH_ITEMS = ["苹果", "本书", "支铅笔", "枚硬币", "张邮票", "颗弹珠", "块饼干", "朵花"]
-EN_NAMES = ["Tom", "Anna", "Li Wei", "Maria", "Sam", "Priya", "Omar", "Kate"]
-ZH_NAMES = ["小明", "小红", "李华", "王芳", "张伟", "小刚", "刘洋", "陈静"]
+SPLITS = ("train", "heldout", "heldout_wordings")
+LANGS, OPS = ("en", "zh"), ("add", "sub")
+DIGITS = ("22", "21", "11")  # both operands two-digit, one of them one-digit, both one-digit
+DIGITS_NAMES = {"22": "both 2-digit", "21": "one 1-digit", "11": "both 1-digit"}
+TRAIN_DIGITS_WEIGHTS = (0.5, 0.3, 0.2)  # training leans to the harder, more numerous two-digit problems
+
+EN_ITEMS = ["apples", "books", "pencils", "coins", "stamps", "marbles", "cookies", "flowers", "cards", "balloons",
+            "stickers", "eggs", "shells", "toy cars", "bottles", "candies"]
+ZH_ITEMS = [("个", "苹果"), ("本", "书"), ("支", "铅笔"), ("枚", "硬币"), ("张", "邮票"), ("颗", "弹珠"), ("块", "饼干"),
+            ("朵", "花"), ("张", "卡片"), ("个", "气球"), ("只", "小鸟"), ("个", "鸡蛋"), ("条", "鱼"), ("辆", "玩具车"),
+            ("瓶", "水"), ("颗", "糖")]
+EN_NAMES = ["Tom", "Anna", "Li Wei", "Maria", "Sam", "Priya", "Omar", "Kate", "Ben", "Lucy", "Carlos", "Mei",
+            "Jack", "Sara", "Ravi", "Emma"]
+ZH_NAMES = ["小明", "小红", "李华", "王芳", "张伟", "小刚", "刘洋", "陈静", "小丽", "王强", "赵敏", "小军", "妈妈",
+            "爷爷", "老师", "小兰"]
+EN_PLACES = ["box", "basket", "bag", "jar", "classroom", "garden"]
+ZH_PLACES = ["盒子", "篮子", "书包", "罐子", "教室", "花园"]
+EN_GAINED = ["bought", "found", "picked up", "was given", "won", "made"]  # verbs of the varied templates
+EN_LOST = ["lost", "sold", "ate", "used", "gave away", "broke"]
+ZH_GAINED = ["买了", "捡到了", "收到了", "做了", "赢了"]
+ZH_LOST = ["用掉了", "吃了", "卖了", "弄丢了", "送出了"]
+EN_SIGNS = {"add": "+", "sub": "-"}
+ZH_SIGNS = {"add": "加", "sub": "减"}
+
+# (lang, op, template, held out?): word problems and bare expressions; op None means either, written with {s}
+# (the sign: + / - in English, 加 / 减 in Chinese, or +/- where the template says {sign}). Slots: {a} {b} the
+# operands, {name} {name2} people, {items} / {cl}{item} things (Chinese with their measure word), {place}, and verbs
+# {gained} {lost} {zh_gained} {zh_lost}.
+# About a quarter of each language's templates, word problems and bare expressions alike, are held out whole.
+TEMPLATES = [
+    # English additions
+    ("en", "add", "{name} has {a} {items} and gets {b} more. How many {items} does {name} have now?", False),
+    ("en", "add", "{name} had {a} {items}. Then {name} {gained} {b} more. How many {items} does {name} have now?", False),
+    ("en", "add", "There are {a} {items} in the {place}. Someone puts in {b} more. How many {items} are in the "
+                  "{place} now?", False),
+    ("en", "add", "A shop had {a} {items} and received {b} more. How many {items} does the shop have now?", False),
+    ("en", "add", "{name} has {a} {items}. {name2} has {b} {items}. How many {items} do they have altogether?", False),
+    ("en", "add", "{name} found {a} {items} in the morning and {b} in the afternoon. How many {items} did {name} find "
+                  "in all?", False),
+    ("en", "add", "If you have {a} {items} and someone gives you {b} more, how many {items} do you have?", True),
+    ("en", "add", "{name} collected {a} {items} last week and {b} {items} this week. What is the total number of "
+                  "{items}?", True),
+    # English subtractions
+    ("en", "sub", "{name} has {a} {items} and gives away {b}. How many {items} are left?", False),
+    ("en", "sub", "{name} had {a} {items} and {lost} {b} of them. How many {items} does {name} have left?", False),
+    ("en", "sub", "There are {a} {items} in the {place}. {name} takes out {b}. How many {items} are left in the "
+                  "{place}?", False),
+    ("en", "sub", "A shop had {a} {items} and sold {b}. How many {items} are left?", False),
+    ("en", "sub", "{name} has {a} {items}. {name2} has {b} {items}. How many more {items} does {name} have than "
+                  "{name2}?", False),
+    ("en", "sub", "{name} needs {a} {items} and already has {b}. How many more {items} does {name} need?", False),
+    ("en", "sub", "If you have {a} {items} and you use {b} of them, how many {items} remain?", True),
+    ("en", "sub", "{name} bought {a} {items}, then gave {b} to {name2}. How many {items} does {name} keep?", True),
+    # English bare expressions
+    ("en", None, "What is {a} {s} {b}?", False),
+    ("en", None, "{a} {s} {b} = ?", False),
+    ("en", None, "Calculate {a} {s} {b}.", False),
+    ("en", None, "{a}{s}{b}=?", False),
+    ("en", None, "What's {a}{s}{b}?", False),
+    ("en", "add", "What is {a} plus {b}?", False),
+    ("en", "sub", "What is {a} minus {b}?", False),
+    ("en", "add", "What is the sum of {a} and {b}?", False),
+    ("en", "sub", "Subtract {b} from {a}.", False),
+    ("en", None, "How much is {a} {s} {b}?", True),
+    ("en", None, "Please work out {a} {s} {b}.", True),
+    ("en", "add", "Add {a} and {b}.", True),
+    ("en", "sub", "What do you get if you take {b} away from {a}?", True),
+    # Chinese additions
+    ("zh", "add", "{name}有{a}{cl}{item}，又得到了{b}{cl}{item}。{name}现在一共有多少{cl}{item}？", False),
+    ("zh", "add", "{name}有{a}{cl}{item}，又{zh_gained}{b}{cl}。{name}现在有多少{cl}{item}？", False),
+    ("zh", "add", "{place}里有{a}{cl}{item}，又放进去{b}{cl}。{place}里现在有多少{cl}{item}？", False),
+    ("zh", "add", "商店有{a}{cl}{item}，又运来了{b}{cl}。商店现在有多少{cl}{item}？", False),
+    ("zh", "add", "{name}有{a}{cl}{item}，{name2}有{b}{cl}{item}。他们一共有多少{cl}{item}？", False),
+    ("zh", "add", "{name}上午拿到{a}{cl}{item}，下午又拿到{b}{cl}。{name}今天总共拿到几{cl}{item}？", True),
+    ("zh", "add", "一个{place}里原来有{a}{cl}{item}，后来增加了{b}{cl}，现在共有多少{cl}？", True),
+    # Chinese subtractions
+    ("zh", "sub", "{name}有{a}{cl}{item}，送给别人{b}{cl}{item}。还剩多少{cl}{item}？", False),
+    ("zh", "sub", "{name}有{a}{cl}{item}，{zh_lost}{b}{cl}。{name}还剩多少{cl}{item}？", False),
+    ("zh", "sub", "{place}里有{a}{cl}{item}，{name}拿走了{b}{cl}。{place}里还剩多少{cl}{item}？", False),
+    ("zh", "sub", "商店有{a}{cl}{item}，卖出了{b}{cl}。还剩多少{cl}{item}？", False),
+    ("zh", "sub", "{name}有{a}{cl}{item}，{name2}有{b}{cl}{item}。{name}比{name2}多多少{cl}？", False),
+    ("zh", "sub", "{name}原来有{a}{cl}{item}，丢了{b}{cl}以后，还有几{cl}{item}？", True),
+    ("zh", "sub", "一共有{a}{cl}{item}，分给{name}{b}{cl}，剩下多少{cl}？", True),
+    # Chinese bare expressions
+    ("zh", None, "{a}{s}{b}等于多少？", False),
+    ("zh", None, "计算{a}{s}{b}。", False),
+    ("zh", None, "{a} {sign} {b} = ？", False),
+    ("zh", None, "{a}{sign}{b}等于几？", False),
+    ("zh", "add", "{a}和{b}的和是多少？", False),
+    ("zh", "sub", "{a}减去{b}得多少？", False),
+    ("zh", None, "请算一下{a}{s}{b}。", True),
+    ("zh", None, "{a}{sign}{b}的结果是什么？", True),
+    ("zh", "sub", "{a}比{b}多多少？", True),
+]
 
 
-def _arith_problem(rng, lang):
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    op = rng.choice(["add", "sub"])
+def _expanded_templates():
+    """TEMPLATES with each either-op template as one per op: [(lang, op, template, held out)]."""
+    out = []
+    for lang, op, text, held_out in TEMPLATES:
+        for o in (OPS if op is None else (op,)):
+            signs = EN_SIGNS if lang == "en" else ZH_SIGNS
+            out.append((lang, o, text.replace("{s}", signs[o]).replace("{sign}", EN_SIGNS[o]), held_out))
+    return out
+
+
+WORDINGS = _expanded_templates()
+
+
+def wordings(lang, op, held_out):
+    return [t for la, o, t, h in WORDINGS if la == lang and o == op and h == held_out]
+
+
+def operands(rng, op, digits):
+    """(a, b) for one op and digits class, with a >= b for subtraction (no negative results)."""
+    one, two = (lambda: rng.randint(0, 9)), (lambda: rng.randint(10, 99))
+    if digits == "22":
+        a, b = two(), two()
+    elif digits == "11":
+        a, b = one(), one()
+    else:
+        a, b = two(), one()
+        if op == "add" and rng.random() < 0.5:
+            a, b = b, a
     if op == "sub" and b > a:
         a, b = b, a
-    answer = a + b if op == "add" else a - b
-    i = rng.randrange(len(EN_ITEMS))
-    name = rng.choice(EN_NAMES if lang == "en" else ZH_NAMES)
-    if lang == "en":
-        item = EN_ITEMS[i]
-        text = {
-            "add": f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
-            "sub": f"{name} has {a} {item} and gives away {b}. How many {item} are left?",
-        }[op]
-    else:
-        item = ZH_ITEMS[i]
-        text = {
-            "add": f"{name}有{a}{item}，又得到了{b}{item}。{name}现在一共有多少{item}？",
-            "sub": f"{name}有{a}{item}，送给别人{b}{item}。还剩多少{item}？",
-        }[op]
-    return text, answer, op, a, b
+    return a, b
+
+
+def digits_class(a, b):
+    return "22" if min(a, b) >= 10 else "11" if max(a, b) < 10 else "21"
+
+
+def fill(rng, template, lang, a, b):
+    """A template with its slots filled: the operands, and names, items and places drawn from rng."""
+    names = rng.sample(EN_NAMES if lang == "en" else ZH_NAMES, 2)
+    cl, item = rng.choice(ZH_ITEMS)
+    return template.format(a=a, b=b, name=names[0], name2=names[1], items=rng.choice(EN_ITEMS), cl=cl, item=item,
+                           place=rng.choice(EN_PLACES if lang == "en" else ZH_PLACES), gained=rng.choice(EN_GAINED),
+                           lost=rng.choice(EN_LOST), zh_gained=rng.choice(ZH_GAINED), zh_lost=rng.choice(ZH_LOST))
 
 
 def worked_answer(a, b, op, lang):
-    """Column arithmetic written out, units then tens, ending in the final-answer sentence:
-    '47 + 38: 7 + 8 = 15, write 5 carry 1; 4 + 3 + 1 = 8. The answer is 85.'"""
+    """Column arithmetic written out, units then tens (a one-digit operand has tens digit 0), ending in the
+    final-answer sentence: '47 + 38: 7 + 8 = 15, write 5 carry 1; 4 + 3 + 1 = 8. The answer is 85.'"""
     (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
     en = lang == "en"
     if op == "add":
@@ -64,28 +183,57 @@ def worked_answer(a, b, op, lang):
     return f"{a} {sign} {b}：{first}；{tens}。答案是{result}。"
 
 
+# What users meet first (README, inference scripts, web UI, report card): each language's word problem with a one-digit
+# operand and bare expression. Held out (arithmetic_split), so that a right answer shows the skill, not memory.
+EXAMPLE_PROMPTS = [
+    "Tom has 3 apples and gets 4 more. How many apples does Tom have now?",
+    "Anna has 43 apples and gets 9 more. How many apples does Anna have now?",
+    "A shop had 54 bottles and sold 25. How many bottles are left?",
+    "What is 29 + 82?",
+    "小明有25本书，送给别人8本书。还剩多少本书？",
+    "39加15等于多少？",
+    "6加7等于多少？",
+]
+
+
 def arithmetic_split(prompt):
-    """'heldout' for about 10% of problems, chosen by a hash of the text; 'train' otherwise."""
-    return "heldout" if hashlib.sha1(prompt.encode()).digest()[0] < 26 else "train"
+    """Of a problem in a trained wording: 'heldout' for about 10% of problems, chosen by a hash of the text, and for
+    the EXAMPLE_PROMPTS; 'train' otherwise."""
+    return "heldout" if prompt in EXAMPLE_PROMPTS or hashlib.sha1(prompt.encode()).digest()[0] < 26 else "train"
 
 
-def arithmetic_task_stream(split, seed=0):
-    """Distinct problems of one split, endlessly (until the ~1M distinct problems run out): dicts with prompt,
-    answer (int), lang, op ('add'/'sub') and the worked reference response."""
-    rng = random.Random(seed)
+def arithmetic_task_stream(split, seed=0, digits_weights=None):
+    """Distinct problems of one split (SPLITS), endlessly: dicts with prompt, answer (int), lang, op ('add'/'sub'),
+    digits (DIGITS), a, b and the worked reference response. Language, op and wording are drawn uniformly; the
+    digits class with digits_weights (default: TRAIN_DIGITS_WEIGHTS for train, uniform for the held-out splits, so
+    every language x op x digits cell of an evaluation has its share)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    weights = digits_weights or (TRAIN_DIGITS_WEIGHTS if split == "train" else (1, 1, 1))
+    held_out = split == "heldout_wordings"
+    rng = random.Random(f"{split}/{seed}")
     seen = set()
     while True:
-        lang = rng.choice(["en", "zh"])
-        prompt, answer, op, a, b = _arith_problem(rng, lang)
-        if prompt in seen or arithmetic_split(prompt) != split:
+        lang, op = rng.choice(LANGS), rng.choice(OPS)
+        digits = rng.choices(DIGITS, weights)[0]
+        template = rng.choice(wordings(lang, op, held_out))
+        a, b = operands(rng, op, digits)
+        prompt = fill(rng, template, lang, a, b)
+        if prompt in seen or (not held_out and arithmetic_split(prompt) != split):
             continue
         seen.add(prompt)
-        yield {"prompt": prompt, "answer": answer, "lang": lang, "op": op, "response": worked_answer(a, b, op, lang)}
+        yield {"prompt": prompt, "answer": a + b if op == "add" else a - b, "lang": lang, "op": op,
+               "digits": digits_class(a, b), "a": a, "b": b, "response": worked_answer(a, b, op, lang)}
 
 
-def arithmetic_tasks(n, split, seed=0):
+def arithmetic_tasks(n, split, seed=0, digits_weights=None):
     """The first n problems of arithmetic_task_stream(split, seed)."""
-    return list(itertools.islice(arithmetic_task_stream(split, seed), n))
+    return list(itertools.islice(arithmetic_task_stream(split, seed, digits_weights), n))
+
+
+def cell(task):
+    """The evaluation cell of a task: 'en add 21' (language, operation, digits class)."""
+    return f"{task['lang']} {task['op']} {task['digits']}"
 
 
 _ANSWER_RE = re.compile(r"(?:answer is|答案是)\s*(-?\d+)")
@@ -97,17 +245,59 @@ def extract_answer(text):
     return int(m.group(1)) if m else None
 
 
-# a word problem in the task family's wording, any names, items and numbers: (pattern, sign of the second number)
-_ARITH_PROMPTS = [(re.compile(r"has (\d+) .+ and gets (\d+) more\. How many .+\?"), 1),
-                  (re.compile(r"has (\d+) .+ and gives away (\d+)\. How many .+ left\?"), -1),
-                  (re.compile(r"有(\d+).*，又得到了(\d+).*多少.*？"), 1),
-                  (re.compile(r"有(\d+).*，送给别人(\d+).*还剩多少.*？"), -1)]
+def _template_pattern(template):
+    """A regex for a filled template: the operands captured, other slots any text, spaces optional."""
+    parts = re.split(r"(\{\w+\})", template.rstrip("?？.。= "))
+    out = []
+    for part in parts:
+        if part in ("{a}", "{b}"):
+            out.append(rf"(?P<{part[1]}>\d+)")
+        elif part.startswith("{"):
+            out.append(r".+?")
+        else:
+            out.append(r"\s*".join(map(re.escape, part.split(" "))))
+    return re.compile("".join(out) + r"\s*[=?？.。]*\s*$")
+
+
+_PATTERNS = [(_template_pattern(t), op) for _, op, t, _ in WORDINGS]
+# a bare expression as typed, anywhere in the prompt: '47+38', '47 - 38', '47加38', '47减去38'
+_EXPRESSION = re.compile(r"(\d+)\s*(\+|-|−|加上?|减去?)\s*(\d+)")
 
 
 def arithmetic_answer(prompt):
-    """The exact answer of an arithmetic word problem (generated or typed), or None for any other prompt."""
-    for pattern, sign in _ARITH_PROMPTS:
+    """The exact answer of an arithmetic problem in one of the task family's wordings (generated or typed, any names,
+    items and numbers) or a bare 'a + b' / 'a - b' / 'a加b' / 'a减b' expression, or None for any other prompt."""
+    prompt = prompt.strip()
+    for pattern, op in _PATTERNS:
         m = pattern.search(prompt)
         if m:
-            return int(m.group(1)) + sign * int(m.group(2))
+            a, b = int(m.group("a")), int(m.group("b"))
+            return a + b if op == "add" else a - b
+    m = _EXPRESSION.search(prompt)
+    if m:
+        a, b = int(m.group(1)), int(m.group(3))
+        return a + b if m.group(2) in ("+", "加", "加上") else a - b
     return None
+
+
+def evaluation_tasks(n_per_split, seed=0):
+    """The held-out problems an evaluation asks: n_per_split of each held-out split, each task with its 'split'."""
+    return [dict(t, split=split) for split in SPLITS[1:] for t in arithmetic_tasks(n_per_split, split, seed)]
+
+
+def exact_match_scores(tasks, said):
+    """Exact match of the answers said (ints or None, or a fraction right, one per task of evaluation_tasks) per
+    held-out split, and per
+    language x op x digits cell within each split and over both: {split or 'both': {"exact_match", "n",
+    "by_cell": {cell: accuracy}}}."""
+    groups = {}
+    for t, answer in zip(tasks, said):
+        for split in (t["split"], "both"):
+            right = answer if isinstance(answer, float) else float(answer == t["answer"])
+            groups.setdefault(split, {}).setdefault(t.get("cell") or cell(t), []).append(right)
+    out = {}
+    for split, cells in groups.items():
+        flat = [ok for oks in cells.values() for ok in oks]
+        out[split] = {"exact_match": round(sum(flat) / len(flat), 4), "n": len(flat),
+                      "by_cell": {c: round(sum(v) / len(v), 4) for c, v in sorted(cells.items())}}
+    return out

@@ -74,18 +74,26 @@ def join_with_eot(values, starts, ends, docs, eot_id):
 
 
 def rows_starting_with_chats(values, starts, ends, chats, eot_id, row_length, text):
-    """Rows that each start with one chat document (+ eot; cut at the row's end) and are filled up with the text
-    stream `text`. Returns (the rows, the text not used). GPT-2's positions are learned: a chat document that always
-    starts at position 0 is learned from fewer examples than one packed at any offset. When the text runs out, the
-    chats left are packed into the stream like text."""
-    rows, used = [], 0
-    for n, k in enumerate(chats):
-        ids = np.append(values[starts[k]:ends[k]], np.int32(eot_id))[:row_length]
-        fill = text[used:used + row_length - len(ids)]
-        if len(ids) + len(fill) < row_length:
-            return rows, np.concatenate([text[used:], join_with_eot(values, starts, ends, chats[n:], eot_id)])
+    """Rows that each start with a chat document and hold as many of the next whole chats as fit (each + eot; a
+    chat longer than a row is cut at the row's end), filled up with the text stream `text`. Returns (the rows, the
+    text not used). GPT-2's positions are learned: a chat document that starts at a chat boundary near position 0
+    is learned from fewer examples than one packed at any offset, and packed chats (not one per row) put several
+    problems in every row. When the text runs out, the chats left are packed into the stream like text."""
+    rows, used, n = [], 0, 0
+    while n < len(chats):
+        parts, length, first = [], 0, n
+        while n < len(chats):
+            ids = np.append(values[starts[chats[n]]:ends[chats[n]]], np.int32(eot_id))
+            if parts and length + len(ids) > row_length:
+                break
+            parts.append(ids[:row_length])
+            length += len(parts[-1])
+            n += 1
+        fill = text[used:used + row_length - length]
+        if length + len(fill) < row_length:
+            return rows, np.concatenate([text[used:], join_with_eot(values, starts, ends, chats[first:], eot_id)])
         used += len(fill)
-        rows.append(np.concatenate([ids, fill]).astype(np.int32))
+        rows.append(np.concatenate([*parts, fill]).astype(np.int32))
     return rows, text[used:]
 
 

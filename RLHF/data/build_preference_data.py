@@ -17,8 +17,8 @@ The chosen answer is always correct, on-format and in the asker's language. The 
                   invents the next turns of the dialogue
   truncated       the answer cut off before it is complete
   wrong_language  the answer in English to a Chinese question, or in Chinese to an English one
-Held-out pairs come from held-out arithmetic problems (arithmetic_split) and from conversations whose
-prompt hashes into the held-out 12%, so no held-out prompt is ever trained on.
+Held-out pairs come from held-out arithmetic problems (half in the trained wordings, half in held-out wordings:
+llm_train/arithmetic.py) and from conversations whose prompt hashes into the held-out 12%: never trained on.
 
     python RLHF/data/build_preference_data.py            # downloads chatterbot-corpus 1.3.3 (~350 kB) from PyPI
 """
@@ -34,7 +34,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from llm_train.arithmetic import arithmetic_tasks, worked_answer
+from llm_train.arithmetic import arithmetic_tasks, evaluation_tasks, worked_answer
 from llm_train.atomic import atomic_write_bytes
 from llm_train.errors import run_main
 
@@ -165,7 +165,7 @@ def arithmetic_rejected(rng, task, kind):
         return truncate(rng, task["response"], lang)
     if kind == "wrong_language":
         other = dict(task, lang="zh" if lang == "en" else "en")
-        return worked_answer(*operands(task), task["op"], other["lang"])
+        return worked_answer(task["a"], task["b"], task["op"], other["lang"])
     raise ValueError(kind)
 
 
@@ -193,14 +193,6 @@ def conversation_rejected(rng, example, kind, pools):
     raise ValueError(kind)
 
 
-def operands(task):
-    """(a, b) of a task, read back from its worked response ('47 + 38: ...')."""
-    import re
-
-    m = re.match(r"(\d+) [+-] (\d+)", task["response"])
-    return int(m.group(1)), int(m.group(2))
-
-
 def row(prompt, chosen, rejected, kind, source, lang, answer=None):
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}], "kind": kind, "source": source, "lang": lang,
@@ -224,7 +216,9 @@ def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
 
     out = {"train": [], "heldout": []}
     for split, n in (("train", n_arith_train), ("heldout", n_arith_heldout)):
-        for i, task in enumerate(arithmetic_tasks(n, split, seed=seed + 7)):
+        # held out: half held-out problems in the trained wordings, half in held-out wordings
+        tasks = arithmetic_tasks(n, split, seed=seed + 7) if split == "train" else evaluation_tasks(n // 2, seed + 7)
+        for i, task in enumerate(tasks):
             prompt = [{"role": "user", "content": task["prompt"]}]
             for kind, kind_rng in kinds(i, split):
                 label = "wrong_number" if kind == "wrong" else kind  # reported on its own: the reward model's hard case
