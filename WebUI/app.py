@@ -3,7 +3,8 @@
 Reads:  output/ (the pretrained base), SFT/sft_output/ (the SFT policy: merged/ or base + LoRA adapter, checked to
         belong to output/ as SFT/inference.py checks it), RLHF/grpo_output/ (the GRPO policy, checked against the SFT
         policy and reward model it was built from), RLHF/reward_model/ (scores the Compare answers), the stages'
-        history.jsonl files, tokenizer/report.json and report/metrics.json (the report card). Writes nothing.
+        history.jsonl files, tokenizer/report.json and report/metrics.json (the report card), and serves
+        WebUI/fonts/NotoSansCJKsc-Regular-subset.woff2 (the page's CJK font). Writes nothing.
 
     python WebUI/app.py                       # http://127.0.0.1:7860 (or: make chat)
     python WebUI/app.py --port 8080 --host 0.0.0.0
@@ -24,7 +25,9 @@ belong with the others (e.g. an adapter of another base), is left out with the c
 page (server paths shown repo-relative). Generation (llm_train.engine) runs on the GPU when there is
 one; a NaN or out-of-range sampling setting is answered with a message. Requests go through gradio's queue,
 --concurrency at a time.
-Everything is served locally: no analytics, no fonts or scripts from other hosts. The same functions are an API:
+Everything is served locally: no analytics, no fonts or scripts from other hosts. The page's text falls back to a
+subset of Noto Sans CJK SC that the app serves itself (WebUI/fonts/, SIL OFL 1.1, see its README.md), so Chinese
+shows on machines without a CJK font. The same functions are an API:
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860")
@@ -40,7 +43,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from llm_train import runtime
-from llm_train.arithmetic import arithmetic_answer, arithmetic_tasks, extract_answer
+from llm_train.arithmetic import EXAMPLE_PROMPTS, arithmetic_answer, extract_answer
 from llm_train.cli import positive_int
 from llm_train.engine import Engine, Sampling, new_token_count, reply_budget
 from llm_train.errors import UserError, run_main
@@ -54,6 +57,12 @@ from llm_train.webui_views import public, training_view
 
 CHAT_MODELS = ("SFT", "GRPO")
 COMPARED = ("base", "SFT", "GRPO")
+EXAMPLES = [*EXAMPLE_PROMPTS, "Hello, how are you?", "你好"]  # the example buttons of Chat and Compare
+# The font of the page's Chinese (and any other text its first fonts lack): a subset of Noto Sans CJK SC made by
+# WebUI/fonts/build_font.py, served by the app at FONT_URL (relative to the page, like gradio's own fonts).
+FONT_FILE = Path(__file__).resolve().parent / "fonts" / "NotoSansCJKsc-Regular-subset.woff2"
+FONT_URL = "webui/fonts/NotoSansCJKsc-Regular-subset.woff2"
+FONT_FAMILY = "Noto Sans CJK SC WebUI"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,20 +428,55 @@ def build_app(args, engines, reward, problems):
     device = next(iter(engines.values())).device if engines else "nothing loaded"
     loaded = list(engines) + (["reward model"] if reward is not None else [])
     status = "\n".join([f"- **{n}**: loaded" for n in loaded] + [f"- **{n}**: {why}" for n, why in problems.items()])
-    examples = [t["prompt"] for t in arithmetic_tasks(2, "heldout", seed=7)] + ["Hello, how are you?", "你好"]
     with gr.Blocks(title="llm_train", analytics_enabled=False) as demo:
         gr.Markdown(f"# llm_train: the models of each stage\nRunning on {device}.")
         with gr.Accordion("Stage outputs", open=bool(problems)):
             gr.Markdown(status, elem_id="stage-status")
         with gr.Tab("Chat", id="chat"):
-            chat_tab(ui, examples)
+            chat_tab(ui, EXAMPLES)
         with gr.Tab("Complete", id="complete"):
             complete_tab(ui)
         with gr.Tab("Compare", id="compare"):
-            compare_tab(ui, args, examples)
+            compare_tab(ui, args, EXAMPLES)
         with gr.Tab("Training", id="training") as tab:
             training_tab(args, tab)
     return demo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The font: served by the app, in every font-family chain of the theme.
+def font_face_css():
+    """The @font-face rule of the served CJK font (one regular face: the browser makes the bold)."""
+    return (f"@font-face {{\n  font-family: '{FONT_FAMILY}';\n  src: url('{FONT_URL}') format('woff2');\n"
+            f"  font-weight: 400;\n  font-style: normal;\n  font-display: swap;\n}}")
+
+
+def theme():
+    """gradio's default theme with the served CJK font after its Latin fonts, in both the text and the monospace
+    font chains: the Latin text looks as before and every character those lack comes from the served font."""
+    import gradio as gr
+    from gradio.themes.utils import fonts
+
+    class ServedFont(fonts.Font):
+        def stylesheet(self):
+            return {"url": None, "css": font_face_css()}
+
+    return gr.themes.Default(
+        font=(fonts.LocalFont("Source Sans Pro", weights=(400, 600)), ServedFont(FONT_FAMILY), "ui-sans-serif",
+              "system-ui", "sans-serif"),
+        font_mono=(fonts.LocalFont("IBM Plex Mono", weights=(400, 600)), fonts.Font(FONT_FAMILY),  # (rule above)
+                   "ui-monospace", "Consolas", "monospace"))
+
+
+def font_routes():
+    """The route that serves the font file (before gradio's own routes), for launch(app_kwargs={"routes": ...})."""
+    from starlette.responses import FileResponse
+    from starlette.routing import Route
+
+    def font(request):
+        return FileResponse(FONT_FILE, media_type="font/woff2", headers={"Cache-Control": "public, max-age=86400"})
+
+    return [Route(f"/{FONT_URL}", font, methods=["GET", "HEAD"])]
 
 
 def main(argv=None):
@@ -442,17 +486,15 @@ def main(argv=None):
             s.bind((args.host, args.port))
         except OSError as e:
             raise UserError(f"cannot serve on {args.host}:{args.port} ({e.strerror}): pass another --port") from None
-    import gradio as gr
-
     print("loading the stage outputs...", flush=True)
     engines, reward, problems = load_all(args)
     for name, why in problems.items():
         print(f"{name}: not available: {why}", flush=True)
     demo = build_app(args, engines, reward, problems)
     demo.queue(default_concurrency_limit=args.concurrency)
-    # Default theme: its fonts are served by the app itself, like every other file of the page.
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Default(),
-                footer_links=["api", "settings"])
+    # Default theme plus the CJK font: its fonts are served by the app itself, like every other file of the page.
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme(),
+                app_kwargs={"routes": font_routes()}, footer_links=["api", "settings"])
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from llm_train.arithmetic import arithmetic_answer, arithmetic_tasks, extract_answer
+from llm_train.arithmetic import EXAMPLE_PROMPTS, arithmetic_answer, arithmetic_tasks, extract_answer
 from llm_train.engine import Engine, Sampling
 from llm_train.rl import load_reward_model, reward_model_scores
-from llm_train.tokenizer import load_chat_tokenizer, load_tokenizer, render_messages
+from llm_train.tokenizer import load_chat_tokenizer, load_tokenizer, render_messages, tokenizer_fingerprint
 
 import pytest
-from test_pipeline import retrain_tokenizer
 
 from conftest import PY, REPO, checkout_env, free_port, load_script
 
@@ -27,6 +26,8 @@ APP = REPO / "WebUI" / "app.py"
 SCREENSHOT = REPO / "WebUI" / "screenshots" / "compare.png"  # git-ignored: for a person to look at
 ARITH = "Tom has 47 apples and gets 38 more. How many apples does Tom have now?"
 FREE_SAMPLING = (1.0, 0, 1.0)  # temperature, top-k off, top-p off: the tiny models write some text
+HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff]")
+FONT_NAME = "Noto Sans CJK SC"  # the name inside WebUI/fonts/*.woff2, as Chromium reports the fonts it draws with
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,56 @@ def test_arithmetic_prompts_are_recognised_and_checked(app_module):
     assert app_module.verdict(t["answer"], f"The answer is {t['answer'] + 1}.").startswith("✗ wrong")
     assert app_module.verdict(t["answer"], "I don't know").startswith("✗ no final answer")
     assert app_module.verdict(None, "anything") == ""
+
+
+def test_the_examples_are_the_arithmetic_examples_and_the_greetings(app_module):
+    assert app_module.EXAMPLES == [*EXAMPLE_PROMPTS, "Hello, how are you?", "你好"]
+    answers = {"Tom has 3 apples and gets 4 more. How many apples does Tom have now?": 7,
+               "Anna has 43 apples and gets 9 more. How many apples does Anna have now?": 52,
+               "A shop had 54 bottles and sold 25. How many bottles are left?": 29, "What is 29 + 82?": 111,
+               "小明有25本书，送给别人8本书。还剩多少本书？": 17, "39加15等于多少？": 54, "6加7等于多少？": 13}
+    assert {p: arithmetic_answer(p) for p in EXAMPLE_PROMPTS} == answers  # every example is marked, correctly
+    assert arithmetic_answer("Hello, how are you?") is None and arithmetic_answer("你好") is None
+    assert arithmetic_answer("47+38") == arithmetic_answer("47加38") == 85
+    for answer in answers.values():
+        assert app_module.verdict(answer, f"The answer is {answer}.") == f"✓ right ({answer})"
+
+
+def test_the_served_font_covers_the_projects_chinese(app_module, app_url):
+    """WebUI/fonts/: the committed, OFL-licensed subset of Noto Sans CJK SC the page's text falls back to; the app
+    serves it as it is, and it has every character the project's own Chinese text uses."""
+    import gzip
+
+    from fontTools.ttLib import TTFont  # matplotlib's dependency; only the test reads the font
+
+    font = app_module.FONT_FILE
+    assert font.parent == REPO / "WebUI" / "fonts" and 100_000 < font.stat().st_size <= 2_000_000
+    assert "SIL OPEN FONT LICENSE Version 1.1" in (font.parent / "OFL.txt").read_text()
+    assert "build_font.py" in (font.parent / "README.md").read_text()
+    ignored = subprocess.run(["git", "check-ignore", str(font), str(font.parent / "OFL.txt")], cwd=REPO,
+                             capture_output=True, text=True)
+    assert ignored.returncode == 1 and not ignored.stdout, f"git-ignored: {ignored.stdout}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{app_url}/{app_module.FONT_URL}", timeout=30) as response:
+        assert response.headers["Content-Type"] == "font/woff2" and response.read() == font.read_bytes()
+
+    cmap = set(TTFont(font).getBestCmap())
+    lacking = lambda text: "".join(sorted({c for c in text if c.isprintable() and ord(c) not in cmap}))
+    level1 = "".join(bytes([row, cell]).decode("gb2312") for row in range(0xB0, 0xD8) for cell in range(0xA1, 0xFF)
+                     if (row, cell) <= (0xD7, 0xF9))
+    assert len(level1) == 3755 and not lacking(level1)
+    own = [(REPO / "llm_train" / "arithmetic.py").read_text(encoding="utf-8"), "".join(app_module.EXAMPLES),
+           "".join(map(chr, range(0x20, 0x7F))), "，。、；：？！“”‘’（）《》【】…—·￥"]
+    for path in [REPO / "SFT" / "data" / "chatterbot_sft.jsonl.gz", *sorted((REPO / "RLHF" / "data").glob("*.gz"))]:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            own.append(f.read())
+    assert not lacking("".join(own))
+    corpus = []
+    for path in sorted((REPO / "data" / "default_corpus").glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            corpus.append(f.read())
+    # the corpus's poetry has a few very rare characters (CJK extension B-F) that Noto Sans CJK SC lacks
+    assert all(ord(c) >= 0x20000 or c == "\ufffd" for c in lacking("".join(corpus))), lacking("".join(corpus))
 
 
 def test_long_conversations_drop_their_oldest_messages(app_module, smoke_repo):
@@ -192,6 +243,21 @@ def test_gradio_client_chat_streams_and_compare_scores(app_url, smoke_repo):
     assert all(p and p["type"] == "matplotlib" and p["plot"].startswith("data:image") for p in plots), plots
 
 
+def test_compare_marks_the_example_prompts(app_module, app_url):
+    """Every arithmetic example, English, Chinese or a bare expression, gets its right / wrong mark in Compare;
+    the greetings get none."""
+    c = client(app_url)
+    for prompt in app_module.EXAMPLES:
+        out = c.predict(prompt, *FREE_SAMPLING, 8, api_name="/compare")
+        answer = arithmetic_answer(prompt)
+        for text, note in zip(out[:3], out[3:]):
+            assert "reward-model score" in note, (prompt, note)
+            if answer is None:
+                assert "✓" not in note and "✗" not in note, (prompt, note)
+            else:
+                assert app_module.verdict(answer, text) in note and str(answer) in note, (prompt, text, note)
+
+
 def test_two_clients_chat_at_the_same_time(app_url):
     """Two sessions chat at once: both get answers, and they are generated together, not one after the other
     (shown on a round where both replies are long enough for their times to overlap; the model ends a reply when
@@ -227,12 +293,12 @@ def test_two_clients_chat_at_the_same_time(app_url):
     pytest.fail(f"no round where both replies had 16 tokens or more: {results}")
 
 
-def test_browser_chat_streams_and_compare_shows_three_scored_answers(app_url):
+@contextlib.contextmanager
+def chromium():
+    """A real headless Chromium (Debian's, no CJK font installed) driven by selenium, logging every request the page
+    makes; no skip: a browser that cannot start fails the test."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and driver, "no chromium/chromedriver: apt-get install -y chromium chromium-driver (make test does)"
@@ -241,8 +307,70 @@ def test_browser_chat_streams_and_compare_shows_three_scored_answers(app_url):
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,1100"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
-    browser = webdriver.Chrome(options=options, service=Service(driver))  # no skip: a browser that can't start fails
+    browser = webdriver.Chrome(options=options, service=Service(driver))
     try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def free_sampling(browser, wait, tab):
+    """Open a tab's "Sampling" and set temperature 1, top-k off: the tiny models then write some text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.find_element(By.CSS_SELECTOR, f"#{tab}-sampling .label-wrap").click()
+    for slider, value in ((f"{tab}-temperature", "1"), (f"{tab}-top-k", "0")):
+        number = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f"#{slider} input[type=number]"))
+        number.send_keys(Keys.CONTROL, "a")
+        number.send_keys(value, Keys.TAB)
+
+
+def fonts_drawing(browser, element):
+    """The fonts Chromium drew the element's text with, as DevTools reports them (CSS.getPlatformFontsForNode, asked
+    of each element that holds some of the text): [{familyName, isCustomFont (a web font of the page), glyphCount}].
+    What is really on the screen, whatever fonts the machine has: a character that no font of the page has is drawn
+    with a local font, or as a box (tofu) when the machine has none."""
+    count = browser.execute_script("""
+        const holders = new Set(), walk = document.createTreeWalker(arguments[0], NodeFilter.SHOW_TEXT);
+        while (walk.nextNode()) if (walk.currentNode.data.trim()) holders.add(walk.currentNode.parentElement);
+        [...holders].forEach(e => e.setAttribute('data-font-probe', ''));
+        return holders.size;""", element)
+    try:
+        browser.execute_cdp_cmd("DOM.enable", {})
+        browser.execute_cdp_cmd("CSS.enable", {})
+        root = browser.execute_cdp_cmd("DOM.getDocument", {})["root"]["nodeId"]
+        nodes = browser.execute_cdp_cmd("DOM.querySelectorAll", {"nodeId": root, "selector": "[data-font-probe]"})
+        assert len(nodes["nodeIds"]) == count > 0
+        glyphs = {}
+        for node in nodes["nodeIds"]:  # (the fonts of each element's own text nodes, not its children's)
+            for f in browser.execute_cdp_cmd("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]:
+                key = f["familyName"], f["isCustomFont"]
+                glyphs[key] = glyphs.get(key, 0) + f["glyphCount"]
+        return [{"familyName": name, "isCustomFont": custom, "glyphCount": n} for (name, custom), n in glyphs.items()]
+    finally:
+        browser.execute_script("""
+            for (const e of arguments[0].querySelectorAll('[data-font-probe]')) e.removeAttribute('data-font-probe');
+            arguments[0].removeAttribute('data-font-probe');""", element)
+
+
+def common_hanzi(text):
+    """The characters of text among the 3,755 GB2312 level-1 hanzi (the served font has every one of them)."""
+    def level1(c):
+        try:
+            code = c.encode("gb2312")
+        except UnicodeEncodeError:
+            return False
+        return len(code) == 2 and 0xB0 <= code[0] <= 0xD7
+    return [c for c in text if HAN.match(c) and level1(c)]
+
+
+def test_browser_chat_streams_and_compare_shows_three_scored_answers(app_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as browser:
         browser.get(app_url)
         wait = WebDriverWait(browser, 90, poll_frequency=0.1)
         box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#chat-input textarea"))
@@ -254,11 +382,7 @@ def test_browser_chat_streams_and_compare_shows_three_scored_answers(app_url):
               const text = bot.length ? bot[bot.length - 1].innerText : '';
               if (text && window.replies[window.replies.length - 1] !== text) window.replies.push(text);
             }).observe(document.querySelector('#chatbot'), {childList: true, subtree: true, characterData: true});""")
-        browser.find_element(By.CSS_SELECTOR, "#chat-sampling .label-wrap").click()  # open "Sampling"
-        for slider, value in (("chat-temperature", "1"), ("chat-top-k", "0")):  # free sampling: the tiny model writes
-            number = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f"#{slider} input[type=number]"))
-            number.send_keys(Keys.CONTROL, "a")
-            number.send_keys(value, Keys.TAB)
+        free_sampling(browser, wait, "chat")
         for turn in range(5):  # the tiny model may end a reply after its first word: then nothing streams
             browser.execute_script("window.replies = []")
             box.send_keys(f"Hello! What can you do? ({turn})", Keys.ENTER)
@@ -290,8 +414,73 @@ def test_browser_chat_streams_and_compare_shows_three_scored_answers(app_url):
                      for e in browser.get_log("performance")}
         outside = [u for u in requested if u and not u.startswith((app_url, "data:", "blob:", "ws://127.0.0.1"))]
         assert len(requested) > 10 and not outside, f"the page fetched from other hosts: {outside}"
-    finally:
-        browser.quit()
+
+
+def test_browser_shows_chinese_in_the_served_font(app_url, app_module):
+    """This Chromium has no CJK font: the page's Chinese must come from the font the app serves (WebUI/fonts/), or it
+    is tofu. A Chinese example prompt is sent in Chat until the (tiny, freely sampling) model's reply has common
+    hanzi; the served font must be loaded and be the one Chromium drew the echoed prompt's and the reply's hanzi
+    with. Fails when the @font-face rule, the font route or the font's place in the font-family chain is missing."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    family = app_module.FONT_FAMILY
+    with chromium() as browser:
+        browser.get(app_url)
+        wait = WebDriverWait(browser, 90, poll_frequency=0.1)
+        box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#chat-input textarea"))
+        # the example buttons: the arithmetic EXAMPLE_PROMPTS and two greetings (long ones shown cut, with "...")
+        buttons = [b for b in browser.find_elements(By.CSS_SELECTOR, "button.gallery-item") if b.is_displayed()]
+        shown = [b.text for b in buttons]
+        assert len(shown) == len(app_module.EXAMPLES), shown
+        assert all(e == s or (s.endswith("...") and e.startswith(s[:-3])) for e, s in zip(app_module.EXAMPLES, shown))
+        free_sampling(browser, wait, "chat")
+        chinese = [(b, e) for b, e in zip(buttons, app_module.EXAMPLES) if HAN.search(e)]
+        for turn in range(8):  # a reply of the tiny model has some hanzi more often than not: a few tries
+            button, prompt = chinese[turn % len(chinese)]
+            button.click()
+            wait.until(lambda b: box.get_attribute("value") == prompt)  # the example button fills the input box
+            box.send_keys(Keys.ENTER)
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')) == turn + 1
+                       and "tokens/s" in b.find_element(By.ID, "chat-note").text)  # this reply is finished
+            reply = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')[-1]
+            if common_hanzi(reply.text):
+                break
+        else:
+            pytest.fail(f"eight replies, none with a common hanzi: the last was {reply.text!r}")
+        echoed = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="user"]')[-1]
+        assert echoed.text == prompt
+
+        # the page's font: declared, fetched from the app and loaded, and first in line for Chinese
+        faces = browser.execute_script(
+            "return [...document.fonts].filter(f => f.family.replace(/[\"']/g, '') === arguments[0])"
+            ".map(f => f.status)", family)
+        assert faces and set(faces) == {"loaded"}, f"the page's {family!r} faces: {faces}"
+        assert browser.execute_script("return document.fonts.check(`16px \"${arguments[0]}\"`, arguments[1])",
+                                      family, prompt + reply.text)
+        for element in (echoed, reply):
+            assert family in element.value_of_css_property("font-family")
+
+        # what Chromium drew: the prompt all in the page's own fonts (its digits in the Latin one), every hanzi of
+        # both in the served font
+        drawn = fonts_drawing(browser, echoed)
+        assert all(f["isCustomFont"] for f in drawn), f"{prompt!r} partly drawn in the machine's fonts: {drawn}"
+        served = [f for f in drawn if f["familyName"] == FONT_NAME and f["isCustomFont"]]
+        assert served and served[0]["glyphCount"] == sum(not c.isascii() for c in prompt), drawn
+        hanzi = common_hanzi(reply.text)
+        drawn = fonts_drawing(browser, reply)
+        served = [f for f in drawn if f["familyName"] == FONT_NAME and f["isCustomFont"]]
+        assert served and served[0]["glyphCount"] >= len(hanzi), (reply.text, drawn)  # (and its other CJK characters)
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        browser.execute_script("arguments[0].scrollIntoView()", reply)
+        browser.save_screenshot(str(SCREENSHOT.with_name("chinese.png")))
+
+        requested = {json.loads(e["message"])["message"].get("params", {}).get("request", {}).get("url", "")
+                     for e in browser.get_log("performance")}
+        assert f"{app_url}/{app_module.FONT_URL}" in requested  # from the app, nowhere else
+        outside = [u for u in requested if u and not u.startswith((app_url, "data:", "blob:", "ws://127.0.0.1"))]
+        assert not outside, f"the page fetched from other hosts: {outside}"
 
 
 def test_missing_and_mismatched_stages_are_explained_not_fatal(smoke_repo, tmp_path):
@@ -384,6 +573,14 @@ def test_the_port_must_be_a_tcp_port():
                           env=checkout_env(REPO))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "argument --port: must be a TCP port, 1 to 65535, got 70000" in proc.stderr
+
+
+def retrain_tokenizer(root, other_tokenizer_dir):
+    """Make root/tokenizer/ look retrained after the models: another tokenizer.json, with its own report.json."""
+    shutil.copy(other_tokenizer_dir / "tokenizer.json", root / "tokenizer" / "tokenizer.json")
+    report = json.loads((root / "tokenizer" / "report.json").read_text(encoding="utf-8"))
+    report.update(vocab_size=600, fingerprint=tokenizer_fingerprint(root / "tokenizer"))
+    (root / "tokenizer" / "report.json").write_text(json.dumps(report))
 
 
 def test_a_retrained_tokenizer_is_named_not_shown(app_module, smoke_repo, tmp_path, tiny_tokenizer_dir):
