@@ -16,8 +16,8 @@ SCALE ?= $(if $(filter 0,$(NGPU)),cpu,gpu)
 
 ifeq ($(SCALE),smoke)
 TOKENIZER_FLAGS := --vocab-size 1024 --max-chars 1e6
-CHUNK_FLAGS := --context-length 128 --sources default:3 midtrain:1 --max-tokens 3e5
-PRETRAIN_FLAGS := --preset smoke --context-length 128
+CHUNK_FLAGS := --context-length 256 --sources default:3 midtrain:1 --max-tokens 3e5
+PRETRAIN_FLAGS := --preset smoke
 SFT_FLAGS := --preset smoke
 RM_FLAGS := --preset smoke
 GRPO_FLAGS := --preset smoke
@@ -37,10 +37,10 @@ else
 # 8,192: the LM head is ~half of the cpu model's FLOPs, but 4,096 (13% less pretraining time, chats 4% longer) answered
 # 40.5% / 63.5% (base / SFT) of the held-out problems instead of 73% / 89.5% (fp32, AVX2 kernels, one run each).
 TOKENIZER_FLAGS := --vocab-size 8192
-# Three fifths of the pretraining tokens are chats in the template (arithmetic with worked answers, some chatterbot):
-# mid-training, so the base knows <|im_start|>/<|im_end|> and the worked-answer format before SFT (LoRA steps in SFT
-# cost ~5x a pretraining step per token on CPU). Each chat starts its own row of 129 tokens, the text fills the rest.
-CHUNK_FLAGS := --context-length 128 --sources default:2 midtrain:3 --max-tokens 5e6
+# Four fifths of the pretraining tokens are chats in the template (arithmetic with worked answers, some chatterbot):
+# mid-training, so the base learns the arithmetic in many wordings before SFT (LoRA steps in SFT cost ~4x a
+# pretraining step per token on CPU). Chats are packed whole, several to a row of 257 tokens; text fills the rest.
+CHUNK_FLAGS := --context-length 256 --sources default:1 midtrain:4 --max-tokens 6e6
 # Compiled: fewer seconds per step on CPU too, once the ~30 s compile is paid.
 PRETRAIN_FLAGS := --preset cpu --compile
 SFT_FLAGS := --preset cpu
@@ -49,6 +49,8 @@ GRPO_FLAGS := --preset cpu
 EVAL_FLAGS :=
 REPORT_FLAGS :=
 endif
+# SEED=N: another draw of every training stage (initialization, data order, sampling); the evaluations stay the same.
+SEED_FLAG := $(if $(SEED),--seed $(SEED))
 # With several GPUs pretraining runs under DeepSpeed ZeRO-2, one rank per GPU.
 PRETRAIN_LAUNCH := $(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/deepspeed --num_gpus=$(NGPU) PreTrain/model.py --deepspeed PreTrain/ds_config.json,$(PY) PreTrain/model.py)
 # SFT, the reward model and GRPO: one process per GPU under accelerate (DDP); their presets fix the global batch, so
@@ -115,16 +117,16 @@ pretrain_data_chunks/manifest.json: PreTrain/preprocess_dataset_for_pretrain_map
 	$(call timed,chunks,$(PY) PreTrain/preprocess_dataset_for_pretrain_map.py --force $(CHUNK_FLAGS))
 
 output/pretrain_summary.json: PreTrain/model.py pretrain_data_chunks/manifest.json
-	$(call timed,pretrain,$(PRETRAIN_LAUNCH) --force --checkpoint-dir checkpoints/$(SCALE)/pretrain $(PRETRAIN_FLAGS))
+	$(call timed,pretrain,$(PRETRAIN_LAUNCH) --force --checkpoint-dir checkpoints/$(SCALE)/pretrain $(PRETRAIN_FLAGS) $(SEED_FLAG))
 
 SFT/eval.json: SFT/qlora_fine_tune_trl.py output/pretrain_summary.json
-	$(call timed,sft,$(POST_LAUNCH) SFT/qlora_fine_tune_trl.py --force --merge --checkpoint-dir checkpoints/$(SCALE)/sft $(SFT_FLAGS))
+	$(call timed,sft,$(POST_LAUNCH) SFT/qlora_fine_tune_trl.py --force --merge --checkpoint-dir checkpoints/$(SCALE)/sft $(SFT_FLAGS) $(SEED_FLAG))
 
 RLHF/reward_eval.json: RLHF/reward_model.py SFT/eval.json
-	$(call timed,reward_model,$(POST_LAUNCH) RLHF/reward_model.py --force --checkpoint-dir checkpoints/$(SCALE)/reward_model $(RM_FLAGS))
+	$(call timed,reward_model,$(POST_LAUNCH) RLHF/reward_model.py --force --checkpoint-dir checkpoints/$(SCALE)/reward_model $(RM_FLAGS) $(SEED_FLAG))
 
 RLHF/eval.json: RLHF/grpo_trl.py RLHF/reward_eval.json
-	$(call timed,grpo,$(POST_LAUNCH) RLHF/grpo_trl.py --force --checkpoint-dir checkpoints/$(SCALE)/grpo $(GRPO_FLAGS))
+	$(call timed,grpo,$(POST_LAUNCH) RLHF/grpo_trl.py --force --checkpoint-dir checkpoints/$(SCALE)/grpo $(GRPO_FLAGS) $(SEED_FLAG))
 
 # lm-eval on every model, the same tasks (the offline ones of Eval/tasks/): the report card's comparison table.
 Eval/results.json: Eval/evaluate.py $(wildcard Eval/tasks/*.py Eval/tasks/*yaml) RLHF/eval.json

@@ -74,13 +74,13 @@ PRESETS = {
     # GPT-2 small exactly (vocab 50257 padded to 50304), for throughput comparable to published numbers.
     "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, context_length=1024, vocab_size=50304,
                       batch_size=16, global_batch_tokens=524288, max_tokens=2_500_000_000, lr=6e-4, warmup_steps=200),
-    # The CPU default run: 1500 steps of 16 x 128 tokens (3.1M tokens), the batch, lr and length that answered the
-    # most held-out arithmetic within make all's time (see docs/experiments.md#pretraining).
-    "cpu": dict(n_layer=4, n_embd=192, n_head=4, context_length=128, vocab_size=None, batch_size=16,
-                global_batch_tokens=16 * 128, max_tokens=1500 * 16 * 128, lr=3e-3, warmup_steps=20),
+    # The CPU default run: 1500 steps of 8 x 256 tokens (3.1M tokens); context 256 so that a chat has room (and
+    # generate(max_length=200) works); batch, lr and length: docs/experiments.md#pretraining.
+    "cpu": dict(n_layer=4, n_embd=192, n_head=4, context_length=256, vocab_size=None, batch_size=8,
+                global_batch_tokens=8 * 256, max_tokens=1500 * 8 * 256, lr=3e-3, warmup_steps=20),
     # Seconds: proves the pipeline end to end (30 steps of 8 rows).
-    "smoke": dict(n_layer=2, n_embd=64, n_head=2, context_length=128, vocab_size=None,
-                  batch_size=8, global_batch_tokens=8 * 128, max_tokens=30 * 8 * 128, lr=3e-3, warmup_steps=3),
+    "smoke": dict(n_layer=2, n_embd=64, n_head=2, context_length=256, vocab_size=None,
+                  batch_size=8, global_batch_tokens=8 * 256, max_tokens=30 * 8 * 256, lr=3e-3, warmup_steps=3),
 }
 
 

@@ -12,7 +12,7 @@ Writes: pretrain_data_chunks/ (--output-dir):
         pandas and pyarrow.parquet.read_table read them as they are. (Format 2 chunk sets, flat .bin token files,
         still train.)
 
-    python PreTrain/preprocess_dataset_for_pretrain_map.py --context-length 256      # CPU default run
+    python PreTrain/preprocess_dataset_for_pretrain_map.py --context-length 256 --sources default:1 midtrain:4 --max-tokens 6e6  # CPU
     python PreTrain/preprocess_dataset_for_pretrain_map.py                           # embedded corpus, context 1024
     python PreTrain/preprocess_dataset_for_pretrain_map.py --sources my_texts/ notes.txt --num-proc 8
     python PreTrain/preprocess_dataset_for_pretrain_map.py --sources c4:0.6 wikipedia:0.2 tiny-codes:0.2 --max-tokens 2e9
@@ -56,10 +56,11 @@ the same mix. Without --max-tokens every source is read to its end and weights a
 
 Rows: each document's tokens are followed by <|endoftext|>, the stream is cut into rows of context_length + 1
 tokens (inputs = row[:-1], targets = row[1:]); the tail of a split that does not fill a row is dropped (logged).
-A generated chat document (midtrain) always starts a row of its own, cut at the row's end, and the rest of that row
-is filled with the text stream: GPT-2's positions are learned, and the worked arithmetic is learned from fewer
-problems when each one starts at position 0. Give the text sources enough weight to fill those rows (a chat of ~80
-tokens in a row of 129 needs ~50 tokens of text).
+Generated chat documents (midtrain) are packed whole, as many as fit, into rows that start with one (a chat longer
+than a row is cut at its end), and the rest of each such row is filled with the text stream: GPT-2's positions are
+learned, and the worked arithmetic is learned from fewer problems when each one starts at a chat boundary near the
+row's start than when chats straddle rows; packing puts ~3 problems in every row of 257 tokens. Give the text
+sources enough weight to fill those rows (a few dozen tokens per row).
 Split: a document goes to val when a hash of its text falls under --val-fraction (the same text always lands in the
 same split); a source with more than one document always gets at least one val document (its second one if the
 hash picked none before). Text that spells a special token ("<|endoftext|>") is tokenized as plain text, except in

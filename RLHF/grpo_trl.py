@@ -37,8 +37,16 @@ from pathlib import Path
 
 from llm_train import runtime, trainer_runs
 from llm_train.atomic import atomic_write_json
-from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
-from llm_train.arithmetic import exact_match_scores, extract_answer
+from llm_train.cli import (
+    apply_preset,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    settings_of,
+    unit_fraction,
+)
+from llm_train.arithmetic import EXAMPLE_PROMPTS, exact_match_scores, extract_answer
 from llm_train.engine import generate_completions, prompt_room, prompt_token_ids, stop_token_ids
 from llm_train.errors import UserError, run_main
 from llm_train.grpo import grpo_trainer_class, heldout_eval_callback, trim_history
@@ -73,20 +81,24 @@ PRESETS = {
     # groups of 8: a prompt answered right some of the time gets a non-zero advantage
     "gpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=2048, epochs=3.0, num_generations=8, batch_size=64,
                 warmup_steps=0, max_completion_length=64, temperature=1.0, lr=5e-5, lora_r=16, save_steps=100,
+                num_iterations=1, chat_fraction=0.25,
                 eval_arithmetic=1000, eval_conversation=64, eval_every=64),
     # fresh prompts x 1 epoch (repeated ones are learned by heart), 16 prompts per update: moves the policy without
-    # harming it beyond chance; far more steps are what improves it (docs/experiments.md#grpo)
-    "cpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=384, epochs=1.0, num_generations=8, batch_size=128,
+    # harming it beyond chance; far more steps are what improves it, experience replay at lr 2e-3 harmed
+    # (docs/experiments.md#grpo): 12 steps, the minutes go to pretraining
+    "cpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=192, epochs=1.0, num_generations=8, batch_size=128,
                 warmup_steps=4, max_completion_length=56, temperature=0.7, lr=5e-4, lora_r=16, save_steps=8,
+                num_iterations=1, chat_fraction=0.25,
                 eval_arithmetic=1000, eval_conversation=32, eval_every=0),
     # seconds: the same code paths
     "smoke": dict(rm_weight=1.0, exact_weight=1.0, num_prompts=8, epochs=1.0, num_generations=4, batch_size=8,
                   warmup_steps=0, max_completion_length=12, temperature=1.0, lr=2e-4, lora_r=16, save_steps=10,
+                  num_iterations=2, chat_fraction=0.25,
                   eval_arithmetic=8, eval_conversation=4, eval_every=0),
 }
-SAMPLES = 4  # sampled answers per held-out problem in eval.json (the greedy one is the headline number)
-DEFAULT_CHAT_PROMPTS = ["Anna has 12 apples and gets 7 more. How many apples does Anna have now?",
-                        "小明有25本书，送给别人8本书。还剩多少本书？", "Hello, how are you?", "你好"]
+SAMPLES = 4  # sampled answers per held-out problem in eval.json: the primary measure of GRPO
+KL_PROMPTS = 256  # held-out problems whose sampled answers measure the KL to the SFT policy
+DEFAULT_CHAT_PROMPTS = [*EXAMPLE_PROMPTS, "Hello, how are you?", "你好"]
 
 
 def batch_split(args):
@@ -104,6 +116,7 @@ def grpo_config(args, output_dir, reward_weights, dtype):
         output_dir=str(output_dir), num_train_epochs=args.epochs, per_device_train_batch_size=split.per_device,
         gradient_accumulation_steps=split.accum,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+        num_iterations=args.num_iterations,
         learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
         beta=0.05, loss_type="dapo", scale_rewards="none", epsilon=0.2, temperature=args.temperature,
         reward_weights=reward_weights, logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
@@ -205,19 +218,22 @@ def policy_metrics(args, model, tok, prompts, rm):
     return result, sampled
 
 
-def kl_to_sft(args, grpo_model, sft_model, tok, messages):
+def kl_to_sft(args, grpo_model, sft_model, tok, messages, batch_size=64):
     """(k1, k3) per-token KL(GRPO || SFT) on completions the GRPO policy samples from args.seed (the same samples
     on every evaluation of the same model): k1 = log p/q is unbiased, k3 is what TRL logs."""
     torch.manual_seed(args.seed)
     ids, _ = generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True,
-                                  dtype=dtype_name(allow_fp16=True))
+                                  batch_size=batch_size, dtype=dtype_name(allow_fp16=True))
     prompt_ids = prompt_token_ids(tok, messages, prompt_room(grpo_model, args.max_completion_length))
-    with torch.no_grad():  # scored in fp32: bf16 logits would blur a KL of ~0.001/token
-        logp, mask = completion_logps(grpo_model, prompt_ids, ids)
-        ref_logp, _ = completion_logps(sft_model, prompt_ids, ids)
-    n = mask.sum().clamp(min=1).item()
-    return (((logp - ref_logp) * mask).sum().item() / n,
-            ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum().item() / n)
+    k1 = k3 = n = 0.0
+    for i in range(0, len(ids), batch_size):
+        with torch.no_grad():  # scored in fp32: bf16 logits would blur a KL of ~0.001/token
+            logp, mask = completion_logps(grpo_model, prompt_ids[i:i + batch_size], ids[i:i + batch_size])
+            ref_logp, _ = completion_logps(sft_model, prompt_ids[i:i + batch_size], ids[i:i + batch_size])
+        k1 += ((logp - ref_logp) * mask).sum().item()
+        k3 += ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum().item()
+        n += mask.sum().item()
+    return k1 / max(n, 1), k3 / max(n, 1)
 
 
 def evaluate(args, grpo_model, tok):
@@ -239,8 +255,12 @@ def evaluate(args, grpo_model, tok):
     # GRPO's primary measure: the relative fall of the sampled error rate, with a 95% paired-bootstrap interval
     result["sampled_error_reduction"] = paired_bootstrap_error_reduction(sampled["sft"], sampled["grpo"],
                                                                          seed=args.seed)
+    # KL on KL_PROMPTS of the held-out problems (spread over both splits) and the chat prompts: ~10k sampled tokens
+    arithmetic = [p for p in prompts if p["answer"] is not None]
+    kl_prompts = arithmetic[::max(1, len(arithmetic) // KL_PROMPTS)][:KL_PROMPTS] + \
+        [p for p in prompts if p["answer"] is None]
     result["kl_k1_per_token"], result["kl_k3_per_token"] = kl_to_sft(args, grpo_model, sft_model, tok,
-                                                                     [p["prompt"] for p in prompts])
+                                                                     [p["prompt"] for p in kl_prompts])
     atomic_write_json(args.out_dir / "eval.json", result)
     sft, grpo = result["sft"], result["grpo"]
     line = (f"held-out: exact-answer accuracy SFT {sft['exact_answer_accuracy']:.3f} -> GRPO "
@@ -286,7 +306,8 @@ def run_settings(args):
     """What decides the GRPO model, besides its parents: compared with the checkpoints' run before resuming it, and
     recorded in grpo_output/lineage.json, where an identical rerun finds it finished."""
     return {**settings_of(args, "rm_weight", "exact_weight", "num_prompts", "epochs", "num_generations", "batch_size",
-                          "max_completion_length", "temperature", "lr", "warmup_steps", "lora_r", "qlora", "seed"),
+                          "max_completion_length", "temperature", "lr", "warmup_steps", "lora_r", "qlora", "seed",
+                          "num_iterations", "chat_fraction"),
             **({"micro_batch": args.micro_batch} if args.micro_batch else {}),
             "dtype": dtype_name(allow_fp16=True), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
 
@@ -326,7 +347,8 @@ def training_prompts(args, policy, tok):
     room): TRL generates from the whole prompt, and must never run past GPT-2's last position."""
     from datasets import Dataset
 
-    prompts = rlhf_prompts("train", args.num_prompts - args.num_prompts // 4, args.num_prompts // 4, seed=args.seed)
+    n_chat = round(args.num_prompts * args.chat_fraction)
+    prompts = rlhf_prompts("train", args.num_prompts - n_chat, n_chat, seed=args.seed)
     room = prompt_room(policy, args.max_completion_length)
     lengths = map(len, prompt_token_ids(tok, [p["prompt"] for p in prompts]))
     fitting = [p for p, n in zip(prompts, lengths) if n <= room]
@@ -431,8 +453,13 @@ def build_parser():
     parser.add_argument("--exact-weight", type=nonnegative_float,
                         help="(preset) weight of the exact-answer reward (0/1)")
     parser.add_argument("--num-prompts", type=positive_int,
-                        help="(preset) training prompts: 3/4 arithmetic, 1/4 chat")
+                        help="(preset) training prompts, arithmetic and chat (--chat-fraction)")
+    parser.add_argument("--chat-fraction", type=unit_fraction,
+                        help="(preset) share of chat prompts (rewarded by the reward model) among the training prompts")
     parser.add_argument("--epochs", type=positive_float, help="(preset)")
+    parser.add_argument("--num-iterations", type=positive_int,
+                        help="(preset) optimizer steps on each batch of sampled completions (experience replay; "
+                        "TRL's num_iterations, the clipped ratio bounds each update)")
     parser.add_argument("--num-generations", type=positive_int,
                         help="(preset) group size: completions per prompt (at least 2)")
     trainer_runs.add_batch_flags(parser, "completions")

@@ -3,7 +3,7 @@ merged model in SFT/sft_output/merged/ with --merged), through the tokenizer's c
 
 Reads:  output/ and SFT/sft_output/ (or SFT/sft_output/merged/). Writes nothing.
 
-    python SFT/inference.py                          # a few default prompts (English, Chinese, arithmetic)
+    python SFT/inference.py                          # default prompts: two chats, the arithmetic examples
     python SFT/inference.py --prompt "What is AI?"   # one prompt
     python SFT/inference.py --interactive            # multi-turn chat, streamed; empty line or Ctrl-D quits
     python SFT/inference.py --merged                 # use the merged model instead of base + adapter
@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from llm_train.arithmetic import arithmetic_tasks
+from llm_train.arithmetic import EXAMPLE_PROMPTS
 from llm_train.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
 from llm_train.engine import Engine, Sampling, reply_budget
 from llm_train.errors import UserError, run_main
@@ -31,11 +31,7 @@ warnings.filterwarnings("ignore", r".*`(is_)?gradient_checkpointing(_enable)?` i
 # bitsandbytes on AVX512-BF16 CPUs: an optional faster kernel package (`kernels`) is not installed; nothing is wrong.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
 
-DEFAULT_PROMPTS = [
-    "What is AI?",
-    "你好吗?",
-    arithmetic_tasks(1, "heldout", seed=7)[0]["prompt"],
-]
+DEFAULT_PROMPTS = ["What is AI?", "你好吗?", *EXAMPLE_PROMPTS]
 
 
 def parse_args(argv=None):

@@ -53,6 +53,10 @@ TEMPLATES = [
     ("en", "add", "{name} has {a} {items}. {name2} has {b} {items}. How many {items} do they have altogether?", False),
     ("en", "add", "{name} found {a} {items} in the morning and {b} in the afternoon. How many {items} did {name} find "
                   "in all?", False),
+    ("en", "add", "There were {a} people on a bus. At the next stop {b} more got on. How many people are on the bus "
+                  "now?", False),
+    ("en", "add", "{name} read {a} pages yesterday and {b} pages today. How many pages did {name} read?", False),
+    ("en", "add", "How many {items} are there if a {place} holds {a} and another holds {b}?", False),
     ("en", "add", "If you have {a} {items} and someone gives you {b} more, how many {items} do you have?", True),
     ("en", "add", "{name} collected {a} {items} last week and {b} {items} this week. What is the total number of "
                   "{items}?", True),
@@ -65,6 +69,10 @@ TEMPLATES = [
     ("en", "sub", "{name} has {a} {items}. {name2} has {b} {items}. How many more {items} does {name} have than "
                   "{name2}?", False),
     ("en", "sub", "{name} needs {a} {items} and already has {b}. How many more {items} does {name} need?", False),
+    ("en", "sub", "There were {a} people on a bus. At the next stop {b} got off. How many people are still on the "
+                  "bus?", False),
+    ("en", "sub", "A book has {a} pages. {name} has read {b} of them. How many pages are left to read?", False),
+    ("en", "sub", "{name} is {a} years old and {name2} is {b}. How much older is {name}?", False),
     ("en", "sub", "If you have {a} {items} and you use {b} of them, how many {items} remain?", True),
     ("en", "sub", "{name} bought {a} {items}, then gave {b} to {name2}. How many {items} does {name} keep?", True),
     # English bare expressions
@@ -77,6 +85,11 @@ TEMPLATES = [
     ("en", "sub", "What is {a} minus {b}?", False),
     ("en", "add", "What is the sum of {a} and {b}?", False),
     ("en", "sub", "Subtract {b} from {a}.", False),
+    ("en", None, "{a} {s} {b}", False),
+    ("en", None, "Solve: {a} {s} {b}", False),
+    ("en", None, "Can you tell me what {a} {s} {b} is?", False),
+    ("en", "add", "What is {a} added to {b}?", False),
+    ("en", "sub", "What is {a} take away {b}?", False),
     ("en", None, "How much is {a} {s} {b}?", True),
     ("en", None, "Please work out {a} {s} {b}.", True),
     ("en", "add", "Add {a} and {b}.", True),
@@ -87,6 +100,9 @@ TEMPLATES = [
     ("zh", "add", "{place}里有{a}{cl}{item}，又放进去{b}{cl}。{place}里现在有多少{cl}{item}？", False),
     ("zh", "add", "商店有{a}{cl}{item}，又运来了{b}{cl}。商店现在有多少{cl}{item}？", False),
     ("zh", "add", "{name}有{a}{cl}{item}，{name2}有{b}{cl}{item}。他们一共有多少{cl}{item}？", False),
+    ("zh", "add", "车上有{a}人，到站后又上来了{b}人。车上现在有多少人？", False),
+    ("zh", "add", "{name}昨天看了{a}页书，今天看了{b}页。{name}两天一共看了多少页？", False),
+    ("zh", "add", "{place}里有{a}{cl}{item}和{b}{cl}别的东西，一共有多少{cl}？", False),
     ("zh", "add", "{name}上午拿到{a}{cl}{item}，下午又拿到{b}{cl}。{name}今天总共拿到几{cl}{item}？", True),
     ("zh", "add", "一个{place}里原来有{a}{cl}{item}，后来增加了{b}{cl}，现在共有多少{cl}？", True),
     # Chinese subtractions
@@ -95,6 +111,9 @@ TEMPLATES = [
     ("zh", "sub", "{place}里有{a}{cl}{item}，{name}拿走了{b}{cl}。{place}里还剩多少{cl}{item}？", False),
     ("zh", "sub", "商店有{a}{cl}{item}，卖出了{b}{cl}。还剩多少{cl}{item}？", False),
     ("zh", "sub", "{name}有{a}{cl}{item}，{name2}有{b}{cl}{item}。{name}比{name2}多多少{cl}？", False),
+    ("zh", "sub", "车上有{a}人，到站后下去了{b}人。车上还有多少人？", False),
+    ("zh", "sub", "一本书有{a}页，{name}已经看了{b}页。还有多少页没看？", False),
+    ("zh", "sub", "{name}今年{a}岁，{name2}今年{b}岁。{name}比{name2}大几岁？", False),
     ("zh", "sub", "{name}原来有{a}{cl}{item}，丢了{b}{cl}以后，还有几{cl}{item}？", True),
     ("zh", "sub", "一共有{a}{cl}{item}，分给{name}{b}{cl}，剩下多少{cl}？", True),
     # Chinese bare expressions
@@ -104,6 +123,11 @@ TEMPLATES = [
     ("zh", None, "{a}{sign}{b}等于几？", False),
     ("zh", "add", "{a}和{b}的和是多少？", False),
     ("zh", "sub", "{a}减去{b}得多少？", False),
+    ("zh", None, "{a}{s}{b}是多少？", False),
+    ("zh", None, "{a} {sign} {b}", False),
+    ("zh", None, "算一算：{a}{sign}{b}", False),
+    ("zh", "add", "{a}加上{b}是多少？", False),
+    ("zh", "sub", "从{a}里减去{b}，得多少？", False),
     ("zh", None, "请算一下{a}{s}{b}。", True),
     ("zh", None, "{a}{sign}{b}的结果是什么？", True),
     ("zh", "sub", "{a}比{b}多多少？", True),
@@ -260,8 +284,17 @@ def _template_pattern(template):
 
 
 _PATTERNS = [(_template_pattern(t), op) for _, op, t, _ in WORDINGS]
+_HELD_OUT_PATTERNS = [_template_pattern(t) for _, _, t, held_out in WORDINGS if held_out]
 # a bare expression as typed, anywhere in the prompt: '47+38', '47 - 38', '47加38', '47减去38'
 _EXPRESSION = re.compile(r"(\d+)\s*(\+|-|−|加上?|减去?)\s*(\d+)")
+
+
+def problem_split(prompt):
+    """The split a problem's text belongs to: 'heldout_wordings' if it is in a held-out wording, else
+    arithmetic_split's ('train' or 'heldout')."""
+    if any(p.search(prompt.strip()) for p in _HELD_OUT_PATTERNS):
+        return "heldout_wordings"
+    return arithmetic_split(prompt)
 
 
 def arithmetic_answer(prompt):
@@ -301,3 +334,4 @@ def exact_match_scores(tasks, said):
         out[split] = {"exact_match": round(sum(flat) / len(flat), 4), "n": len(flat),
                       "by_cell": {c: round(sum(v) / len(v), 4) for c, v in sorted(cells.items())}}
     return out
+

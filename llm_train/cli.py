@@ -31,6 +31,10 @@ def nonnegative_float(text):
     return _number(text, float, lambda v: v >= 0 and math.isfinite(v), "0 or a positive number")
 
 
+def unit_fraction(text):
+    return _number(text, float, lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
 def settings_of(args, *names):
     """The settings that decide an output, as JSON-safe values (compared by already_done)."""
     return {n: (str(v) if isinstance(v, Path) else v) for n, v in ((n, getattr(args, n)) for n in names)}

@@ -79,7 +79,7 @@ def rlhf_prompts(split, n_arithmetic, n_conversation, seed=0):
     chatterbot conversation prompts from the embedded preference data (answer None), of one split: 'train', or
     'heldout' (n_arithmetic // 2 held-out problems in the trained wordings, as many in held-out wordings)."""
     tasks = (arithmetic_tasks(n_arithmetic, "train", seed=seed) if split == "train" else
-             evaluation_tasks(n_arithmetic // 2, seed=seed))
+             evaluation_tasks(n_arithmetic // 2))  # held out: the same problems whatever the seed
     prompts = [{"prompt": [{"role": "user", "content": t["prompt"]}], "answer": t["answer"],
                 "split": t.get("split", "train"), "cell": cell(t)} for t in tasks]
     seen = set()

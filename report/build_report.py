@@ -4,23 +4,29 @@ Reads:  tokenizer/report.json, pretrain_data_chunks/manifest.json, output/pretra
         SFT/eval.json + SFT/sft_output/history.jsonl, RLHF/reward_eval.json, RLHF/eval.json,
         RLHF/grpo_output/history.jsonl, Eval/results.json (lm-eval, every model on the same tasks),
         report/timings/*.json (stage wall times written by `make all`), and the models in output/, SFT/sft_output/
-        and RLHF/grpo_output/ for sample generations.
+        and RLHF/grpo_output/ for sample generations and the SFT and GRPO models' greedy answers to the example
+        prompts users meet first (llm_train.arithmetic.EXAMPLE_PROMPTS), marked right or wrong.
 Writes: report/report.md, report/metrics.json, report/pretrain_loss.png, report/sft_loss.png, report/grpo.png,
         report/eval.png.
 
     python report/build_report.py          # after `make all` (which runs it as its last step)
 
-Every number in the report is read from those files; nothing is typed in. A stage whose files are missing is
-reported as "not run".
+Every number in the report is read from those files (or, for the example prompts, generated from this run's
+models); nothing is typed in. A stage whose files are missing is reported as "not run".
+
+The arithmetic evaluations have two held-out splits (llm_train/arithmetic.py): held-out problems in the wordings
+training uses, and problems in wordings no training stage sees. The report shows both, per language x operation x
+digits cell too, and GRPO's sampled error-rate reduction over SFT with its 95% paired-bootstrap interval.
 """
 import argparse
 import platform
 from pathlib import Path
 
 from llm_train import runtime
+from llm_train.arithmetic import DIGITS, DIGITS_NAMES, EXAMPLE_PROMPTS, LANGS, OPS, arithmetic_answer, extract_answer
 from llm_train.atomic import atomic_write_bytes, atomic_write_json
 from llm_train.cli import positive_int
-from llm_train.engine import GREEDY, Engine, Sampling
+from llm_train.engine import GREEDY, Engine, Sampling, prompt_token_ids
 from llm_train.errors import run_main
 from llm_train.paths import CHUNKS_DIR, GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, SFT_OUTPUT_DIR, TOKENIZER_DIR
 from llm_train.runtime import dtype_name
@@ -78,11 +84,13 @@ def plot(path, series, title, xlabel="step"):
 SAMPLINGS = (("greedy", GREEDY), ("sampled", Sampling(temperature=0.8, top_k=50, top_p=1.0)))
 
 
-def generate_samples(max_new_tokens, seed=0, base_dir=OUTPUT_DIR, sft_dir=SFT_OUTPUT_DIR, grpo_dir=GRPO_OUTPUT_DIR):
-    """Continuations of the same prompts by the base, SFT and GRPO models (those that exist): greedy, and sampled at
-    temperature 0.8 (top-k 50, fixed seed), since greedy decoding of a small model loops. The base continues the
-    plain text, and answers it as a user message through the chat template too (it was mid-trained on chats); the
-    SFT and GRPO models answer through the chat template. Each model with the tokenizer saved with it."""
+def generate_samples(max_new_tokens, answer_tokens=64, seed=0, base_dir=OUTPUT_DIR, sft_dir=SFT_OUTPUT_DIR,
+                     grpo_dir=GRPO_OUTPUT_DIR):
+    """(samples, example answers). Samples: continuations of the same prompts by the base, SFT and GRPO models
+    (those that exist): greedy, and sampled at temperature 0.8 (top-k 50, fixed seed), since greedy decoding of a
+    small model loops. The base continues the plain text, and answers it as a user message through the chat template
+    too (it was mid-trained on chats); the SFT and GRPO models answer through the chat template. Each model with the
+    tokenizer saved with it. Example answers: example_answers() of the SFT and GRPO models, answer_tokens long."""
     from transformers import AutoModelForCausalLM
 
     # On a GPU the models sample there, as the evaluations that wrote eval.json generate (fp32 weights under the compute
@@ -93,6 +101,7 @@ def generate_samples(max_new_tokens, seed=0, base_dir=OUTPUT_DIR, sft_dir=SFT_OU
     runs = [("pretrained", base_dir, False), ("pretrained, chat template", base_dir, True),
             ("sft", Path(sft_dir) / "merged", True), ("grpo", grpo_dir, True)]
     samples, loaded = {}, None
+    answers = {"max_new_tokens": answer_tokens, "dtype": dtype_name(allow_fp16=True), "models": {}}
     for label, path, chat in runs:
         if not (Path(path) / "config.json").is_file():
             continue
@@ -101,7 +110,24 @@ def generate_samples(max_new_tokens, seed=0, base_dir=OUTPUT_DIR, sft_dir=SFT_OU
             model = AutoModelForCausalLM.from_pretrained(str(path)).to(dev).eval()  # fp32 weights
             engine, loaded = Engine(model, tok, dtype), path
         samples[label] = {prompt: prompt_samples(engine, prompt, chat, max_new_tokens, seed) for prompt in PROMPTS}
-    return samples
+        if label in ("sft", "grpo"):
+            answers["models"][label] = example_answers(Engine(model, tok, answers["dtype"]), answer_tokens)
+    return samples, answers
+
+
+def example_answers(engine, max_new_tokens):
+    """The greedy answer of engine's model to each of EXAMPLE_PROMPTS (the prompts users meet first: README, web UI,
+    inference scripts; all held out from training), through the chat template, one prompt at a time as a user
+    asks it, with the compute dtype the evaluations use: [{"prompt", "answer" (the exact one), "reply", "said" (the
+    number after 'The answer is' / '答案是', or None), "right"}]."""
+    out = []
+    for prompt in EXAMPLE_PROMPTS:
+        ids = prompt_token_ids(engine.tokenizer, [[{"role": "user", "content": prompt}]])
+        reply = engine.decode(engine.generate_batch(ids, max_new_tokens, GREEDY, batch_size=1)[0]).strip()
+        answer, said = arithmetic_answer(prompt), extract_answer(reply)
+        out.append({"prompt": prompt, "answer": answer, "reply": reply, "said": said,
+                    "right": said is not None and said == answer})
+    return out
 
 
 def prompt_samples(engine, prompt, chat, max_new_tokens, seed):
@@ -165,30 +191,139 @@ def eval_chart(path, results):
     return path.name
 
 
+SPLIT_NAMES = {"heldout": "held-out problems, trained wordings", "heldout_wordings": "held-out wordings",
+               "both": "both held-out splits"}
+
+
+def get(d, *keys):
+    """d[k1][k2]... or None where a level is missing."""
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def percent(x):
+    return f"{x:+.1%}" if isinstance(x, (int, float)) else "n/a"
+
+
 def stage_lessons(m):
-    """What each stage taught, on held-out problems: rows (metric, base, sft, grpo) read from the eval files."""
+    """What each stage taught, on held-out problems: rows (metric, base, sft, grpo) read from the eval files. Greedy
+    exact match per held-out split: base and SFT from SFT/eval.json, GRPO from RLHF/eval.json. Sampled exact match,
+    the sampled error rate and its relative reduction (95% paired-bootstrap interval), the reward-model score and
+    the KL to the SFT policy: SFT vs GRPO from RLHF/eval.json."""
     sft, grpo = m.get("sft") or {}, m.get("grpo") or {}
     rows = []
-
-    def get(d, *keys):
-        for k in keys:
-            d = d.get(k) if isinstance(d, dict) else None
-        return d
-
-    kinds = sorted(set(get(sft, "sft", "exact_match_by_kind") or {}) | set(get(grpo, "grpo", "exact_answer_by_kind") or {}))
-    rows.append(("exact match, all arithmetic", get(sft, "base", "exact_match"), get(sft, "sft", "exact_match"),
-                 get(grpo, "grpo", "exact_answer_accuracy")))
-    for kind in kinds:
-        rows.append((f"exact match, {kind}", get(sft, "base", "exact_match_by_kind", kind),
-                     get(sft, "sft", "exact_match_by_kind", kind), get(grpo, "grpo", "exact_answer_by_kind", kind)))
-    temperature = get(grpo, "sampling", "temperature")
-    rows.append((f"exact match, answers sampled at temperature {temperature}", None,
+    for split, key in (("heldout", "exact_match"), ("heldout_wordings", "exact_match_heldout_wordings")):
+        rows.append((f"exact match, {SPLIT_NAMES[split]} (greedy)", get(sft, "base", key), get(sft, "sft", key),
+                     get(grpo, "grpo", key)))
+    rows.append((f"exact match, {SPLIT_NAMES['both']} (greedy)", get(sft, "base", "arithmetic", "both", "exact_match"),
+                 get(sft, "sft", "arithmetic", "both", "exact_match"), get(grpo, "grpo", "exact_answer_accuracy")))
+    temperature, k = get(grpo, "sampling", "temperature"), get(grpo, "sampling", "samples_per_problem")
+    sampled = f"sampled at temperature {temperature}, {k} per problem"
+    for split in ("heldout", "heldout_wordings"):
+        rows.append((f"exact match, {SPLIT_NAMES[split]} ({sampled})", None, get(grpo, "sft", "sampled", split),
+                     get(grpo, "grpo", "sampled", split)))
+    rows.append((f"exact match, {SPLIT_NAMES['both']} ({sampled})", None,
                  get(grpo, "sft", "sampled_exact_answer_accuracy"), get(grpo, "grpo", "sampled_exact_answer_accuracy")))
+    cut = grpo.get("sampled_error_reduction") or {}
+    rows.append((f"error rate, {SPLIT_NAMES['both']} ({sampled})", None, cut.get("error_before"),
+                 cut.get("error_after")))
+    if cut.get("relative") is not None:
+        low, high = (cut.get("ci95") or [None, None])[:2]
+        rows.append(("sampled error rate: relative reduction SFT → GRPO (95% paired-bootstrap interval)", None, None,
+                     f"{percent(cut['relative'])} ({percent(low)} .. {percent(high)})"))
     rows.append((f"replies ending with {IM_END}", get(sft, "base", "ends_with_im_end"),
                  get(sft, "sft", "ends_with_im_end"), get(grpo, "grpo", "ends_with_im_end")))
     rows.append(("reward-model score", None, get(grpo, "sft", "reward_model_score"), get(grpo, "grpo", "reward_model_score")))
-    rows.append(("KL to the SFT policy (per token)", None, None, get(grpo, "kl_k1_per_token")))
+    for estimator in ("k1", "k3"):
+        kl = get(grpo, f"kl_{estimator}_per_token")
+        rows.append((f"KL to the SFT policy (per token, {estimator} estimate)", None, None,
+                     None if kl is None else f"{kl:.4f}"))
     return [r for r in rows if any(v is not None for v in r[1:])]
+
+
+def lessons_note(m):
+    """Which problems each column's greedy numbers count, and the SFT policy's greedy numbers on GRPO's problems (the
+    paired comparison), or [] when there is nothing to say."""
+    sft, grpo = m.get("sft") or {}, m.get("grpo") or {}
+    parts = []
+    if get(sft, "sft", "arithmetic", "heldout", "n"):
+        parts.append(f"base and SFT on SFT/eval.json's {sft['sft']['arithmetic']['heldout']['n']} problems per split")
+    if get(grpo, "grpo", "arithmetic", "heldout", "n"):
+        text = f"GRPO on RLHF/eval.json's {grpo['grpo']['arithmetic']['heldout']['n']} per split"
+        scores = [get(grpo, "sft", "arithmetic", split, "exact_match") for split in ("heldout", "heldout_wordings")]
+        if all(v is not None for v in scores):
+            text += (f", on which the SFT policy answered {fmt(scores[0])} ({SPLIT_NAMES['heldout']}) and "
+                     f"{fmt(scores[1])} ({SPLIT_NAMES['heldout_wordings']})")
+        parts.append(text)
+    return [f"Greedy exact match: {'; '.join(parts)}. Sampled numbers, the error-rate reduction (resampling the "
+            "problems, each problem's SFT and GRPO numbers together) and the KL: RLHF/eval.json.", ""] if parts else []
+
+
+def ordered_cells(*by_cells):
+    """The language x op x digits cells of the given {cell: accuracy} dicts, in LANGS x OPS x DIGITS order (others
+    after)."""
+    known = [f"{lang} {op} {digits}" for lang in LANGS for op in OPS for digits in DIGITS]
+    present = {c for by_cell in by_cells for c in by_cell}
+    return [c for c in known if c in present] + sorted(present - set(known))
+
+
+def cell_table(m):
+    """Exact match per language x op x digits cell, both held-out splits pooled: base and SFT (SFT/eval.json), GRPO
+    (RLHF/eval.json); each model's lowest cell in bold, and named below. [] when neither file has cells."""
+    models = [("base", get(m.get("sft"), "base", "arithmetic", "both", "by_cell")),
+              ("SFT", get(m.get("sft"), "sft", "arithmetic", "both", "by_cell")),
+              ("GRPO", get(m.get("grpo"), "grpo", "arithmetic", "both", "by_cell"))]
+    models = [(name, cells) for name, cells in models if cells]
+    if not models:
+        return []
+    lowest = {name: min(cells.values()) for name, cells in models}
+    n = max(get(m.get(key), model, "arithmetic", "both", "n") or 0 for key, model in (("sft", "sft"), ("grpo", "grpo")))
+    cells = ordered_cells(*(c for _, c in models))
+    lines = ["### Per cell (both held-out splits pooled, greedy)", "",
+             f"Exact match per language x operation x digits cell ({n} problems over {len(cells)} cells): "
+             "base and SFT from SFT/eval.json, GRPO from RLHF/eval.json. **Bold**: each model's lowest cell.", "",
+             "| cell | digits | " + " | ".join(name for name, _ in models) + " |", "|---|---|" + "---|" * len(models)]
+    for c in cells:
+        values = []
+        for name, by_cell in models:
+            v = by_cell.get(c)
+            values.append(f"**{fmt(v)}**" if v is not None and v == lowest[name] else fmt(v))
+        digits = DIGITS_NAMES.get(c.rsplit(" ", 1)[-1], "")
+        lines.append(f"| {c} | {digits} | " + " | ".join(values) + " |")
+    low = [f"{name} {', '.join(c for c in cells if by_cell.get(c) == lowest[name])} ({fmt(lowest[name])})"
+           for name, by_cell in models]
+    return lines + ["", "Lowest cell: " + "; ".join(low) + ".", ""]
+
+
+def examples_list(m):
+    """EXAMPLE_PROMPTS with the SFT and GRPO models' greedy answers of this run, each marked right or wrong."""
+    answers = m.get("example_answers") or {}
+    models = [(name, answers["models"][key]) for key, name in (("sft", "SFT"), ("grpo", "GRPO"))
+              if key in answers.get("models", {})]
+    if not models:
+        return []
+    lines = ["### The example prompts", "",
+             "The prompts users meet first (README, web UI, inference scripts), all held out from training, answered "
+             f"greedily through the chat template by this run's models ({answers.get('max_new_tokens')} new tokens at "
+             f"most, {answers.get('dtype')}); right when the number after \"The answer is\" / \"答案是\" is the "
+             "exact answer. " + ", ".join(f"{name} {sum(a['right'] for a in rows)}/{len(rows)} right"
+                                          for name, rows in models) + ".", ""]
+    for i, prompt in enumerate(EXAMPLE_PROMPTS):
+        rows = [(name, rows[i]) for name, rows in models if i < len(rows) and rows[i]["prompt"] == prompt]
+        if not rows:
+            continue
+        lines += [f"**{prompt}** (answer {rows[0][1]['answer']})", ""]
+        for name, a in rows:
+            verdict = ("✓ right" if a["right"] else
+                       "✗ wrong (no answer)" if a["said"] is None else f"✗ wrong (said {a['said']})")
+            lines.append(f"- {name}: {verdict}: {one_line(a['reply']) or '(blank reply)'}")
+        lines.append("")
+    return lines
+
+
+def one_line(text):
+    return text.replace("\n", " ⏎ ")
 
 
 def fmt(x, digits=3):
@@ -242,12 +377,18 @@ def make_plots(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of each sample generation")
-    ap.add_argument("--no-samples", action="store_true", help="skip loading models for sample generations")
+    ap.add_argument("--max-answer-tokens", type=positive_int,
+                    help="length of the greedy answers to the example prompts (default: the reply length of "
+                         "RLHF/eval.json's evaluation, else 64)")
+    ap.add_argument("--no-samples", action="store_true",
+                    help="skip loading models for sample generations and the example prompts' answers")
     args = ap.parse_args()
     REPORT_DIR.mkdir(exist_ok=True)
     metrics = collect()
     metrics["plots"] = make_plots(metrics["eval"])
-    metrics["samples"] = {} if args.no_samples else generate_samples(args.max_new_tokens)
+    answer_tokens = args.max_answer_tokens or get(metrics["grpo"], "max_new_tokens") or 64
+    metrics["samples"], metrics["example_answers"] = ({}, {}) if args.no_samples else generate_samples(
+        args.max_new_tokens, answer_tokens)
     atomic_write_json(REPORT_DIR / "metrics.json", metrics)
     atomic_write_bytes(REPORT_DIR / "report.md", render(metrics).encode("utf-8"))
     print(f"wrote {REPORT_DIR / 'report.md'} and metrics.json")
@@ -282,7 +423,8 @@ def lessons_section(m):
     if not lessons:
         return []
     return (["## What each stage taught (held-out problems)", "", "| metric | base | SFT | GRPO |", "|---|---|---|---|"]
-            + [f"| {name} | {fmt(b)} | {fmt(s)} | {fmt(g)} |" for name, b, s, g in lessons] + [""])
+            + [f"| {name.replace('|', chr(92) + '|')} | {fmt(b)} | {fmt(s)} | {fmt(g)} |" for name, b, s, g in lessons]
+            + [""] + lessons_note(m) + cell_table(m) + examples_list(m))
 
 
 def tokenizer_section(m):

@@ -88,7 +88,7 @@ BOTH_DTYPES = pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 
 
 # The test files whose tests read the smoke pipeline's outputs (the smoke_repo fixture below).
-SMOKE_REPO_FILES = {"test_eval.py", "test_pipeline.py", "test_webui.py"}
+SMOKE_REPO_FILES = {"test_eval.py", "test_pipeline.py", "test_user_snippet.py", "test_webui.py"}
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -7,7 +7,17 @@ import math
 import subprocess
 import types
 
-from llm_train.arithmetic import arithmetic_split, arithmetic_tasks, extract_answer
+from llm_train.arithmetic import (
+    DIGITS,
+    LANGS,
+    OPS,
+    arithmetic_answer,
+    arithmetic_split,
+    arithmetic_tasks,
+    cell,
+    evaluation_tasks,
+    extract_answer,
+)
 from llm_train.chunks import chunk_rows
 from llm_train.engine import generate_completions
 from llm_train.gpt import GPT
@@ -19,7 +29,7 @@ import pytest
 
 from conftest import PY, REPO, checkout_env, load_script
 
-ARITH = {"en": "llm_train_arith_en", "zh": "llm_train_arith_zh"}
+ARITH = {"heldout": "llm_train_arith", "heldout_wordings": "llm_train_arith_heldout_wordings"}  # split: task
 
 
 def read(path):
@@ -76,12 +86,14 @@ def test_bits_per_byte_equals_the_pretraining_stage_val_bpb(smoke_repo, tmp_path
 
 
 def lm_eval_replies(root, model, items):
-    """{prompt: reply} of the lm-eval samples of `model` for the arithmetic `items`, after checking that they are
-    the first documents of the tasks and were prompted through the chat template."""
+    """{prompt: reply} of the lm-eval samples of `model` for the arithmetic `items` (evaluation_tasks: both held-out
+    splits), after checking that each split's items are the first documents of its task, were prompted through the
+    chat template and scored by the answer rule."""
     rows = samples(root, model)
     replies = {}
-    for lang, task in ARITH.items():
-        mine = [t for t in items if t["lang"] == lang]
+    for split, task in ARITH.items():
+        mine = [t for t in items if t["split"] == split]
+        assert mine
         done = [r for r in rows if r["task"] == task][:len(mine)]
         assert [r["prompt"] for r in done] == [
             render_messages([{"role": "user", "content": t["prompt"]}], add_generation_prompt=True) for t in mine]
@@ -91,19 +103,39 @@ def lm_eval_replies(root, model, items):
     return replies
 
 
-def by_kind(items, replies):
-    """Exact match per operation and language ('add_en', ...), as SFT/eval.json and RLHF/eval.json count it."""
-    kinds = {}
+def scores(items, replies):
+    """Exact match per held-out split and per language x op x digits cell ({split or 'both': {"exact_match", "n",
+    "by_cell"}}), counted here from the replies, the way SFT/eval.json and RLHF/eval.json report it."""
+    by_split = {}
     for t in items:
-        kinds.setdefault(f"{t['op']}_{t['lang']}", []).append(extract_answer(replies[t["prompt"]]) == t["answer"])
-    return {k: round(sum(v) / len(v), 4) for k, v in sorted(kinds.items())}
+        right = float(extract_answer(replies[t["prompt"]]) == t["answer"])
+        for split in (t["split"], "both"):
+            by_split.setdefault(split, {}).setdefault(cell(t), []).append(right)
+    out = {}
+    for split, cells in by_split.items():
+        flat = [r for rights in cells.values() for r in rights]
+        out[split] = {"exact_match": round(sum(flat) / len(flat), 4), "n": len(flat),
+                      "by_cell": {c: round(sum(v) / len(v), 4) for c, v in sorted(cells.items())}}
+    return out
+
+
+def check_breakdown(items, replies, stage_metrics, headline):
+    """stage_metrics (one model's part of SFT/eval.json or RLHF/eval.json) holds the per-split and per-cell exact
+    match of these replies: its "arithmetic" breakdown, its per-split numbers and its headline (both splits)."""
+    ours = scores(items, replies)
+    assert set(ours) == {"heldout", "heldout_wordings", "both"} and ours == stage_metrics["arithmetic"]
+    assert stage_metrics["exact_match"] == ours["heldout"]["exact_match"]
+    assert stage_metrics["exact_match_heldout_wordings"] == ours["heldout_wordings"]["exact_match"]
+    if headline:
+        assert stage_metrics[headline] == ours["both"]["exact_match"]
 
 
 def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(smoke_repo):
     """The SFT stage's own generate() (base and SFT, as in SFT/eval.json) and the RLHF stage's own
-    generate_completions() (SFT policy and GRPO, as in RLHF/eval.json) replay their greedy replies on the held-out
-    items; lm-eval's replies to the same items, with the same number of new tokens, are the same strings, so the
-    exact match per kind is the same too."""
+    generate_completions() (SFT policy and GRPO, as in RLHF/eval.json) replay their greedy replies on the items of
+    both held-out splits; lm-eval's replies to the same items (llm_train_arith, llm_train_arith_heldout_wordings),
+    with the same number of new tokens, are the same strings, so the exact match per split and per language x op x
+    digits cell is the same too."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -112,8 +144,10 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
     settings = read(root / "Eval" / "results.json")["settings"]
     sft_eval, rlhf_eval = read(root / "SFT" / "eval.json"), read(root / "RLHF" / "eval.json")
     assert settings["max_new_tokens"] == rlhf_eval["max_new_tokens"]  # and SFT's --max-new-tokens (Makefile)
-    items = arithmetic_tasks(sft_eval["n_heldout_tasks"], "heldout", seed=0)
-    assert rlhf_eval["arithmetic_prompts"] == len(items)  # RLHF evaluates the same first held-out problems
+    items = evaluation_tasks(sft_eval["n_heldout_tasks"], seed=0)  # SFT's: n of each held-out split
+    rl_items = evaluation_tasks(rlhf_eval["arithmetic_prompts"] // 2, seed=0)  # RLHF's: the first ones of each
+    assert {t["split"] for t in rl_items} == {"heldout", "heldout_wordings"}
+    assert all(t in items for t in rl_items)  # lm-eval (--limit 8) has answered them all
 
     sft_stage = load_script("SFT/qlora_fine_tune_trl.py")
     tokenizer = load_chat_tokenizer(root / "output")
@@ -125,14 +159,14 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
     stage["sft"] = sft_stage.generate(model, tokenizer, conversations, settings["max_new_tokens"])
     for name in ("base", "sft"):
         replies = {t["prompt"]: text for t, (text, _) in zip(items, stage[name])}
-        assert by_kind(items, replies) == sft_eval[name]["exact_match_by_kind"]  # the replay is SFT/eval.json's
+        check_breakdown(items, replies, sft_eval[name], None)  # the replay is SFT/eval.json's
         assert [replies[e["prompt"]] for e in sft_eval[name]["examples"] if "answer" in e] == \
             [e["reply"] for e in sft_eval[name]["examples"] if "answer" in e]
         ours = lm_eval_replies(root, name, items)
         assert {p: r.strip() for p, r in ours.items()} == replies
-        assert by_kind(items, ours) == sft_eval[name]["exact_match_by_kind"]
+        check_breakdown(items, ours, sft_eval[name], None)
 
-    messages = [[{"role": "user", "content": t["prompt"]}] for t in items]
+    messages = [[{"role": "user", "content": t["prompt"]}] for t in rl_items]
     for name, path in (("sft", root / "SFT" / "sft_output"), ("grpo", root / "RLHF" / "grpo_output")):
         if name == "sft":
             policy, tok = load_policy(path, root / "output")
@@ -142,10 +176,12 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
             policy.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END),
                                                      tok.convert_tokens_to_ids(EOT)]
         _, texts = generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"], do_sample=False,
-                                             dtype=dtype_name(allow_fp16=True))  # as grpo_trl.py evaluates
-        replies = dict(zip((t["prompt"] for t in items), texts))
-        assert by_kind(items, replies) == {k: round(v, 4) for k, v in rlhf_eval[name]["exact_answer_by_kind"].items()}
-        assert lm_eval_replies(root, name, items) == replies
+                                        batch_size=64, dtype=dtype_name(allow_fp16=True))  # as grpo_trl.py evaluates
+        replies = dict(zip((t["prompt"] for t in rl_items), texts))
+        check_breakdown(rl_items, replies, rlhf_eval[name], "exact_answer_accuracy")
+        ours = lm_eval_replies(root, name, rl_items)
+        assert ours == replies
+        check_breakdown(rl_items, ours, rlhf_eval[name], "exact_answer_accuracy")
 
 
 def test_make_eval_scored_every_model_on_every_offline_task(smoke_repo):
@@ -177,23 +213,37 @@ def test_make_eval_scored_every_model_on_every_offline_task(smoke_repo):
 
 
 def test_offline_task_data_and_scoring():
-    """The arithmetic tasks score a reference worked answer 1 and a near miss 0 on held-out problems only; each
-    multiple-choice item's right choice is the line that follows its context in a held-out document."""
+    """One arithmetic task per held-out split, each the 400 problems of that split that evaluation_tasks gives
+    (those SFT/eval.json and RLHF/eval.json count first), every language x op x digits cell well represented; a
+    reference worked answer scores 1 and a near miss 0. Each multiple-choice item's right choice is the line that
+    follows its context in a held-out document."""
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(REPO / "Eval" / "tasks"), include_defaults=False)
     tasks = manager.load(["llm_train"])["tasks"]
-    for lang, name in ARITH.items():
+    assert not any(name.startswith("llm_train_arith") and name not in ARITH.values() for name in tasks)
+    cells = {f"{lang} {op} {digits}" for lang in LANGS for op in OPS for digits in DIGITS}
+    prompts = {}
+    for split, name in ARITH.items():
         docs = list(tasks[name].eval_docs)
-        assert len(docs) > 80 and all(arithmetic_split(d["prompt"]) == "heldout" for d in docs)
-        assert docs == [{k: t[k] for k in ("prompt", "answer", "op", "response")}
-                        for t in arithmetic_tasks(200, "heldout", seed=0) if t["lang"] == lang]
+        assert len(docs) == 400 and {d["split"] for d in docs} == {split}
+        assert [d["prompt"] for d in docs] == [t["prompt"] for t in arithmetic_tasks(400, split, seed=0)]
+        assert docs == [{**{k: t[k] for k in ("prompt", "answer", "split", "lang", "op", "digits", "response")},
+                         "cell": cell(t)} for t in evaluation_tasks(400, seed=0) if t["split"] == split]
+        assert all(arithmetic_answer(d["prompt"]) == d["answer"] for d in docs)  # the answers are the prompts'
+        if split == "heldout":  # held-out problems in the trained wordings
+            assert all(arithmetic_split(d["prompt"]) == "heldout" for d in docs)
+        counts = {c: sum(d["cell"] == c for d in docs) for c in cells}
+        assert set(d["cell"] for d in docs) == cells and min(counts.values()) >= 15, counts
+        prompts[split] = {d["prompt"] for d in docs}
         for doc in docs:
             answer = str(doc["answer"])
             cut = doc["response"].rfind(answer)
             near = doc["response"][:cut] + str(doc["answer"] + 1) + doc["response"][cut + len(answer):]
             assert tasks[name].process_results(doc, [doc["response"]]) == {"exact_match": 1}
             assert tasks[name].process_results(doc, [near]) == {"exact_match": 0}
+
+    assert not prompts["heldout"] & prompts["heldout_wordings"]
 
     utils = load_script("Eval/tasks/utils.py")
     held = {lang: "".join(utils.heldout_documents(lang)) for lang in ("en", "zh", "code")}

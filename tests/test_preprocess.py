@@ -4,7 +4,7 @@ Runs the script as a user would, on small text in tmp_path, with conftest's 600-
 import gzip
 import json
 
-from llm_train.arithmetic import arithmetic_split
+from llm_train.arithmetic import problem_split
 from llm_train.lineage import read_lineage
 from llm_train.tokenizer import EOT, IM_END, IM_START, tokenizer_fingerprint
 
@@ -344,10 +344,11 @@ def test_bad_numbers_are_usage_errors(tiny_tokenizer_dir, tmp_path, flag):
     assert not (tmp_path / "c").exists()
 
 
-def test_midtrain_chats_start_their_rows_with_real_chat_tokens_and_no_heldout_problems(corpus, tiny_tokenizer_dir,
-                                                                                      tmp_path):
+def test_midtrain_chats_are_packed_whole_into_rows_with_real_chat_tokens_and_no_heldout_problems(
+        corpus, tiny_tokenizer_dir, tmp_path):
     """The generated mid-training chats use the real <|im_start|>/<|im_end|> ids (a plain-text source never does),
-    each starts a row of its own, filled up with text; every arithmetic problem in them is from the training split."""
+    a row starts with a chat and holds as many whole chats as fit (a chat is never split between rows), filled up
+    with text; every arithmetic problem in them is from the training split and in a trained wording."""
     out = tmp_path / "chunks"
     run(tiny_tokenizer_dir, out, "--sources", "midtrain:1", corpus[0] / "docs.jsonl.gz:2", "--max-tokens", 40000,
         "--num-proc", "2", "--context-length", 255)
@@ -356,17 +357,20 @@ def test_midtrain_chats_start_their_rows_with_real_chat_tokens_and_no_heldout_pr
     im_start, im_end, eot = (tok.token_to_id(t) for t in (IM_START, IM_END, EOT))
     rows = read_split(out, manifest, "train") + read_split(out, manifest, "val")
     chat_rows = [row for row in rows if row[0] == im_start]
-    midtrain = next(s for s in manifest["sources"] if s["name"] == "midtrain")
-    # (a batch of documents whose text runs out packs its last chats into the stream: rare, at the end)
-    assert 0.95 * (midtrain["documents"]["train"] + midtrain["documents"]["val"]) <= len(chat_rows) > 20
+    assert len(chat_rows) > 20
+    chats, fill = [], 0
     for row in chat_rows:
-        assert eot not in row or im_start not in row[row.index(eot):]  # the rest of a chat's row is text
-    whole = [row[:row.index(eot)] for row in chat_rows if eot in row]
-    assert len(whole) > 0.8 * len(chat_rows) and all(chat.count(im_end) == chat.count(im_start) for chat in whole)
-    assert sum(len(row) - len(chat) - 1 for row, chat in zip(chat_rows, whole)) > 20 * len(whole)  # text filled in
-    chats = [tok.decode(chat, skip_special_tokens=False) for chat in whole]
+        cuts = [i for i, t in enumerate(row) if t == eot]
+        segments = [row[i + 1:j] for i, j in zip([-1] + cuts, cuts)]
+        fill += len(row) - (cuts[-1] + 1 if cuts else 0)
+        for seg in segments:
+            if seg and seg[0] == im_start:
+                assert seg.count(im_end) == seg.count(im_start)  # whole: never cut at the row's end
+                chats.append(tok.decode(seg, skip_special_tokens=False))
+    assert len(chats) > 2 * len(chat_rows)  # several chats per row of 256 tokens
+    assert fill > 0
     problems = [d.split("\n", 1)[1].split(IM_END)[0] for d in chats if "answer is" in d or "答案是" in d]
-    assert len(problems) > 10 and all(arithmetic_split(p) == "train" for p in problems)
+    assert len(problems) > 10 and all(problem_split(p) == "train" for p in problems)
     # without a budget the endless source is refused before any work
     err = bad_run(tiny_tokenizer_dir, tmp_path / "c2", "--sources", "midtrain")
     assert "--max-tokens" in err

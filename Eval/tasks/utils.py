@@ -1,15 +1,16 @@
 """Data and scoring of the offline lm-eval tasks in this folder; the task YAMLs name these functions (`!function`).
 
 Every dataset is built in memory, at task load time, from what the repo already holds: the held-out corpus files
-data/default_corpus/heldout_{en,zh,code}.jsonl.gz (never trained on, by the tokenizer or pretraining), the held-out
-arithmetic problems of llm_train/arithmetic.py, and (llm_train_bpb_pretrain_val only) the val split of pretrain_data_chunks/.
+data/default_corpus/heldout_{en,zh,code}.jsonl.gz (never trained on, by the tokenizer or pretraining), the problems
+of both held-out arithmetic splits of llm_train/arithmetic.py, and (llm_train_bpb_pretrain_val only) the val split of
+pretrain_data_chunks/.
 Nothing is downloaded and nothing is written.
 """
 import json
 import random
 from pathlib import Path
 
-from llm_train.arithmetic import arithmetic_tasks, extract_answer
+from llm_train.arithmetic import cell, evaluation_tasks, extract_answer
 from llm_train.chunks import check_format, chunk_rows
 from llm_train.corpus import read_jsonl_gz
 from llm_train.errors import UserError
@@ -17,7 +18,11 @@ from llm_train.paths import CHUNKS_DIR, DATA_DIR, TOKENIZER_DIR
 from llm_train.tokenizer import tokenizer_fingerprint
 
 PASSAGE_CHARS = 2000  # bits-per-byte documents: the held-out files cut at line ends, so --limit N means N passages
-ARITH_PROBLEMS = 200  # held-out problems with seed 0: SFT/eval.json's (--eval-tasks 64, --seed 0) are their prefix
+# Problems per held-out split: evaluation_tasks(ARITH_PROBLEMS, seed=0)'s. The problems of SFT/eval.json (--eval-tasks
+# N per split) and RLHF/eval.json (--eval-arithmetic M, M/2 per split), both at --seed 0, are the first ones of the
+# same streams: on the items they share, the replies and scores agree (tests/test_eval.py).
+ARITH_PROBLEMS = 400
+ARITH_FIELDS = ("prompt", "answer", "split", "lang", "op", "digits", "response")
 CONTINUATIONS = 100  # multiple-choice items per language
 CONTEXT_CHARS = {"en": 300, "zh": 100, "code": 300}  # text before the line to continue: ~300 bytes, ~100 tokens
 
@@ -77,10 +82,12 @@ def pretrain_val_text(chunks_dir=None, tokenizer_dir=None, **_):
     return _test_split([{"text": tokenizer.decode(d.tolist(), skip_special_tokens=False)} for d in docs if len(d)])
 
 
-def arithmetic(lang, **_):
-    """custom_dataset of llm_train_arith_{en,zh}: the held-out problems of one language, in stream order."""
-    return _test_split([{k: t[k] for k in ("prompt", "answer", "op", "response")}
-                        for t in arithmetic_tasks(ARITH_PROBLEMS, "heldout", seed=0) if t["lang"] == lang])
+def arithmetic(split, **_):
+    """custom_dataset of llm_train_arith (split heldout: held-out problems in the trained wordings) and
+    llm_train_arith_heldout_wordings (split heldout_wordings: wordings no training stage sees): that split's
+    ARITH_PROBLEMS problems of evaluation_tasks, in stream order, each with its language x op x digits cell."""
+    return _test_split([{**{k: t[k] for k in ARITH_FIELDS}, "cell": cell(t)}
+                        for t in evaluation_tasks(ARITH_PROBLEMS, seed=0) if t["split"] == split])
 
 
 def arithmetic_exact_match(doc, results):
