@@ -21,7 +21,9 @@ Offline tasks (tag llm_train; Eval/tasks/*.yaml, their data and scoring in Eval/
                                 arithmetic problems (English and Chinese, + and -, 0-99) in the wordings training uses
   llm_train_arith_heldout_wordings  the same for 400 problems in wordings no training stage sees
                                 Both: the items, answer rule and stop tokens of SFT/eval.json and RLHF/eval.json
-                                (--max-new-tokens = their reply length), so their numbers and these agree
+                                (--max-new-tokens = their reply length), so their numbers and these agree: reply for
+                                reply in fp32; under bf16 autocast the batches' makeup changes ~2% of the greedy
+                                replies (~1 point of exact match, the CPU model)
   llm_train_continuation        multiple choice: the true next line of a held-out passage among three lines of other
                                 documents (acc, acc_norm; chance 0.25)
   llm_train_bpb_pretrain_val    (by name only) bits per byte of pretrain_data_chunks/'s val split: the text whose

@@ -54,6 +54,67 @@ def test_report_numbers_come_from_the_stage_outputs(smoke_repo):
     check_cells(report, {"base": metrics["sft"]["base"], "SFT": metrics["sft"]["sft"], "GRPO": metrics["grpo"]["grpo"]})
 
 
+def test_second_run_skips_every_stage(smoke_repo):
+    root, _ = smoke_repo
+    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, env=checkout_env(root), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "== stage" not in proc.stdout, proc.stdout
+
+
+def test_replacing_an_upstream_output_is_refused_or_detected(smoke_repo, tmp_path):
+    """After `make all`: the README's tokenizer command would replace tokenizer/ under everything built on it, so it
+    stops and names what would go stale; a base model replaced with --force makes the SFT adapter's loaders stop."""
+    # on a copy: other tests (web UI, eval) share the session's smoke run
+    root = tmp_path / "llm_train"
+    shutil.copytree(smoke_repo[0], root, symlinks=True)
+    py = str(root / ".venv" / "bin" / "python")
+    before = (root / "tokenizer" / "tokenizer.json").read_bytes()
+    proc = subprocess.run([py, "train_byte_level_bpe_tokenizer.py"], cwd=root / "PreTrain",
+                          env=checkout_env(root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--force" in proc.stderr, proc.stderr
+    # names what would go stale, or (another tokenizer's settings) refuses to replace the one that is there
+    assert ("pretrain_data_chunks" in proc.stderr and "output" in proc.stderr) or "already holds" in proc.stderr
+    assert (root / "tokenizer" / "tokenizer.json").read_bytes() == before
+
+    # a new base over the one SFT was trained on: needs --force, and then the adapter no longer loads on it
+    pretrain = [py, "PreTrain/model.py", "--preset", "smoke", "--context-length", "128", "--max-steps", "3",
+                "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-file", str(tmp_path / "log")]
+    proc = subprocess.run(pretrain, cwd=root, env=checkout_env(root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "SFT/sft_output" in proc.stderr and "--force" in proc.stderr, proc.stderr
+    proc = subprocess.run(pretrain + ["--force"], cwd=root, env=checkout_env(root), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([py, "SFT/inference.py", "--prompt", "hi", "--max-new-tokens", "4"], cwd=root, env=checkout_env(root),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "sft_output" in proc.stderr and "output" in proc.stderr and "qlora_fine_tune_trl.py" in proc.stderr
+
+
+def retrain_tokenizer(root, other_tokenizer_dir):
+    """Make root/tokenizer/ look retrained after the models: another tokenizer.json, with its own report.json."""
+    shutil.copy(other_tokenizer_dir / "tokenizer.json", root / "tokenizer" / "tokenizer.json")
+    report = read(root / "tokenizer" / "report.json")
+    report.update(vocab_size=600, fingerprint=tokenizer_fingerprint(root / "tokenizer"))
+    (root / "tokenizer" / "report.json").write_text(json.dumps(report))
+
+
+def test_a_retrained_tokenizer_is_not_reported_as_the_models(smoke_repo, tmp_path, tiny_tokenizer_dir):
+    """The report card used to show tokenizer/'s vocabulary beside models trained on another tokenizer."""
+    root = tmp_path / "llm_train"
+    shutil.copytree(smoke_repo[0], root, symlinks=True)
+    models_vocab = read(root / "tokenizer" / "report.json")["vocab_size"]
+    retrain_tokenizer(root, tiny_tokenizer_dir)
+    proc = subprocess.run([str(root / ".venv" / "bin" / "python"), "report/build_report.py", "--no-samples"],
+                          cwd=root, env=checkout_env(root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (root / "report" / "report.md").read_text(encoding="utf-8")
+    section = report.split("## Tokenizer")[1].split("##")[0]
+    assert "holds another tokenizer (vocabulary 600)" in section and "Vocabulary 600" not in section
+    assert f"vocabulary {models_vocab:,}, the copy saved in output/" in section
+    metrics = read(root / "report" / "metrics.json")
+    assert metrics["tokenizer"] is None and "another tokenizer" in metrics["tokenizer_mismatch"]
+
+
 def f3(x):
     return f"{x:.3f}"
 
@@ -80,7 +141,8 @@ def check_lessons(report, sft, rl):
     assert rows[f"exact match, {both} (greedy)"] == [f3(sft["base"]["arithmetic"]["both"]["exact_match"]),
                                                     f3(sft["sft"]["arithmetic"]["both"]["exact_match"]),
                                                     f3(rl["grpo"]["exact_answer_accuracy"])]
-    sampled = f"sampled at temperature {rl['sampling']['temperature']}, {rl['sampling']['samples_per_problem']} per problem"
+    sampling = rl["sampling"]
+    sampled = f"sampled at temperature {sampling['temperature']}, {sampling['samples_per_problem']} per problem"
     for split, label in (("heldout", trained), ("heldout_wordings", wordings)):
         assert rows[f"exact match, {label} ({sampled})"] == [
             "n/a", f3(rl["sft"]["sampled"][split]), f3(rl["grpo"]["sampled"][split])]
@@ -91,9 +153,11 @@ def check_lessons(report, sft, rl):
     low, high = cut["ci95"]
     assert rows["sampled error rate: relative reduction SFT → GRPO (95% paired-bootstrap interval)"] == [
         "n/a", "n/a", f"{cut['relative']:+.1%} ({low:+.1%} .. {high:+.1%})"]
-    assert rows["reward-model score"] == ["n/a", f3(rl["sft"]["reward_model_score"]), f3(rl["grpo"]["reward_model_score"])]
+    assert rows["reward-model score"] == [
+        "n/a", f3(rl["sft"]["reward_model_score"]), f3(rl["grpo"]["reward_model_score"])]
     for k in ("k1", "k3"):
-        assert rows[f"KL to the SFT policy (per token, {k} estimate)"] == ["n/a", "n/a", f"{rl[f'kl_{k}_per_token']:.4f}"]
+        kl = rl[f"kl_{k}_per_token"]
+        assert rows[f"KL to the SFT policy (per token, {k} estimate)"] == ["n/a", "n/a", f"{kl:.4f}"]
     # GRPO's greedy numbers count RLHF/eval.json's problems: the note gives the SFT policy's on the same ones
     assert (f"GRPO on RLHF/eval.json's {rl['grpo']['arithmetic']['heldout']['n']} per split, on which the SFT policy "
             f"answered {f3(rl['sft']['exact_match'])} ({trained}) and {f3(rl['sft']['exact_match_heldout_wordings'])}"
@@ -200,7 +264,8 @@ def test_report_card_tables_from_made_up_eval_files():
     assert "| sampled error rate: relative reduction SFT → GRPO (95% paired-bootstrap interval) | n/a | n/a | " \
            "+12.3% (-4.6% .. +27.9%) |" in report
     assert EXAMPLE_PROMPTS[0] == "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
-    assert "- SFT: ✓ right: reply 0 ⏎ line 2" in report and "- GRPO: ✗ wrong (said 53): reply 1 ⏎ line 2" in report
+    assert "- SFT: ✓ right: reply 0 ⏎ line 2" in report
+    assert "- GRPO: ✗ wrong (said 53): reply 1 ⏎ line 2" in report
     assert "- SFT: ✗ wrong (no answer): reply 2 ⏎ line 2" in report
     right = sum(said.get(i % 3) == arithmetic_answer(p) for i, p in enumerate(EXAMPLE_PROMPTS))
     assert f"SFT {right}/7 right, GRPO {right}/7 right." in report

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from llm_train import paths
-from llm_train.arithmetic import arithmetic_tasks
+from llm_train.arithmetic import arithmetic_tasks, evaluation_tasks
 from llm_train.errors import UserError
 from llm_train.lineage import output_fingerprint, read_lineage, write_lineage
 from llm_train.paths import REPO
@@ -143,10 +143,11 @@ def test_clean_ending_metric(tiny_model_dir, stop, clean):
         model.transformer.ln_f.bias[0] = 1.0
         model.lm_head.weight.zero_()
         model.lm_head.weight[tokenizer.convert_tokens_to_ids(stop), 0] = 10.0
-    tasks = arithmetic_tasks(3, "heldout")
+    tasks = evaluation_tasks(2)  # 2 problems of each held-out split
     metrics = sft.measure(model, tokenizer, [MULTI_TURN], tasks, [MULTI_TURN[:2]], max_new_tokens=4)
     assert metrics["ends_with_im_end"] == clean and metrics["exact_match"] == 0.0
-    assert [e["reply"] for e in metrics["examples"]] == [""] * 4
+    assert metrics["exact_match_heldout_wordings"] == 0.0 and metrics["arithmetic"]["both"]["n"] == 4
+    assert [e["reply"] for e in metrics["examples"]] == [""] * 5
 
 
 def logits(model, ids):

@@ -18,9 +18,10 @@ def test_the_cpu_default_has_room_for_max_length_200():
 
 
 def test_the_readme_snippet_runs_verbatim_on_the_outputs(smoke_repo):
+    root, _ = smoke_repo
     snippet = readme_snippet()
     assert "./output" in snippet and "./SFT/sft_output" in snippet and "temperature=0.7" in snippet
-    proc = subprocess.run([str(PY), "-c", snippet], cwd=smoke_repo, env=checkout_env(smoke_repo), capture_output=True,
+    proc = subprocess.run([str(PY), "-c", snippet], cwd=root, env=checkout_env(root), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() and "Traceback" not in proc.stderr
