@@ -93,7 +93,7 @@ PRESETS = {
     # seconds: the same code paths
     "smoke": dict(rm_weight=1.0, exact_weight=1.0, num_prompts=8, epochs=1.0, num_generations=4, batch_size=8,
                   warmup_steps=0, max_completion_length=12, temperature=1.0, lr=2e-4, lora_r=16, save_steps=10,
-                  num_iterations=2, chat_fraction=0.25,
+                  num_iterations=1, chat_fraction=0.25,
                   eval_arithmetic=8, eval_conversation=4, eval_every=0),
 }
 SAMPLES = 4  # sampled answers per held-out problem in eval.json: the primary measure of GRPO

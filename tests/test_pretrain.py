@@ -896,11 +896,11 @@ def test_any_gpu_count_plans_the_makefile_batch(model_module):
 
 
 def test_three_ranks_with_a_batch_that_did_not_split(tiny_tokenizer_dir, chunks_dir, tmp_path):
-    """torchrun with 3 CPU ranks at the smoke preset (tiny model): its 32-row global batch (1,024 tokens at context
+    """torchrun with 3 CPU ranks at the smoke preset (tiny model): a 32-row global batch (1,024 tokens at context
     32) has no split over 3 ranks, which stopped the run; it now trains the nearest that splits, 30 rows = 2 micro
     batches of 5 rows per rank, and the log says so in one line."""
     flags = ["--preset", "smoke", "--n-layer", 2, "--n-embd", 32, "--n-head", 2, "--context-length", CTX,
-             "--max-steps", 2, "--eval-rows", 6, "--log-interval", 1]
+             "--global-batch-tokens", 32 * CTX, "--max-steps", 2, "--eval-rows", 6, "--log-interval", 1]
     launch("torchrun", 3, [*flags, *dirs(tmp_path, tiny_tokenizer_dir, chunks_dir)],
            env={"OMP_NUM_THREADS": "1", **FP32})
     s = summary(tmp_path / "output")
