@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,14 +66,49 @@ def setup_distributed(local_rank_flag=-1, ds_config=None):
         if not ds_config.is_file():
             raise UserError(f"DeepSpeed config {ds_config} not found (PreTrain/ ships ds_config.json: ZeRO-2, "
                             "ds_config_zero3.json: ZeRO-3, ds_config_offload.json: ZeRO-2 with CPU offload)")
+        remove_stale_extension_build_locks()
         with quiet_stdout():
             import deepspeed
 
             deepspeed.init_distributed()
         dist.rank, dist.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if not use_cuda:
+            unlink_deepspeed_shm(dist.rank)
     elif dist.distributed:
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return dist
+
+
+# DeepSpeed's CPU ops (the shm all-reduce, CPU Adam) compile in about a minute on 2 cores; a lock this old is a leftover.
+STALE_LOCK_SECONDS = 600
+
+
+def remove_stale_extension_build_locks():
+    """Every load of a DeepSpeed CPU op takes torch's build lock, ~/.cache/torch_extensions/<py>/<op>/lock, and waits
+    for it forever: a run killed while compiling leaves it behind and every later run hangs at start-up. Remove locks
+    older than any build takes."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    for lock in Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()).glob("**/lock"):
+        with contextlib.suppress(FileNotFoundError):  # another rank removed it first
+            if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+                lock.unlink()
+                print(f"removed {lock}: a stale build lock (left by a run killed while compiling)", file=sys.stderr)
+
+
+def deepspeed_shm_path(rank, port=None):
+    """The /dev/shm file through which DeepSpeed's CPU all-reduce shares this rank's buffer (named as its shm.cpp does)."""
+    port = port or os.environ.get("MASTER_PORT")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{port}_{rank}"
+
+
+def unlink_deepspeed_shm(rank):
+    """DeepSpeed never unlinks its CPU all-reduce buffers: each run would leave 69 MB per rank in /dev/shm, which is
+    RAM, until the machine restarts (19 GB of them were found here). Once every rank has mapped every buffer, which
+    init_distributed waits for, the names can go: the mappings stay valid and the memory is freed when the ranks
+    exit, even killed."""
+    torch.distributed.barrier()
+    deepspeed_shm_path(rank).unlink(missing_ok=True)
 
 
 def all_reduce_mean(t, dist):

@@ -22,11 +22,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP threads sleep instead of spinning on shared CPUs
 
 
+def run_group(cmd, timeout, **kwargs):
+    """subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, ...) in a process group of its own that is
+    killed whole if the test ends early (timeout, failure): a launcher's ranks never outlive the test, holding RAM,
+    ports or a compiler lock."""
+    import signal
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def run_script(relpath, *args, cwd=REPO, timeout=600, env=None, check=True):
     """Run a stage script as a user would; returns the CompletedProcess (stdout+stderr captured as text)."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([PY, str(REPO / relpath), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    proc = run_group([PY, str(REPO / relpath), *map(str, args)], cwd=cwd, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{relpath} {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -129,7 +144,6 @@ def smoke_repo(tmp_path_factory):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, root / rel)  # keeps mtimes: .venv/.installed stays newer than requirements.txt
     os.symlink(REPO / ".venv", root / ".venv")
-    proc = subprocess.run(["make", "all", "SCALE=smoke"], cwd=root, capture_output=True, text=True, timeout=900,
-                          env=checkout_env(root))
+    proc = run_group(["make", "all", "SCALE=smoke"], cwd=root, timeout=900, env=checkout_env(root))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return root, proc.stdout

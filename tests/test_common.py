@@ -128,3 +128,23 @@ def test_stage_protocol_noop_refuse_writable_and_output_with_lineage(tmp_path, c
     with pytest.raises(UserError, match="--force"):
         stage.prepare()
     Stage("sft", "SFT model", out, {"lr": 1.0}, force=True, parents={"base": parent}).prepare()
+
+
+def test_stale_extension_build_locks_are_removed_and_live_ones_kept(tmp_path, monkeypatch, capsys):
+    """A build lock left by a run killed while compiling a DeepSpeed CPU op would hang every later run: one older
+    than any build goes, one a build holds now stays."""
+    import os
+    import time
+
+    from llm_train.distributed import STALE_LOCK_SECONDS, remove_stale_extension_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "py311_cpu" / "cpu_adam" / "lock", tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    past = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(stale, (past, past))
+    remove_stale_extension_build_locks()
+    assert not stale.exists() and live.exists()
+    assert str(stale) in capsys.readouterr().err

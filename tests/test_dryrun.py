@@ -4,11 +4,10 @@ tokenizer -> chunks at context 1024 -> gpt2-100m under DeepSpeed ZeRO-2 on 2 CPU
 import json
 import os
 import re
-import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_group
 
 TINY = {"VOCAB": "2000", "TOKENIZER_EXTRA": "--max-chars 1e6", "CHUNK_TOKENS": "2e5",
         "PRETRAIN_EXTRA": "--n-layer 2 --n-embd 64 --n-head 2", "SFT_EXTRA": "--arith-tasks 50", "RM_EVAL_PAIRS": "4"}
@@ -18,8 +17,8 @@ STAGES = ("tokenizer", "chunks", "pretrain", "sft", "reward", "grpo", "reload")
 def test_dryrun_tiny(tmp_path):
     pytest.importorskip("deepspeed")
     work, results = tmp_path / "work", tmp_path / "dryrun.md"
-    proc = subprocess.run(["bash", str(REPO / "bench" / "dryrun_full_size.sh")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, **TINY, "WORK": str(work), "RESULTS": str(results)})
+    proc = run_group(["bash", str(REPO / "bench" / "dryrun_full_size.sh")], cwd=tmp_path, timeout=900,
+                     env={**os.environ, **TINY, "WORK": str(work), "RESULTS": str(results)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # Pretraining ran the gpt2-100m preset's path under DeepSpeed on 2 ranks, with the padded embedding, and the

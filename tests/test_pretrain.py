@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 from argparse import Namespace
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BOTH_DTYPES, PY, REPO, free_port, load_script, run_script, sample_texts
+from conftest import BOTH_DTYPES, PY, REPO, free_port, load_script, run_group, run_script, sample_texts
 
 CTX = 32
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context-length", CTX, "--batch-size", "4",
@@ -126,11 +127,17 @@ def launch(launcher, nproc, args, env=None, check=True):
     else:
         module = ["torch.distributed.run"] if launcher == "torchrun" else ["torch.distributed.launch", "--use_env"]
         cmd = [PY, "-m", *module, f"--nproc_per_node={nproc}", "--master_port", port]
-    proc = subprocess.run([*cmd, str(REPO / "PreTrain/model.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env={**os.environ, **(env or {})})
+    proc = run_group([*cmd, str(REPO / "PreTrain/model.py"), *map(str, args)], timeout=600, cwd=REPO,
+                     env={**os.environ, **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not leaked_deepspeed_shm(port)
     return proc
+
+
+def leaked_deepspeed_shm(port):
+    """The /dev/shm files that DeepSpeed's CPU all-reduce of the run on this port left behind (RAM until a reboot)."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def launch_two_nodes(launcher, args, workdir):
@@ -154,8 +161,15 @@ def launch_two_nodes(launcher, args, workdir):
     for cmd, log in zip(cmds, logs):
         with open(log, "w") as out:
             procs.append(subprocess.Popen([*cmd, str(REPO / "PreTrain/model.py"), *map(str, args)], cwd=REPO, env=env,
-                                          stdout=out, stderr=subprocess.STDOUT))
-    return [(proc.wait(timeout=600), log.read_text()) for proc, log in zip(procs, logs)]
+                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        results = [(proc.wait(timeout=600), log.read_text()) for proc, log in zip(procs, logs)]
+    finally:  # no rank outlives the test
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert not leaked_deepspeed_shm(port)  # killed runs too
+    return results
 
 
 @pytest.fixture(scope="module")

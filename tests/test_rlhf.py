@@ -5,7 +5,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 
 from llm_train import sampling
@@ -24,7 +23,7 @@ from llm_train.trainer_runs import checkpoint_to_resume
 import pytest
 import torch
 
-from conftest import BOTH_DTYPES, REPO, free_port, load_script, run_script
+from conftest import BOTH_DTYPES, REPO, free_port, load_script, run_group, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 DATA = REPO / "RLHF" / "data"
@@ -603,10 +602,9 @@ def test_grpo_trl_two_processes(rlhf_dir, tiny_model_dir, tmp_path):
     out.mkdir()
     os.symlink(rlhf_dir / "reward_model", out / "reward_model")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(REPO / "RLHF" / "grpo_trl.py"),
-                           *map(str, grpo_args(tiny_model_dir, out, "--epochs", 1, "--eval-every", 2))],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}", str(REPO / "RLHF" / "grpo_trl.py"),
+                      *map(str, grpo_args(tiny_model_dir, out, "--epochs", 1, "--eval-every", 2))], timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # --batch-size 8 is the global batch: the 1-process run of test_grpo_trl_trains_logs_saves_and_resumes_exactly
     # takes 8 completions per step on its own

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 from llm_train import paths
@@ -19,7 +18,7 @@ from llm_train.tokenizer import EOT, IM_END, load_chat_tokenizer
 import pytest
 import torch
 
-from conftest import BOTH_DTYPES, free_port, load_script, run_script
+from conftest import BOTH_DTYPES, free_port, load_script, run_group, run_script
 
 sft = load_script("SFT/qlora_fine_tune_trl.py")
 
@@ -384,12 +383,11 @@ def test_max_length_past_the_context_is_refused(tiny_model_dir, tmp_path):
 
 def test_accelerate_launch_without_multi_gpu_stops_with_the_working_command(tiny_model_dir, tmp_path):
     """accelerate launch --num_processes=2 without --multi_gpu starts one process on CPUs: refused before any work."""
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes=2", "--num_machines=1",
-                           "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}",
-                           str(REPO / "SFT" / "qlora_fine_tune_trl.py"), "--model-dir", str(tiny_model_dir),
-                           "--run-dir", str(tmp_path / "run"), "--output-dir", str(tmp_path / "out"),
-                           "--max-steps", "1"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_group([sys.executable, "-m", "accelerate.commands.launch", "--num_processes=2", "--num_machines=1",
+                      "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}",
+                      str(REPO / "SFT" / "qlora_fine_tune_trl.py"), "--model-dir", str(tiny_model_dir),
+                      "--run-dir", str(tmp_path / "run"), "--output-dir", str(tmp_path / "out"), "--max-steps", "1"],
+                     timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert "error: accelerate launch started 1 process, not the 2 asked for" in proc.stderr
     assert "`accelerate launch --multi_gpu --num_processes=2 " in proc.stderr
@@ -410,12 +408,10 @@ def test_two_processes_hf_dataset_and_inference(tiny_model_dir, tmp_path, traine
     out = tmp_path / "out"
     args = [a for a in sft_args(base, "x", out) if a not in ("--data", "x")]
     args += ["--hf-dataset", str(dataset_dir), "--max-steps", "6", "--save-steps", "6"]
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-                           f"--main_process_port={free_port()}", str(REPO / "SFT" / "qlora_fine_tune_trl.py"),
-                           *args],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_group([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                      "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                      f"--main_process_port={free_port()}", str(REPO / "SFT" / "qlora_fine_tune_trl.py"), *args],
+                     timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     log = (out / "train.log").read_text()
     assert "2 process(es)" in log and "trained to step 6" in log
