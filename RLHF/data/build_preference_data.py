@@ -201,6 +201,8 @@ def row(prompt, chosen, rejected, kind, source, lang, answer=None):
 
 def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
     rng = random.Random(seed)
+    # The held-out pairs draw from a generator of their own: they stay the same when the trained wordings change.
+    heldout_rng = random.Random(seed + 3)
     # A held-out example gets one rejected kind (a fixed 1/5 mix); a training example two, the next kind drawn from
     # a generator of its own so that the held-out pairs do not change (two measured best for the steps they cost:
     # docs/experiments.md#reward-model).
@@ -212,7 +214,8 @@ def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
 
     def kinds(i, split):
         first = KINDS[i % len(KINDS)]
-        return [(first, rng)] + ([(KINDS[(i + 1) % len(KINDS)], more_rng)] if split == "train" else [])
+        return [(first, rng if split == "train" else heldout_rng)] + \
+            ([(KINDS[(i + 1) % len(KINDS)], more_rng)] if split == "train" else [])
 
     out = {"train": [], "heldout": []}
     for split, n in (("train", n_arith_train), ("heldout", n_arith_heldout)):
@@ -239,7 +242,7 @@ def build(conversations, n_arith_train=1200, n_arith_heldout=200, seed=0):
             rejected = conversation_rejected(kind_rng, ex, kind, pools)
             out[split].append(row(ex["prompt"], ex["reply"], rejected, kind, "chatterbot", ex["lang"]))
     more_rng.shuffle(out["train"])
-    rng.shuffle(out["heldout"])
+    heldout_rng.shuffle(out["heldout"])
     return out
 
 
