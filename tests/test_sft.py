@@ -157,11 +157,11 @@ def logits(model, ids):
 # Trained 4-bit model vs plain model holding the same (dequantized) weights + the saved adapter, max |logit diff|.
 # fp32: the same weights and fp32 math, up to summation order (measured 1.5e-7). bf16: the 4-bit layers round their
 # inputs and outputs to bf16 (8 significant bits, 2^-9 = 0.2% relative) in the 8 matmuls on the path, on logits of
-# size ~0.9: measured 2.3e-3, and 1.08e-2 with an adapter trained on the arithmetic of 2026-12-06, so 1.4e-2. A real
-# mismatch still fails in both: the adapter on the unquantized weights instead of the ones it was trained on moves
-# the logits by more than 2.8e-2 (checked below, > 2x the bf16 tolerance), and
+# size ~0.9: measured 2.3e-3, 1.08e-2 with an adapter trained on the arithmetic of 2026-12-06 and 1.49e-2 on its 95
+# trained wordings, so 1.6e-2. A real mismatch still fails in both: the adapter on the unquantized weights instead of
+# the ones it was trained on moves the logits by more than 3.2e-2 (checked below, > 2x the bf16 tolerance), and
 # with the adapter off by 1.2.
-RELOAD_ATOL = {"fp32": 1e-4, "bf16": 1.4e-2}
+RELOAD_ATOL = {"fp32": 1e-4, "bf16": 1.6e-2}
 
 
 @BOTH_DTYPES
