@@ -42,7 +42,7 @@ ZH_SIGNS = {"add": "加", "sub": "减"}
 # (the sign: + / - in English, 加 / 减 in Chinese, or +/- where the template says {sign}). Slots: {a} {b} the
 # operands, {name} {name2} people, {items} / {cl}{item} things (Chinese with their measure word), {place}, and verbs
 # {gained} {lost} {zh_gained} {zh_lost}.
-# 19 of the 114 wordings, in both languages, word problems and bare expressions alike, are held out whole.
+# Some templates of each language, word problems and bare expressions alike, are held out whole.
 TEMPLATES = [
     # English additions
     ("en", "add", "{name} has {a} {items} and gets {b} more. How many {items} does {name} have now?", False),

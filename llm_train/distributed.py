@@ -79,7 +79,7 @@ def setup_distributed(local_rank_flag=-1, ds_config=None):
     return dist
 
 
-# DeepSpeed's CPU ops (the shm all-reduce, CPU Adam) compile in about a minute on 2 cores; a lock this old is a leftover.
+# DeepSpeed's CPU ops (shm all-reduce, CPU Adam) compile in about a minute on 2 cores: an older lock is a leftover.
 STALE_LOCK_SECONDS = 600
 
 
@@ -96,19 +96,13 @@ def remove_stale_extension_build_locks():
                 print(f"removed {lock}: a stale build lock (left by a run killed while compiling)", file=sys.stderr)
 
 
-def deepspeed_shm_path(rank, port=None):
-    """The /dev/shm file through which DeepSpeed's CPU all-reduce shares this rank's buffer (named as its shm.cpp does)."""
-    port = port or os.environ.get("MASTER_PORT")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{port}_{rank}"
-
-
 def unlink_deepspeed_shm(rank):
-    """DeepSpeed never unlinks its CPU all-reduce buffers: each run would leave 69 MB per rank in /dev/shm, which is
-    RAM, until the machine restarts (19 GB of them were found here). Once every rank has mapped every buffer, which
-    init_distributed waits for, the names can go: the mappings stay valid and the memory is freed when the ranks
-    exit, even killed."""
+    """DeepSpeed never unlinks its CPU all-reduce buffers (one 69 MB /dev/shm file per rank, RAM until a reboot).
+    Once every rank has mapped every buffer, which init_distributed waits for, the names can go: the mappings stay
+    valid and the memory is freed when the ranks exit, even killed. The name is the one DeepSpeed's shm.cpp builds."""
     torch.distributed.barrier()
-    deepspeed_shm_path(rank).unlink(missing_ok=True)
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    (Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def all_reduce_mean(t, dist):

@@ -137,10 +137,8 @@ def test_reward_model_learns_the_pairs(rlhf_dir, tiny_model_dir):
     report = json.loads((rlhf_dir / "reward_eval.json").read_text())
     held = report["heldout"]
     assert held["pairs"] > 300 and set(held["accuracy_by_kind"]) == KINDS
-    # 60 steps on a random 2-layer model learn the surface kinds: pooled over the four (~280 pairs, chance 0.5 with
-    # sigma 0.03), 0.57 is 2.3 sigma above chance (measured 0.61 bf16, 0.59 fp32). One kind alone (~70 pairs), or all
-    # pairs with the wrong-number ones a tiny model cannot judge, swing by 0.1 between data draws (truncated: 0.68,
-    # then 0.51 once the trained wordings grew to 95).
+    # 60 steps on a random 2-layer model learn the surface kinds: pooled (~280 pairs, chance 0.5 +- 0.03), as one
+    # kind alone (~70 pairs) swings by 0.1 between data draws (docs/experiments.md#reward-model)
     surface = ("off_format", "rambling", "truncated", "wrong_language")
     right = sum(held["accuracy_by_kind"][k] * held["pairs_by_kind"][k] for k in surface)
     assert right / sum(held["pairs_by_kind"][k] for k in surface) > 0.57, held
@@ -607,7 +605,8 @@ def test_grpo_trl_two_processes(rlhf_dir, tiny_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                       f"--master_port={free_port()}", str(REPO / "RLHF" / "grpo_trl.py"),
-                      *map(str, grpo_args(tiny_model_dir, out, "--epochs", 1, "--eval-every", 2))], timeout=600, env=env)
+                      *map(str, grpo_args(tiny_model_dir, out, "--epochs", 1, "--eval-every", 2))],
+                     timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # --batch-size 8 is the global batch: the 1-process run of test_grpo_trl_trains_logs_saves_and_resumes_exactly
     # takes 8 completions per step on its own
