@@ -67,10 +67,40 @@ class Sampling:
         return self.temperature == 0
 
     def generate_kwargs(self):
-        """generate()'s sampling arguments (None = that filter off, never the generation config's default)."""
+        """generate()'s sampling arguments. Always greedy decoding (None = off, never the generation config's
+        default); to sample, generate()'s own temperature, top-k and top-p warpers in generate()'s order, then the
+        draw (InverseCdfDraw): the same distribution as generate()'s sampling, in half the time on CPU."""
+        from transformers import LogitsProcessorList
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
         if self.greedy:
-            return dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-        return dict(do_sample=True, temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+            return kwargs
+        warpers = [TemperatureLogitsWarper(self.temperature)]
+        if self.top_k:
+            warpers.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        return dict(kwargs, logits_processor=LogitsProcessorList(warpers + [InverseCdfDraw()]))
+
+
+class InverseCdfDraw:
+    """A logits processor that draws the next token from softmax(scores) and leaves only it possible (0, the rest
+    -inf), so generate()'s argmax picks it: one uniform number per row against the cumulative probabilities. The
+    same distribution as generate()'s torch.multinomial, whose exponential draw over the whole vocabulary took half of
+    the sampling time on CPU (42 ms against 1 ms for 256 x 8,192 probabilities; docs/experiments.md#sampling)."""
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
+        u = torch.rand((scores.shape[0], 1), device=scores.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # the first cdf > u: p > 0
+        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
 
 
 GREEDY = Sampling()

@@ -32,8 +32,15 @@ def test_sampling_settings():
                                                               top_p=None)
     s = Sampling(0.7, 50.0, 0.95)  # slider values come as floats
     assert s.top_k == 50 and isinstance(s.top_k, int)
-    assert s.generate_kwargs() == dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.95)
-    assert Sampling(1.0, 0, 1.0).generate_kwargs()["top_k"] is None  # 0 = off, not generate()'s default of 50
+    kwargs = s.generate_kwargs()  # drawn by our processors under greedy decoding: generate()'s own warpers stay off
+    assert {k: v for k, v in kwargs.items() if k != "logits_processor"} == GREEDY.generate_kwargs()
+    assert [(type(p).__name__, vars(p)) for p in kwargs["logits_processor"]][:3] == [
+        ("TemperatureLogitsWarper", {"temperature": 0.7}),
+        ("TopKLogitsWarper", {"top_k": 50, "filter_value": -math.inf, "min_tokens_to_keep": 1}),
+        ("TopPLogitsWarper", {"top_p": 0.95, "filter_value": -math.inf, "min_tokens_to_keep": 1})]
+    # 0 = off, not generate()'s default of 50
+    assert [type(p).__name__ for p in Sampling(1.0, 0, 1.0).generate_kwargs()["logits_processor"]] == [
+        "TemperatureLogitsWarper", "InverseCdfDraw"]
     assert new_token_count(64.0) == 64
     for bad in (math.nan, 0, 2.5, "x"):
         with pytest.raises(UserError, match="max_new_tokens must be"):
@@ -77,6 +84,33 @@ def test_sampled_streams_match_sampled_batches(engine):
     batch = engine.generate_batch([ids], 16, sampling)[0]
     torch.manual_seed(3)
     assert list(engine.stream(ids, 16, sampling)) == batch
+
+
+@pytest.mark.parametrize("settings", [(0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8)])
+def test_sampling_draws_from_the_warped_softmax(settings):
+    """Each row's token is drawn from softmax of the warped logits (temperature, then top-k, then top-p): the
+    frequencies over 40,000 rows are within 5 sigma of the probabilities, and a token the warpers (or a -inf logit)
+    rule out never comes. The one token left has score 0, every other -inf, so generate()'s argmax picks it."""
+    import torch
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    temperature, top_k, top_p = settings
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -math.inf]]).expand(40_000, -1).clone()
+    warped = logits / temperature
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p < 1:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    expected = torch.softmax(warped[0], -1)
+    torch.manual_seed(0)
+    scores = logits.clone()
+    for processor in Sampling(*settings).generate_kwargs()["logits_processor"]:
+        scores = processor(None, scores)
+    assert ((scores == 0).sum(-1) == 1).all() and ((scores == 0) | (scores == -math.inf)).all()
+    counts = torch.bincount(scores.argmax(-1), minlength=6).double()
+    assert (counts[expected == 0] == 0).all() and (expected == 0).sum() >= 1
+    sigma = (40_000 * expected * (1 - expected)).sqrt()
+    assert ((counts - 40_000 * expected).abs() <= 5 * sigma + 1e-9).all(), (counts / 40_000, expected)
 
 
 def test_autocast_takes_names_dtypes_or_the_run_default():
