@@ -10,7 +10,7 @@ Every generation goes through Engine.generate (Hugging Face generate() with the 
 autocast, without autograd), so the stop tokens, the sampling settings and the context window are decided here only:
 - stop tokens: <|im_end|> (end of a chat turn) and <|endoftext|> (end of a document), those the tokenizer has;
 - Sampling: temperature 0 = greedy; top_k 0 = off; top_p 1 = off. Out-of-range or NaN values raise a UserError
-  naming the setting, before any generation;
+  naming the setting, before any generation. The token is drawn by InverseCdfDraw, not generate()'s multinomial;
 - context: a prompt keeps its last prompt_room() tokens (its end, where the reply starts), so prompt + new tokens
   never ask for a position the model did not learn; generate_sliding() goes past the context by sliding the window.
 Greedy generation is the same token for token as a direct generate() call with the same stops.
