@@ -270,7 +270,8 @@ def evaluate(args, grpo_model, tok):
         line += f"; reward-model score SFT {sft['reward_model_score']:.3f} -> GRPO {grpo['reward_model_score']:.3f}"
     cut = result["sampled_error_reduction"]
     line += (f"; sampled error rate {cut['error_before']:.1%} -> {cut['error_after']:.1%}: reduced by "
-             f"{cut['relative']:+.1%} relative (95% CI {cut['ci95'][0]:+.1%} .. {cut['ci95'][1]:+.1%}; < 0: more errors)")
+             f"{cut['relative']:+.1%} relative (95% CI {cut['ci95'][0]:+.1%} .. {cut['ci95'][1]:+.1%}; "
+             "< 0: more errors)")
     print(line + f"; KL(GRPO||SFT) per token {result['kl_k1_per_token']:.4f} (k3 {result['kl_k3_per_token']:.4f}); "
           f"wrote {args.out_dir / 'eval.json'}")
     return result

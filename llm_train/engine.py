@@ -69,7 +69,7 @@ class Sampling:
     def generate_kwargs(self):
         """generate()'s sampling arguments. Always greedy decoding (None = off, never the generation config's
         default); to sample, generate()'s own temperature, top-k and top-p warpers in generate()'s order, then the
-        draw (InverseCdfDraw): the same distribution as generate()'s sampling, in half the time on CPU."""
+        draw (InverseCdfDraw)."""
         from transformers import LogitsProcessorList
         from transformers.generation.logits_process import (
             TemperatureLogitsWarper,
@@ -91,8 +91,8 @@ class Sampling:
 class InverseCdfDraw:
     """A logits processor that draws the next token from softmax(scores) and leaves only it possible (0, the rest
     -inf), so generate()'s argmax picks it: one uniform number per row against the cumulative probabilities. The
-    same distribution as generate()'s torch.multinomial, whose exponential draw over the whole vocabulary took half of
-    the sampling time on CPU (42 ms against 1 ms for 256 x 8,192 probabilities; docs/experiments.md#sampling)."""
+    same distribution as generate()'s torch.multinomial, whose exponential draw per vocabulary entry is slow on CPU
+    (docs/experiments.md#sampling)."""
 
     def __call__(self, input_ids, scores):
         import torch
