@@ -160,20 +160,20 @@ def rerun_command(args):
                                      base_dir=(args.base_dir, OUTPUT_DIR), out_dir=(args.out_dir, RLHF_DIR))
 
 
-def sampled_exact_answers(args, model, tok, messages, answers, batch_size=64):
+def sampled_exact_answers(args, model, tok, messages, answers):
     """Per problem, the fraction right of SAMPLES answers sampled at the training temperature from args.seed (a
     smoother measure than one greedy answer each, and what GRPO optimizes): eval.json's, and the --eval-every curve's."""
     torch.manual_seed(args.seed)
     _, sampled = generate_completions(model, tok, [m for m in messages for _ in range(SAMPLES)],
                                       args.max_completion_length, do_sample=True, temperature=args.temperature,
-                                      batch_size=batch_size, dtype=dtype_name(allow_fp16=True))
+                                      dtype=dtype_name(allow_fp16=True))
     rewards = exact_answer_reward(sampled, [a for a in answers for _ in range(SAMPLES)])
     return [sum(rewards[i:i + SAMPLES]) / SAMPLES for i in range(0, len(rewards), SAMPLES)]
 
 
 def heldout_exact_answers(args, model, tok, arithmetic):
     """(greedy, sampled) exact-answer accuracy of model on the held-out arithmetic prompts during training (the
-    --eval-every curve), in batches of 128. The global RNG is left as it was, so training samples what it would
+    --eval-every curve). The global RNG is left as it was, so training samples what it would
     without."""
     messages, answers = [p["prompt"] for p in arithmetic], [p["answer"] for p in arithmetic]
     dev = next(model.parameters()).device
@@ -181,8 +181,8 @@ def heldout_exact_answers(args, model, tok, arithmetic):
     model.eval()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         _, greedy = generate_completions(model, tok, messages, args.max_completion_length,
-                                         do_sample=False, batch_size=128, dtype=dtype_name(allow_fp16=True))
-        sampled = sampled_exact_answers(args, model, tok, messages, answers, batch_size=128)
+                                         do_sample=False, dtype=dtype_name(allow_fp16=True))
+        sampled = sampled_exact_answers(args, model, tok, messages, answers)
     model.train(was_training)
     greedy = exact_answer_reward(greedy, answers)
     return sum(greedy) / len(greedy), sum(sampled) / len(sampled)
@@ -196,7 +196,7 @@ def policy_metrics(args, model, tok, prompts, rm):
     messages, answers = [p["prompt"] for p in prompts], [p["answer"] for p in prompts]
     model.eval()
     ids, texts = generate_completions(model, tok, messages, args.max_completion_length, do_sample=False,
-                                      batch_size=64, dtype=dtype_name(allow_fp16=True))
+                                      dtype=dtype_name(allow_fp16=True))
     arithmetic = [(p, t) for p, t in zip(prompts, texts) if p["answer"] is not None]
     greedy = exact_match_scores([p for p, _ in arithmetic], [extract_answer(t) for _, t in arithmetic])
     im_end = tok.convert_tokens_to_ids(IM_END)
@@ -223,7 +223,7 @@ def kl_to_sft(args, grpo_model, sft_model, tok, messages, batch_size=64):
     on every evaluation of the same model): k1 = log p/q is unbiased, k3 is what TRL logs."""
     torch.manual_seed(args.seed)
     ids, _ = generate_completions(grpo_model, tok, messages, args.max_completion_length, do_sample=True,
-                                  batch_size=batch_size, dtype=dtype_name(allow_fp16=True))
+                                  dtype=dtype_name(allow_fp16=True))
     prompt_ids = prompt_token_ids(tok, messages, prompt_room(grpo_model, args.max_completion_length))
     k1 = k3 = n = 0.0
     for i in range(0, len(ids), batch_size):

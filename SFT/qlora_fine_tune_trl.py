@@ -260,11 +260,11 @@ def assistant_loss(model, tokenizer, conversations, batch_size=16):
     return total / max(count, 1)
 
 
-def generate(model, tokenizer, conversations, max_new_tokens, batch_size=32):
+def generate(model, tokenizer, conversations, max_new_tokens):
     """Greedy replies (llm_train.engine: chat template, prompt cut to fit the context, stop tokens, compute dtype);
     returns (text, ended with <|im_end|>) per conversation."""
     engine = Engine(model, tokenizer, dtype_name(allow_fp16=True))
-    replies = engine.generate_batch(prompt_token_ids(tokenizer, conversations), max_new_tokens, batch_size=batch_size)
+    replies = engine.generate_batch(prompt_token_ids(tokenizer, conversations), max_new_tokens)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     return [(engine.decode(ids).strip(), bool(ids) and ids[-1] == im_end) for ids in replies]
 

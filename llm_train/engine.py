@@ -25,6 +25,9 @@ from llm_train.runtime import autocast
 from llm_train.tokenizer import EOT, IM_END
 
 STOP_TOKENS = (IM_END, EOT)
+# Prompts per generate() call in evaluations: on 2 CPU cores a new token costs little more for 256 rows than for 64,
+# so 1,000 sampled answers of the CPU model take ~10 s instead of ~12-16 s (docs/experiments.md#sampling).
+EVAL_BATCH = 256
 
 
 def stop_token_ids(tokenizer):
@@ -201,7 +204,7 @@ class Engine:
         stops = [j for j, t in enumerate(ids) if t in self.stops]
         return ids[:stops[0] + 1] if stops else ids
 
-    def generate_batch(self, prompt_ids, max_new_tokens, sampling=GREEDY, batch_size=32):
+    def generate_batch(self, prompt_ids, max_new_tokens, sampling=GREEDY, batch_size=EVAL_BATCH):
         """Replies (lists of ids, each ending with its stop token when one came) to prompts (lists of ids),
         left-padded in batches of batch_size; each prompt is cut to fit the context first."""
         import torch
@@ -285,7 +288,7 @@ class Engine:
             slides += 1
 
 
-def generate_completions(model, tokenizer, prompts, max_new_tokens, do_sample, temperature=1.0, batch_size=32,
+def generate_completions(model, tokenizer, prompts, max_new_tokens, do_sample, temperature=1.0, batch_size=EVAL_BATCH,
                          dtype="fp32"):
     """(completion token ids, completion texts) for each prompt (a list of messages), as GRPO samples them: chat
     template, prompts cut to prompt_room, left-padded batches, all tokens when sampling (no top-k / top-p). The ids

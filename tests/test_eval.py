@@ -176,7 +176,7 @@ def test_arithmetic_replies_and_exact_match_equal_the_sft_and_grpo_evaluations(s
             policy.generation_config.eos_token_id = [tok.convert_tokens_to_ids(IM_END),
                                                      tok.convert_tokens_to_ids(EOT)]
         _, texts = generate_completions(policy.eval(), tok, messages, settings["max_new_tokens"], do_sample=False,
-                                        batch_size=64, dtype=dtype_name(allow_fp16=True))  # as grpo_trl.py evaluates
+                                        dtype=dtype_name(allow_fp16=True))  # as grpo_trl.py evaluates
         replies = dict(zip((t["prompt"] for t in rl_items), texts))
         check_breakdown(rl_items, replies, rlhf_eval[name], "exact_answer_accuracy")
         ours = lm_eval_replies(root, name, rl_items)
