@@ -69,6 +69,7 @@ PRESETS = {
     "cpu": dict(epochs=1.0, max_steps=-1, batch_size=16, lr=2e-4, save_steps=100),
     "smoke": dict(epochs=1.0, max_steps=6, batch_size=16, lr=3e-4, save_steps=50),
 }
+ROWS_PER_SLICE = 8  # of the 2 x pairs rows of a batch, scored together (LengthSlices)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,11 +295,36 @@ def pair_dataset(tok, pairs, max_len):
     return Dataset.from_dict({"chosen_ids": input_ids("chosen"), "rejected_ids": input_ids("rejected")})
 
 
+class LengthSlices:
+    """Calls a sequence-classification model on a right-padded batch in slices of rows of like length, each cut to
+    its own longest row, and returns the scores in the batch's order. Each row is scored on its own tokens, so the
+    scores are the batch's; a random batch of pairs is ~35% real tokens, the slices ~72% (docs/experiments.md)."""
+
+    def __init__(self, model, rows_per_slice):
+        self.model, self.rows_per_slice = model, rows_per_slice
+
+    def __call__(self, input_ids, attention_mask, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        logits = [self.model(input_ids=input_ids[rows, :width], attention_mask=attention_mask[rows, :width],
+                             **kwargs).logits
+                  for rows in order.split(self.rows_per_slice) for width in [int(lengths[rows].max())]]
+        return SequenceClassifierOutputWithPast(logits=torch.cat(logits)[torch.argsort(order)])
+
+
 def build_trainer(args, model, tok, train_ds, ckpt_dir):
-    """RewardTrainer taking --batch-size pairs per optimizer step however many processes split them."""
+    """RewardTrainer taking --batch-size pairs per optimizer step however many processes split them; in one
+    process it scores each batch in LengthSlices (DDP's reducer expects one forward per backward)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
     from trl import RewardConfig, RewardTrainer
+
+    class SlicedRewardTrainer(RewardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(LengthSlices(model, ROWS_PER_SLICE), inputs, return_outputs,
+                                        num_items_in_batch)
 
     dtype = dtype_name(allow_fp16=True)
     split = split_global_batch(args.batch_size, args.micro_batch)
@@ -316,7 +342,8 @@ def build_trainer(args, model, tok, train_ds, ckpt_dir):
                  recipe_log_callback(args.batch_size, "pairs", lambda line: print(line, flush=True))]
     if int(os.environ.get("RANK", "0")) == 0:
         callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / STAGE))))
-    return RewardTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)
+    trainer = SlicedRewardTrainer if int(os.environ.get("WORLD_SIZE", "1")) == 1 else RewardTrainer
+    return trainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)
 
 
 def save_and_evaluate(args, stage, trainer, tok, eval_pairs, report):

@@ -41,6 +41,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from llm_train.arithmetic import arithmetic_tasks, evaluation_tasks, exact_match_scores, extract_answer
@@ -389,11 +390,32 @@ def sft_config(args, checkpoint_dir, split):
     )
 
 
+@contextmanager
+def lm_head_on_label_positions():
+    """While it is open, TRL's fused LM head projects only the positions that have a label (the assistant tokens), as
+    it does on CUDA with Triton. TRL 1.16 projects every prompt and pad position on other devices, half of an SFT step
+    on a CPU; its CPU kernel computes the same values on the compact rows (docs/experiments.md#sft)."""
+    import trl.trainer.utils as trl_utils
+
+    projects_all = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = projects_all
+
+
 def build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir, split):
-    """SFTTrainer with LoRA on the (4-bit, with --4bit) base, its adapters in fp32."""
+    """SFTTrainer with LoRA on the (4-bit, with --4bit) base, its adapters in fp32; its loss projects only the
+    label positions through the LM head."""
     import datasets
     from peft import LoraConfig, prepare_model_for_kbit_training
     from trl import SFTTrainer
+
+    class SFTTrainerLabelPositions(SFTTrainer):
+        def compute_loss(self, *args, **kwargs):
+            with lm_head_on_label_positions():
+                return super().compute_loss(*args, **kwargs)
 
     model = load_base(args.model_dir, args.four_bit)
     if args.four_bit:
@@ -403,9 +425,10 @@ def build_trainer(args, tokenizer, train_conversations, val, checkpoint_dir, spl
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
                       fan_in_fan_out=not args.four_bit)  # Linear4bit is (out, in); unquantized GPT-2 Conv1D (in, out)
-    trainer = SFTTrainer(model=model, args=sft_config(args, checkpoint_dir, split), processing_class=tokenizer,
-                         peft_config=lora, train_dataset=datasets.Dataset.from_dict({"messages": train_conversations}),
-                         eval_dataset=datasets.Dataset.from_dict({"messages": val}))
+    trainer = SFTTrainerLabelPositions(
+        model=model, args=sft_config(args, checkpoint_dir, split), processing_class=tokenizer, peft_config=lora,
+        train_dataset=datasets.Dataset.from_dict({"messages": train_conversations}),
+        eval_dataset=datasets.Dataset.from_dict({"messages": val}))
     # TRL casts QLoRA adapters to bf16. Keep them fp32 in every dtype: the Trainer's autocast still computes in bf16,
     # the optimizer updates fp32 master weights (a bf16 weight drops updates below 2^-8 of its size), and a resumed run
     # gets fp32 adapters anyway (peft loads checkpointed bf16 adapters as fp32), so only fp32 resumes exactly.

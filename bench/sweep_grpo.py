@@ -36,7 +36,8 @@ def main():
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/llm_train_sweep_grpo"))
     ap.add_argument("grpo_flags", nargs="*", help="after --: more flags for RLHF/grpo_trl.py")
     args = ap.parse_args()
-    cmd = [sys.executable, "RLHF/grpo_trl.py", "--force", "--preset", "cpu", "--reward-model", "RLHF/reward_model",
+    cmd = [sys.executable, "RLHF/grpo_trl.py", "--force", "--preset", "cpu",
+           "--reward-model", REPO / "RLHF" / "reward_model",
            "--out-dir", args.work_dir, "--checkpoint-dir", args.work_dir / "checkpoints",
            "--num-prompts", args.steps * PROMPTS_PER_STEP, "--eval-every", args.every,
            "--eval-arithmetic", args.problems, *args.grpo_flags]
@@ -44,7 +45,8 @@ def main():
 
     history = [json.loads(line) for line in (args.work_dir / "grpo_output" / "history.jsonl").open()]
     steps = {h["step"]: h["time"] for h in history if "loss" in h}
-    gaps = [steps[s] - steps[s - 1] for s in steps if s - 1 in steps and s % args.every]  # step s's line comes after its evaluation
+    # step s's line is written after the curve's evaluation at step s: those gaps are left out
+    gaps = [steps[s] - steps[s - 1] for s in steps if s - 1 in steps and s % args.every]
     per_step = statistics.median(gaps)
     curve = [h for h in history if "heldout/sampled_exact_answer" in h]
     error0 = 1 - curve[0]["heldout/sampled_exact_answer"]
@@ -61,9 +63,15 @@ def main():
                    f"{1 - error / error0:+.1%}"]
             f.write("| " + " | ".join(map(str, row)) + " |\n")
             print(" | ".join(map(str, row)), flush=True)
-    cut = json.loads((args.work_dir / "eval.json").read_text())["sampled_error_reduction"]
-    print(f"end of the run (eval.json): sampled error rate {cut['error_before']:.1%} -> {cut['error_after']:.1%}, "
-          f"reduced by {cut['relative']:+.1%} (95% CI {cut['ci95'][0]:+.1%} .. {cut['ci95'][1]:+.1%})")
+        # the end of the run: eval.json, on the same problems, with the paired-bootstrap interval
+        result, last = json.loads((args.work_dir / "eval.json").read_text()), max(steps)
+        cut = result["sampled_error_reduction"]
+        row = [label, f"{last} (end)", last * PROMPTS_PER_STEP * 8, f"{last * per_step / 60:.1f}",
+               f"{result['grpo']['exact_answer_accuracy']:.1%}",
+               f"{result['grpo']['sampled_exact_answer_accuracy']:.1%}",
+               f"{cut['relative']:+.1%} (95% CI {cut['ci95'][0]:+.1%} .. {cut['ci95'][1]:+.1%})"]
+        f.write("| " + " | ".join(map(str, row)) + " |\n")
+        print(" | ".join(map(str, row)), flush=True)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,34 @@ def test_reward_model_learns_the_pairs(rlhf_dir, tiny_model_dir):
     assert lineage["parents"]["policy"]["fingerprint"] == output_fingerprint(tiny_model_dir)
 
 
+def test_length_slices_score_a_padded_batch_as_one_call_does_on_fewer_positions(tiny_model_dir):
+    """The reward model's training scores each batch in slices of like length (RLHF/reward_model.py): the same
+    scores, in the batch's order, as one call on the whole right-padded batch, for fewer token positions."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm = load_script("RLHF/reward_model.py")
+    tok = load_chat_tokenizer(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    rng = random.Random(0)
+    lengths = [rng.choice([3, 5, 8, 40, 120]) for _ in range(13)]
+    input_ids = torch.full((13, max(lengths)), tok.pad_token_id)
+    mask = torch.zeros_like(input_ids)
+    for i, n in enumerate(lengths):
+        input_ids[i, :n] = torch.randint(10, 200, (n,))
+        mask[i, :n] = 1
+    positions = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: positions.append(
+        kwargs["input_ids"].numel()), with_kwargs=True)
+    with torch.no_grad():
+        whole = model(input_ids=input_ids, attention_mask=mask).logits
+        sliced = rm.LengthSlices(model, 4)(input_ids=input_ids, attention_mask=mask).logits
+    hook.remove()
+    assert whole.shape == sliced.shape == (13, 1)
+    torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-4)
+    assert len(positions) == 1 + 4 and sum(positions[1:]) < 0.6 * positions[0]  # 792 of 1,560
+
+
 def test_reward_model_trains_on_long_pairs_cut_as_scoring_cuts_them(tiny_model_dir, tmp_path):
     """Pairs longer than the model's context are trained on their last tokens, where the score is read and where
     scoring cuts them too (TRL itself drops them, so the model was judged on inputs it never saw). Every pair here is

@@ -230,6 +230,26 @@ def test_loss_covers_assistant_tokens_only(trained):
     assert "Be brief" not in trained_on and "Hi there" not in trained_on and "<|im_start|>" not in trained_on
 
 
+def test_the_loss_projects_only_the_label_positions_and_equals_trls(trained, monkeypatch):
+    """Our SFTTrainer's loss sends only the positions with a label through TRL's fused LM head (TRL sends every
+    position off CUDA): the same loss as TRL's own, on the rows it needs."""
+    import trl.trainer.utils as trl_utils
+    from trl import SFTTrainer
+
+    trainer = trained["trainer"]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: projected.append(hidden.shape[0]) or apply(hidden, *rest))
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+        trls = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    shifted = batch["labels"][:, 1:]
+    assert projected == [(shifted != -100).sum().item(), shifted.numel()] and projected[0] < projected[1] / 2
+    torch.testing.assert_close(ours, trls, atol=1e-5, rtol=1e-5)
+
+
 def test_too_long_conversations_are_dropped_and_counted(tiny_model_dir, caplog):
     tokenizer = load_chat_tokenizer(tiny_model_dir)
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
