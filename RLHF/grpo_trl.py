@@ -173,8 +173,7 @@ def sampled_exact_answers(args, model, tok, messages, answers):
 
 def heldout_exact_answers(args, model, tok, arithmetic):
     """(greedy, sampled) exact-answer accuracy of model on the held-out arithmetic prompts during training (the
-    --eval-every curve). The global RNG is left as it was, so training samples what it would
-    without."""
+    --eval-every curve). The global RNG is left as it was, so training samples what it would without."""
     messages, answers = [p["prompt"] for p in arithmetic], [p["answer"] for p in arithmetic]
     dev = next(model.parameters()).device
     was_training = model.training

@@ -298,7 +298,7 @@ def pair_dataset(tok, pairs, max_len):
 class LengthSlices:
     """Calls a sequence-classification model on a right-padded batch in slices of rows of like length, each cut to
     its own longest row, and returns the scores in the batch's order. Each row is scored on its own tokens, so the
-    scores are the batch's; a random batch of pairs is ~35% real tokens, the slices ~72% (docs/experiments.md)."""
+    scores are the batch's, with less padding (docs/experiments.md#reward-model)."""
 
     def __init__(self, model, rows_per_slice):
         self.model, self.rows_per_slice = model, rows_per_slice
@@ -342,7 +342,7 @@ def build_trainer(args, model, tok, train_ds, ckpt_dir):
                  recipe_log_callback(args.batch_size, "pairs", lambda line: print(line, flush=True))]
     if int(os.environ.get("RANK", "0")) == 0:
         callbacks.append(TensorBoardCallback(SummaryWriter(str(args.out_dir / "runs" / STAGE))))
-    trainer = SlicedRewardTrainer if int(os.environ.get("WORLD_SIZE", "1")) == 1 else RewardTrainer
+    trainer = SlicedRewardTrainer if split.processes == 1 else RewardTrainer
     return trainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)
 
 

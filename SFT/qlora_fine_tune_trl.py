@@ -393,8 +393,8 @@ def sft_config(args, checkpoint_dir, split):
 @contextmanager
 def lm_head_on_label_positions():
     """While it is open, TRL's fused LM head projects only the positions that have a label (the assistant tokens), as
-    it does on CUDA with Triton. TRL 1.16 projects every prompt and pad position on other devices, half of an SFT step
-    on a CPU; its CPU kernel computes the same values on the compact rows (docs/experiments.md#sft)."""
+    it does on CUDA with Triton. TRL 1.16 projects every prompt and pad position on other devices; its CPU kernel
+    computes the same values on the compact rows (docs/experiments.md#sft)."""
     import trl.trainer.utils as trl_utils
 
     projects_all = trl_utils._use_triton

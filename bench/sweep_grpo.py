@@ -55,23 +55,20 @@ def main():
         RESULTS.write_text("| run | step | sampled answers | training minutes | greedy | sampled | sampled error "
                            "rate: fall from step 0 |\n|---|---|---|---|---|---|---|\n")
     label = " ".join(["cpu preset", *args.grpo_flags])
+    rows = [(h["step"], h["step"], h["heldout/exact_answer"], h["heldout/sampled_exact_answer"],
+             f"{1 - (1 - h['heldout/sampled_exact_answer']) / error0:+.1%}") for h in curve]
+    # the end of the run: eval.json, on the same problems, with the paired-bootstrap interval
+    result, last = json.loads((args.work_dir / "eval.json").read_text()), max(steps)
+    cut = result["sampled_error_reduction"]
+    rows.append((f"{last} (end)", last, result["grpo"]["exact_answer_accuracy"],
+                 result["grpo"]["sampled_exact_answer_accuracy"],
+                 f"{cut['relative']:+.1%} (95% CI {cut['ci95'][0]:+.1%} .. {cut['ci95'][1]:+.1%})"))
     with RESULTS.open("a") as f:
-        for h in curve:
-            error = 1 - h["heldout/sampled_exact_answer"]
-            row = [label, h["step"], h["step"] * PROMPTS_PER_STEP * 8, f"{h['step'] * per_step / 60:.1f}",
-                   f"{h['heldout/exact_answer']:.1%}", f"{h['heldout/sampled_exact_answer']:.1%}",
-                   f"{1 - error / error0:+.1%}"]
+        for name, step, greedy, sampled, fall in rows:
+            row = [label, name, step * PROMPTS_PER_STEP * 8, f"{step * per_step / 60:.1f}", f"{greedy:.1%}",
+                   f"{sampled:.1%}", fall]
             f.write("| " + " | ".join(map(str, row)) + " |\n")
             print(" | ".join(map(str, row)), flush=True)
-        # the end of the run: eval.json, on the same problems, with the paired-bootstrap interval
-        result, last = json.loads((args.work_dir / "eval.json").read_text()), max(steps)
-        cut = result["sampled_error_reduction"]
-        row = [label, f"{last} (end)", last * PROMPTS_PER_STEP * 8, f"{last * per_step / 60:.1f}",
-               f"{result['grpo']['exact_answer_accuracy']:.1%}",
-               f"{result['grpo']['sampled_exact_answer_accuracy']:.1%}",
-               f"{cut['relative']:+.1%} (95% CI {cut['ci95'][0]:+.1%} .. {cut['ci95'][1]:+.1%})"]
-        f.write("| " + " | ".join(map(str, row)) + " |\n")
-        print(" | ".join(map(str, row)), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from llm_train.runtime import autocast
 from llm_train.tokenizer import EOT, IM_END
 
 STOP_TOKENS = (IM_END, EOT)
-# Prompts per generate() call in evaluations: on 2 CPU cores a new token costs little more for 256 rows than for 64,
-# so 1,000 sampled answers of the CPU model take ~10 s instead of ~12-16 s (docs/experiments.md#sampling).
+# Prompts per generate() call in evaluations: on a CPU a new token costs little more for 256 rows than for 64
+# (docs/experiments.md#sampling).
 EVAL_BATCH = 256
 
 
