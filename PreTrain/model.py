@@ -126,7 +126,7 @@ def parse_args(argv=None):
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU; make all compiles the cpu run)")
-    p.add_argument("--eval-interval", type=pos_int, default=100, help="validate every N steps (and at the end)")
+    p.add_argument("--eval-interval", type=pos_int, default=250, help="validate every N steps (and at the end)")
     p.add_argument("--eval-rows", type=pos_int, default=320,
                    help="val rows per validation, spread evenly over the val split (all of them when it has fewer)")
     p.add_argument("--log-interval", type=pos_int, default=10)

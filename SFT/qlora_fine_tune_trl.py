@@ -46,7 +46,8 @@ from pathlib import Path
 
 from llm_train.arithmetic import arithmetic_tasks, evaluation_tasks, exact_match_scores, extract_answer
 from llm_train.atomic import atomic_write_json, check_writable_dir
-from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
+from llm_train.cli import (apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of,
+                           unit_fraction)
 from llm_train.conversations import read_rows, split_train_val, to_messages
 from llm_train.corpus import read_jsonl_gz
 from llm_train.engine import Engine, prompt_token_ids, stop_token_ids
@@ -79,18 +80,20 @@ log = logging.getLogger("sft")
 
 # Budget and optimizer per scale of base model, in one place (README table); each value can be overridden by its flag.
 PRESETS = {  # measured: see docs/experiments.md#sft
-    # the seed's QLoRA recipe for the 100M model (~2.3k steps)
-    "gpu": dict(four_bit=True, arith_tasks=10000, max_steps=-1, epochs=3.0, batch_size=16, micro_batch=4, lr=1e-4,
-                lora_r=64, lora_alpha=128, save_steps=500, eval_steps=500, eval_tasks=400, eval_chats=32,
-                max_new_tokens=64),
-    # short: the 3.4M model learns its arithmetic in mid-training; LoRA on the fp32 base (NF4 halves the CPU step
+    # the seed's QLoRA recipe for the 100M model (~2.3k steps); half the problems in composed wordings (not measured)
+    "gpu": dict(four_bit=True, arith_tasks=10000, composed_share=0.5, max_steps=-1, epochs=3.0, batch_size=16,
+                micro_batch=4, lr=1e-4, lora_r=64, lora_alpha=128, save_steps=500, eval_steps=500, eval_tasks=400,
+                eval_chats=32, max_new_tokens=64),
+    # short: the 3.4M model learns its arithmetic and the templates' wordings in mid-training, so SFT's problems are
+    # all in composed wordings (held-out wordings +6..+12 points); LoRA on the fp32 base (NF4 halves the CPU step
     # rate); 400 held-out problems per split (the exact match of 64 moves by +-6 points from chance alone)
-    "cpu": dict(four_bit=False, arith_tasks=4000, max_steps=160, epochs=1.0, batch_size=16, micro_batch=16, lr=1e-3,
-                lora_r=16, lora_alpha=32, save_steps=50, eval_steps=50, eval_tasks=400, eval_chats=16,
-                max_new_tokens=64),
+    "cpu": dict(four_bit=False, arith_tasks=4000, composed_share=1.0, max_steps=240, epochs=1.0, batch_size=16,
+                micro_batch=16, lr=1e-3, lora_r=16, lora_alpha=32, save_steps=50, eval_steps=50, eval_tasks=400,
+                eval_chats=16, max_new_tokens=64),
     # seconds: the same code paths
-    "smoke": dict(four_bit=True, arith_tasks=300, max_steps=6, epochs=1.0, batch_size=4, micro_batch=4, lr=1e-3,
-                  lora_r=8, lora_alpha=16, save_steps=50, eval_steps=50, eval_tasks=8, eval_chats=4, max_new_tokens=12),
+    "smoke": dict(four_bit=True, arith_tasks=300, composed_share=0.5, max_steps=6, epochs=1.0, batch_size=4,
+                  micro_batch=4, lr=1e-3, lora_r=8, lora_alpha=16, save_steps=50, eval_steps=50, eval_tasks=8,
+                  eval_chats=4, max_new_tokens=12),
 }
 
 
@@ -113,6 +116,8 @@ def parse_args(argv=None):
                    "(default: gpu with CUDA, cpu without); the flags below marked (preset) override it")
     p.add_argument("--arith-tasks", type=nonnegative_int,
                    help="(preset) arithmetic problems added to the embedded set")
+    p.add_argument("--composed-share", type=unit_fraction,
+                   help="(preset) share of the arithmetic problems in composed wordings (llm_train.arithmetic.COMPOSED)")
     p.add_argument("--max-steps", type=step_count, help="(preset) optimizer steps; -1 trains --epochs epochs")
     p.add_argument("--epochs", type=positive_float, help="(preset)")
     add_batch_flags(p, "conversations", micro_preset=True)
@@ -176,7 +181,8 @@ def load_conversations(args):
         rows = list(read_jsonl_gz(EMBEDDED_DATA))
         train = [r["messages"] for r in rows if r["split"] == "train"]
         heldout = [r["messages"] for r in rows if r["split"] == "heldout"]
-        train += [arithmetic_conversation(t) for t in arithmetic_tasks(args.arith_tasks, "train", args.seed)]
+        train += [arithmetic_conversation(t) for t in arithmetic_tasks(args.arith_tasks, "train", args.seed,
+                                                                       composed_share=args.composed_share)]
         # Validation: held-out chats and held-out arithmetic (a different seed from the exact-match set below).
         val = heldout[: args.val_size // 2]
         val += [arithmetic_conversation(t) for t in arithmetic_tasks(args.val_size - len(val), "heldout", 1000)]
@@ -478,9 +484,9 @@ def run_settings(args, processes):
     """What decides the trained adapter, with the base (a lineage parent, fingerprinted): compared with the
     checkpoints' run before resuming it, and (with --merge) recorded in the outputs' lineage.json, where an identical
     rerun finds it finished."""
-    return {**settings_of(args, "hf_dataset", "hf_split", "arith_tasks", "max_steps", "epochs", "batch_size",
-                                 "micro_batch", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length", "four_bit",
-                                 "seed", "val_size"),
+    return {**settings_of(args, "hf_dataset", "hf_split", "arith_tasks", "composed_share", "max_steps", "epochs",
+                                 "batch_size", "micro_batch", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length",
+                                 "four_bit", "seed", "val_size"),
             "data_sha256": data_fingerprint(args.data),
             "dtype": dtype_name(allow_fp16=True), "processes": processes}
 

@@ -8,7 +8,8 @@ Three splits, so that a score means the skill and not memory:
   train             problems in the trained wordings (SFT, mid-training, the reward model and GRPO train on these)
   heldout           other problems in the trained wordings, never trained on (a hash of the text decides)
   heldout_wordings  problems in wordings (whole templates) no training stage ever sees
-SFT trains on them, RLHF rewards exact answers on them."""
+SFT trains on them, RLHF rewards exact answers on them. Training problems can also come in COMPOSED wordings
+(sentence parts combined: SFT's problems), which no evaluation asks."""
 import hashlib
 import itertools
 import random
@@ -153,6 +154,62 @@ TEMPLATES = [
 ]
 
 
+# Composed wordings, trained only (SFT's problems: arithmetic_tasks(..., composed_share)): a setup sentence with {a},
+# an event sentence with {b} that alone decides the operation and a question that fits either (word problems); an
+# opener and an expression around a sign (bare expressions). Each question comes with both operations, so that the
+# event's verb or the sign decides, not the template (SFT's errors in held-out wordings: the wrong operation or
+# operands in ~35% of replies, wrong columns in ~5%).
+EN_SETUPS = {"person": ["{name} has {a} {items}.", "{name} had {a} {items}.", "{name} bought {a} {items}.",
+                        "{name} made {a} {items}.", "{name} started with {a} {items}.", "{name} owns {a} {items}."],
+             "place": ["There are {a} {items} in the {place}.", "A {place} holds {a} {items}.",
+                       "The {place} had {a} {items}."]}
+EN_EVENTS = {("person", "add"): ["Then {name} {gained} {b} more.", "{name2} gives {name} {b} more.",
+                                 "Later {name} gets {b} more.", "After that {name} adds {b} more."],
+             ("person", "sub"): ["Then {name} {lost} {b} of them.", "{name} gives {b} to {name2}.",
+                                 "Later {name} uses {b} of them.", "After that {name} gives away {b}."],
+             ("place", "add"): ["Someone puts in {b} more.", "Then {b} more are added.", "{name} puts {b} more in."],
+             ("place", "sub"): ["{name} takes out {b}.", "Then {b} are taken out.", "{b} of them are removed."]}
+EN_QUESTIONS = {"person": ["How many {items} does {name} have now?", "How many does {name} have in the end?",
+                           "How many {items} now?", "Now how many {items} does {name} have?"],
+                "place": ["How many {items} are in the {place} now?", "How many {items} are there now?",
+                          "How many are in the {place} in the end?"]}
+ZH_SETUPS = {"person": ["{name}有{a}{cl}{item}，", "{name}原来有{a}{cl}{item}，", "{name}买了{a}{cl}{item}，",
+                        "{name}做了{a}{cl}{item}，", "{name}手里有{a}{cl}{item}，"],
+             "place": ["{place}里有{a}{cl}{item}，", "{place}里放着{a}{cl}{item}，"]}
+ZH_EVENTS = {("person", "add"): ["又{zh_gained}{b}{cl}。", "{name2}又给了{name}{b}{cl}。", "后来又得到{b}{cl}。",
+                                 "又多了{b}{cl}。"],
+             ("person", "sub"): ["{zh_lost}{b}{cl}。", "送给{name2}{b}{cl}。", "后来少了{b}{cl}。", "又用去{b}{cl}。"],
+             ("place", "add"): ["又放进去{b}{cl}。", "{name}又放了{b}{cl}进去。"],
+             ("place", "sub"): ["{name}拿走了{b}{cl}。", "又拿出了{b}{cl}。"]}
+ZH_QUESTIONS = {"person": ["{name}现在有多少{cl}{item}？", "现在有几{cl}？", "{name}最后有多少{cl}？"],
+                "place": ["{place}里现在有多少{cl}？", "现在{place}里有几{cl}{item}？"]}
+EN_OPENERS = ["", "Hi! ", "Quick question: ", "Hey, ", "Math help: ", "Can you do this? "]
+EN_EXPRESSIONS = ["What is {a} {sign} {b}?", "{a} {sign} {b} = ?", "{a}{sign}{b}", "what's {a} {sign} {b}",
+                  "{a} {sign} {b} equals?", "What is {a} {word} {b}?", "{a} {word} {b} = ?"]
+ZH_OPENERS = ["", "你好，", "请问", "问一下：", "老师，", "帮个忙，"]
+ZH_EXPRESSIONS = ["{a}{s}{b}等于多少？", "{a}{sign}{b}=？", "{a}{s}{b}得几？", "{a}{sign}{b}等于几？", "{a}{s}{b}是几？"]
+EN_WORDS = {"add": "plus", "sub": "minus"}
+
+
+def _composed_templates():
+    """[(lang, op, template)] of every composed wording."""
+    out = []
+    for lang, setups, events, questions, join in (("en", EN_SETUPS, EN_EVENTS, EN_QUESTIONS, " "),
+                                                  ("zh", ZH_SETUPS, ZH_EVENTS, ZH_QUESTIONS, "")):
+        for kind, op in itertools.product(setups, OPS):
+            out += [(lang, op, join.join(parts)) for parts in
+                    itertools.product(setups[kind], events[(kind, op)], questions[kind])]
+    for op in OPS:
+        out += [("en", op, o + e.replace("{sign}", EN_SIGNS[op]).replace("{word}", EN_WORDS[op]))
+                for o, e in itertools.product(EN_OPENERS, EN_EXPRESSIONS)]
+        out += [("zh", op, o + e.replace("{s}", ZH_SIGNS[op]).replace("{sign}", EN_SIGNS[op]))
+                for o, e in itertools.product(ZH_OPENERS, ZH_EXPRESSIONS)]
+    return out
+
+
+COMPOSED = _composed_templates()
+
+
 def _expanded_templates():
     """TEMPLATES with each either-op template as one per op: [(lang, op, template, held out)]."""
     out = []
@@ -245,9 +302,10 @@ def arithmetic_split(prompt):
     return "heldout" if prompt in EXAMPLE_PROMPTS or hashlib.sha1(prompt.encode()).digest()[0] < 26 else "train"
 
 
-def arithmetic_task_stream(split, seed=0, digits_weights=None):
+def arithmetic_task_stream(split, seed=0, digits_weights=None, composed_share=0.0):
     """Distinct problems of one split (SPLITS), endlessly: dicts with prompt, answer (int), lang, op ('add'/'sub'),
-    digits (DIGITS), a, b and the worked reference response. Language, op and wording are drawn uniformly; the
+    digits (DIGITS), a, b and the worked reference response. Language, op and wording are drawn uniformly (for train,
+    a COMPOSED wording with probability composed_share, else one of the TEMPLATES' trained wordings); the
     digits class with digits_weights (default: TRAIN_DIGITS_WEIGHTS for train, uniform for the held-out splits, so
     every language x op x digits cell of an evaluation has its share)."""
     if split not in SPLITS:
@@ -259,7 +317,10 @@ def arithmetic_task_stream(split, seed=0, digits_weights=None):
     while True:
         lang, op = rng.choice(LANGS), rng.choice(OPS)
         digits = rng.choices(DIGITS, weights)[0]
-        template = rng.choice(wordings(lang, op, held_out))
+        if split == "train" and composed_share and rng.random() < composed_share:
+            template = rng.choice([t for la, o, t in COMPOSED if la == lang and o == op])
+        else:
+            template = rng.choice(wordings(lang, op, held_out))
         a, b = operands(rng, op, digits)
         prompt = fill(rng, template, lang, a, b)
         if prompt in seen or (not held_out and arithmetic_split(prompt) != split):
@@ -269,9 +330,9 @@ def arithmetic_task_stream(split, seed=0, digits_weights=None):
                "digits": digits_class(a, b), "a": a, "b": b, "response": worked_answer(a, b, op, lang)}
 
 
-def arithmetic_tasks(n, split, seed=0, digits_weights=None):
+def arithmetic_tasks(n, split, seed=0, digits_weights=None, composed_share=0.0):
     """The first n problems of arithmetic_task_stream(split, seed)."""
-    return list(itertools.islice(arithmetic_task_stream(split, seed, digits_weights), n))
+    return list(itertools.islice(arithmetic_task_stream(split, seed, digits_weights, composed_share), n))
 
 
 def cell(task):
@@ -288,6 +349,9 @@ def extract_answer(text):
     return int(m.group(1)) if m else None
 
 
+_VERBS = {"gained": EN_GAINED, "lost": EN_LOST, "zh_gained": ZH_GAINED, "zh_lost": ZH_LOST}
+
+
 def _template_pattern(template):
     """A regex for a filled template: the operands captured, other slots any text, spaces optional."""
     parts = re.split(r"(\{\w+\})", template.rstrip("?？.。= "))
@@ -295,14 +359,16 @@ def _template_pattern(template):
     for part in parts:
         if part in ("{a}", "{b}"):
             out.append(rf"(?P<{part[1]}>\d+)")
+        elif part[1:-1] in _VERBS:  # the verbs decide the operation: only the listed ones match
+            out.append("(?:" + "|".join(map(re.escape, _VERBS[part[1:-1]])) + ")")
         elif part.startswith("{"):
             out.append(r".+?")
         else:
             out.append(r"\s*".join(map(re.escape, part.split(" "))))
-    return re.compile("".join(out) + r"\s*[=?？.。]*\s*$")
+    return re.compile("".join(out) + r"[\s=?？.。]*$")
 
 
-_PATTERNS = [(_template_pattern(t), op) for _, op, t, _ in WORDINGS]
+_PATTERNS = [(_template_pattern(t), op) for _, op, t, _ in WORDINGS] + [(_template_pattern(t), op) for _, op, t in COMPOSED]
 _HELD_OUT_PATTERNS = [_template_pattern(t) for _, _, t, held_out in WORDINGS if held_out]
 # a bare expression as typed, anywhere in the prompt: '47+38', '47 - 38', '47加38', '47减去38'
 _EXPRESSION = re.compile(r"(\d+)\s*(\+|-|−|加上?|减去?)\s*(\d+)")

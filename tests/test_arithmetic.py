@@ -1,9 +1,11 @@
 """The arithmetic task family (llm_train/arithmetic.py): problems, splits, answers, scores."""
+import random
 import re
 
 import pytest
 
 from llm_train.arithmetic import (
+    COMPOSED,
     DIGITS,
     EXAMPLE_PROMPTS,
     SPLITS,
@@ -15,6 +17,7 @@ from llm_train.arithmetic import (
     evaluation_tasks,
     exact_match_scores,
     extract_answer,
+    fill,
     problem_split,
     worked_answer,
 )
@@ -44,6 +47,22 @@ def test_held_out_wordings_are_whole_templates_of_both_kinds_in_both_languages()
         texts = [t for la, t in held if la == lang]
         assert any("{name}" in t for t in texts) and any("{name}" not in t and "{items}" not in t and "{item}" not in t
                                                         for t in texts), texts  # word problems and bare expressions
+
+
+def test_composed_wordings_are_trained_answered_and_each_shape_comes_with_both_operations():
+    """Every composed wording, filled, is read back with its own answer and is no held-out wording; every question
+    (a word problem's last sentence, a bare expression with its sign masked) is asked of both operations, so only the
+    event or the sign tells which."""
+    rng = random.Random(0)
+    by_shape = {}
+    for lang, op, template in COMPOSED:
+        a, b = 57, 8
+        prompt = fill(rng, template, lang, a, b)
+        assert arithmetic_answer(prompt) == (a + b if op == "add" else a - b), prompt
+        assert problem_split(prompt) != "heldout_wordings", prompt
+        question = re.split(r"(?<=[.。])\s*(?=.)", template)[-1]  # the last sentence, its sign masked
+        by_shape.setdefault((lang, re.sub(r"[+-]|plus|minus|加|减", "~", question)), set()).add(op)
+    assert all(ops == {"add", "sub"} for ops in by_shape.values()), by_shape
 
 
 def test_one_digit_operands_work_their_columns_the_same_way():
