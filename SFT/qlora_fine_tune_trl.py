@@ -117,7 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--arith-tasks", type=nonnegative_int,
                    help="(preset) arithmetic problems added to the embedded set")
     p.add_argument("--composed-share", type=unit_fraction,
-                   help="(preset) share of the arithmetic problems in composed wordings (llm_train.arithmetic.COMPOSED)")
+                   help="(preset) share of the arithmetic problems in composed wordings (arithmetic.COMPOSED)")
     p.add_argument("--max-steps", type=step_count, help="(preset) optimizer steps; -1 trains --epochs epochs")
     p.add_argument("--epochs", type=positive_float, help="(preset)")
     add_batch_flags(p, "conversations", micro_preset=True)
@@ -485,8 +485,8 @@ def run_settings(args, processes):
     checkpoints' run before resuming it, and (with --merge) recorded in the outputs' lineage.json, where an identical
     rerun finds it finished."""
     return {**settings_of(args, "hf_dataset", "hf_split", "arith_tasks", "composed_share", "max_steps", "epochs",
-                                 "batch_size", "micro_batch", "lr", "lora_r", "lora_alpha", "lora_dropout", "max_length",
-                                 "four_bit", "seed", "val_size"),
+                                 "batch_size", "micro_batch", "lr", "lora_r", "lora_alpha", "lora_dropout",
+                                 "max_length", "four_bit", "seed", "val_size"),
             "data_sha256": data_fingerprint(args.data),
             "dtype": dtype_name(allow_fp16=True), "processes": processes}
 

@@ -191,6 +191,13 @@ ZH_EXPRESSIONS = ["{a}{s}{b}等于多少？", "{a}{sign}{b}=？", "{a}{s}{b}得�
 EN_WORDS = {"add": "plus", "sub": "minus"}
 
 
+def with_sign(lang, op, template):
+    """The template with its sign slots filled for op: {s} (+/- in English, 加/减 in Chinese), {sign} (+/-), {word}
+    (plus/minus)."""
+    signs = EN_SIGNS if lang == "en" else ZH_SIGNS
+    return template.replace("{s}", signs[op]).replace("{sign}", EN_SIGNS[op]).replace("{word}", EN_WORDS[op])
+
+
 def _composed_templates():
     """[(lang, op, template)] of every composed wording."""
     out = []
@@ -199,11 +206,9 @@ def _composed_templates():
         for kind, op in itertools.product(setups, OPS):
             out += [(lang, op, join.join(parts)) for parts in
                     itertools.product(setups[kind], events[(kind, op)], questions[kind])]
-    for op in OPS:
-        out += [("en", op, o + e.replace("{sign}", EN_SIGNS[op]).replace("{word}", EN_WORDS[op]))
-                for o, e in itertools.product(EN_OPENERS, EN_EXPRESSIONS)]
-        out += [("zh", op, o + e.replace("{s}", ZH_SIGNS[op]).replace("{sign}", EN_SIGNS[op]))
-                for o, e in itertools.product(ZH_OPENERS, ZH_EXPRESSIONS)]
+    for lang, openers, expressions in (("en", EN_OPENERS, EN_EXPRESSIONS), ("zh", ZH_OPENERS, ZH_EXPRESSIONS)):
+        out += [(lang, op, with_sign(lang, op, o + e))
+                for op in OPS for o, e in itertools.product(openers, expressions)]
     return out
 
 
@@ -212,12 +217,8 @@ COMPOSED = _composed_templates()
 
 def _expanded_templates():
     """TEMPLATES with each either-op template as one per op: [(lang, op, template, held out)]."""
-    out = []
-    for lang, op, text, held_out in TEMPLATES:
-        for o in (OPS if op is None else (op,)):
-            signs = EN_SIGNS if lang == "en" else ZH_SIGNS
-            out.append((lang, o, text.replace("{s}", signs[o]).replace("{sign}", EN_SIGNS[o]), held_out))
-    return out
+    return [(lang, o, with_sign(lang, o, text), held_out) for lang, op, text, held_out in TEMPLATES
+            for o in (OPS if op is None else (op,))]
 
 
 WORDINGS = _expanded_templates()
@@ -317,7 +318,7 @@ def arithmetic_task_stream(split, seed=0, digits_weights=None, composed_share=0.
     while True:
         lang, op = rng.choice(LANGS), rng.choice(OPS)
         digits = rng.choices(DIGITS, weights)[0]
-        if split == "train" and composed_share and rng.random() < composed_share:
+        if split == "train" and composed_share and rng.random() < composed_share:  # no draw at 0: the same stream
             template = rng.choice([t for la, o, t in COMPOSED if la == lang and o == op])
         else:
             template = rng.choice(wordings(lang, op, held_out))
@@ -368,7 +369,7 @@ def _template_pattern(template):
     return re.compile("".join(out) + r"[\s=?？.。]*$")
 
 
-_PATTERNS = [(_template_pattern(t), op) for _, op, t, _ in WORDINGS] + [(_template_pattern(t), op) for _, op, t in COMPOSED]
+_PATTERNS = [(_template_pattern(t), op) for _, op, t, *_ in WORDINGS + COMPOSED]
 _HELD_OUT_PATTERNS = [_template_pattern(t) for _, _, t, held_out in WORDINGS if held_out]
 # a bare expression as typed, anywhere in the prompt: '47+38', '47 - 38', '47加38', '47减去38'
 _EXPRESSION = re.compile(r"(\d+)\s*(\+|-|−|加上?|减去?)\s*(\d+)")

@@ -53,10 +53,9 @@ def test_composed_wordings_are_trained_answered_and_each_shape_comes_with_both_o
     """Every composed wording, filled, is read back with its own answer and is no held-out wording; every question
     (a word problem's last sentence, a bare expression with its sign masked) is asked of both operations, so only the
     event or the sign tells which."""
-    rng = random.Random(0)
+    rng, a, b = random.Random(0), 57, 8
     by_shape = {}
     for lang, op, template in COMPOSED:
-        a, b = 57, 8
         prompt = fill(rng, template, lang, a, b)
         assert arithmetic_answer(prompt) == (a + b if op == "add" else a - b), prompt
         assert problem_split(prompt) != "heldout_wordings", prompt
