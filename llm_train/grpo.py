@@ -4,11 +4,13 @@ import json
 from pathlib import Path
 
 from llm_train.atomic import atomic_write_bytes
+from llm_train.engine import Engine, Sampling
 from llm_train.sampling import last_token_logps
 
 
 def grpo_trainer_class():
-    """GRPOTrainer of TRL 1.16 with two fixes (a function, so that trl is imported only when training):
+    """GRPOTrainer of TRL 1.16 with two fixes and our sampler (a function, so that trl is imported only when
+    training):
 
     - The log-probabilities of the loss (policy, old and reference) are computed at the positions generate()
       sampled the completions at. TRL passes no position_ids, so the model numbered a left-padded row 0, 1, ...
@@ -18,9 +20,12 @@ def grpo_trainer_class():
       in bf16, bench/bench_grpo.py).
     - Each epoch's prompt order is drawn from a generator seeded by (seed + epoch). TRL's RepeatSampler draws every
       epoch from one generator, so a run resumed in a later epoch got the first epoch's order again.
+    - The groups are sampled by llm_train.engine (the evaluations' sampler) under the training's autocast:
+      generate()'s torch.multinomial took a fifth of a cpu-preset step (docs/experiments.md#grpo).
     """
     import torch
     from trl import GRPOTrainer
+    from trl.models import unwrap_model_for_generation
     from trl.trainer.utils import RepeatSampler
 
     class EpochSeededSampler(RepeatSampler):
@@ -49,6 +54,29 @@ def grpo_trainer_class():
                 if compute_entropy:
                     entropies.append(-(log_softmax.exp() * log_softmax).sum(-1) * completion_mask)
             return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            if self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            width, pad, device = max(map(len, prompt_ids)), self._tokenizer.pad_token_id, self.accelerator.device
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompt_ids], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=device)
+            sampling = Sampling(temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p)
+            dtype = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
+            unwrapped = unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+            with unwrapped as model, self._dist.summon_full_params(self.model_wrapped, recurse=False):
+                new = Engine(model, None, dtype=dtype, stops=self.eos_token_ids).generate(
+                    input_ids, self.max_completion_length, sampling, attention_mask=mask)
+            completions = []
+            for row in new.tolist():  # up to and with the first stop token, as TRL cuts them
+                ends = [i for i, t in enumerate(row) if t in self.eos_token_ids]
+                completions.append(row[:ends[0] + 1] if ends else row)
+            return completions, None
 
         def _get_train_sampler(self, dataset=None):
             sampler = super()._get_train_sampler(dataset)

@@ -478,6 +478,38 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
     assert entropy[cmask].min() > 0
 
 
+def test_grpo_groups_are_drawn_by_our_engine_and_cut_after_the_first_stop(tiny_model_dir):
+    """The trainer samples its groups with llm_train.engine's draw (generate()'s multinomial is slow on CPU): from the
+    same seed, the same tokens as Engine.generate at the training temperature, each completion cut after its first
+    stop token (which it keeps), as TRL cuts them."""
+    from llm_train.engine import Engine, Sampling
+
+    trainer, tok = trl_trainer(tiny_model_dir, "fp32", "--max-completion-length", "24")
+    prompts = prompt_token_ids(tok, [[{"role": "user", "content": t}] for t in ("Hi", "What is 29 + 82?", "你好")])
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in prompts])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts])
+
+    def both(stops):  # the trainer's groups and the engine's tokens, each from seed 3
+        trainer.eos_token_ids = stops
+        torch.manual_seed(3)
+        completions = trainer._generate_single_turn(prompts, None, {}, 2)[0]
+        torch.manual_seed(3)
+        new = Engine(trainer.model, tok, stops=stops).generate(input_ids, 24, Sampling(temperature=0.7),
+                                                                attention_mask=mask)
+        return completions, new.tolist()
+
+    completions, new = both(trainer.eos_token_ids)
+    assert completions == new  # the tiny random model never says <|im_end|> here: 24 tokens each
+    completions, new = both([new[0][5]])  # a token the first row samples: it stops there (the others where they may)
+    for got, row in zip(completions, new):
+        ends = [i for i, t in enumerate(row) if t == new[0][5]]
+        assert got == (row[:ends[0] + 1] if ends else row)
+    assert len(completions[0]) <= 6 and completions[0][-1] == new[0][5]
+    torch.manual_seed(4)
+    assert trainer._generate_single_turn(prompts, None, {}, 2)[0] != completions  # sampled, not greedy
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GRPO runs
 def grpo_args(tiny_model_dir, out, *extra):
