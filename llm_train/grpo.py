@@ -60,9 +60,6 @@ def grpo_trainer_class():
             if self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                      has_tool_images)
-            width, pad, device = max(map(len, prompt_ids)), self._tokenizer.pad_token_id, self.accelerator.device
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompt_ids], device=device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=device)
             sampling = Sampling(temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p)
             dtype = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
             unwrapped = unwrap_model_for_generation(
@@ -70,12 +67,10 @@ def grpo_trainer_class():
                 generation_kwargs=self.generation_kwargs,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
             with unwrapped as model, self._dist.summon_full_params(self.model_wrapped, recurse=False):
-                new = Engine(model, None, dtype=dtype, stops=self.eos_token_ids).generate(
-                    input_ids, self.max_completion_length, sampling, attention_mask=mask)
-            completions = []
-            for row in new.tolist():  # up to and with the first stop token, as TRL cuts them
-                ends = [i for i, t in enumerate(row) if t in self.eos_token_ids]
-                completions.append(row[:ends[0] + 1] if ends else row)
+                engine = Engine(model, self._tokenizer, dtype=dtype, stops=self.eos_token_ids)
+                # one generate() call; each completion up to and with its first stop token, as TRL cuts them
+                completions = engine.generate_batch(prompt_ids, self.max_completion_length, sampling,
+                                                    batch_size=len(prompt_ids))
             return completions, None
 
         def _get_train_sampler(self, dataset=None):
