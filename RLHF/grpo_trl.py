@@ -49,7 +49,7 @@ from llm_train.cli import (
 from llm_train.arithmetic import EXAMPLE_PROMPTS, exact_match_scores, extract_answer
 from llm_train.engine import generate_completions, prompt_room, prompt_token_ids, stop_token_ids
 from llm_train.errors import UserError, run_main
-from llm_train.grpo import grpo_trainer_class, heldout_eval_callback, trim_history
+from llm_train.grpo import add_logit_scale, fold_logit_scale, grpo_trainer_class, heldout_eval_callback, trim_history
 from llm_train.lineage import check_lineage, recorded_parents
 from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, SFT_OUTPUT_DIR
 from llm_train.rl import (
@@ -81,19 +81,19 @@ PRESETS = {
     # groups of 8: a prompt answered right some of the time gets a non-zero advantage
     "gpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=2048, epochs=3.0, num_generations=8, batch_size=64,
                 warmup_steps=0, max_completion_length=64, temperature=1.0, lr=5e-5, lora_r=16, save_steps=100,
-                num_iterations=1, chat_fraction=0.25,
+                num_iterations=1, chat_fraction=0.25, logit_scale_lr=0.0,
                 eval_arithmetic=1000, eval_conversation=64, eval_every=64),
-    # fresh prompts x 1 epoch (repeated ones are learned by heart), 16 prompts per update; far more steps are what
-    # improves it, experience replay at lr 2e-3 harmed; at 11 steps lr 2e-4 harms the policy least (5e-4 cost up to
-    # 7 points) (docs/experiments.md#grpo): 12 steps, the minutes go to pretraining
+    # fresh prompts x 1 epoch (repeated ones are learned by heart), 16 prompts per update; 11 steps are far too few
+    # for the LoRA to teach (lr 1e-4: it harms greedy answers least) but enough to learn how sure to be: the logits'
+    # scale at lr 0.8 (docs/experiments.md#grpo); the minutes go to pretraining
     "cpu": dict(rm_weight=0.1, exact_weight=1.0, num_prompts=192, epochs=1.0, num_generations=8, batch_size=128,
-                warmup_steps=4, max_completion_length=56, temperature=0.7, lr=2e-4, lora_r=16, save_steps=8,
-                num_iterations=1, chat_fraction=0.25,
+                warmup_steps=4, max_completion_length=56, temperature=0.7, lr=1e-4, lora_r=16, save_steps=8,
+                num_iterations=1, chat_fraction=0.25, logit_scale_lr=0.8,
                 eval_arithmetic=1000, eval_conversation=32, eval_every=0),
     # seconds: the same code paths
     "smoke": dict(rm_weight=1.0, exact_weight=1.0, num_prompts=8, epochs=1.0, num_generations=4, batch_size=8,
                   warmup_steps=0, max_completion_length=12, temperature=1.0, lr=2e-4, lora_r=16, save_steps=10,
-                  num_iterations=1, chat_fraction=0.25,
+                  num_iterations=1, chat_fraction=0.25, logit_scale_lr=0.8,
                   eval_arithmetic=8, eval_conversation=4, eval_every=0),
 }
 SAMPLES = 4  # sampled answers per held-out problem in eval.json: the primary measure of GRPO
@@ -260,6 +260,9 @@ def evaluate(args, grpo_model, tok):
         [p for p in prompts if p["answer"] is None]
     result["kl_k1_per_token"], result["kl_k3_per_token"] = kl_to_sft(args, grpo_model, sft_model, tok,
                                                                      [p["prompt"] for p in kl_prompts])
+    # how much sharper GRPO made the logits (--logit-scale-lr; 1.0 without): the ratio of the final norms' gains
+    gains = [m.transformer.ln_f.weight.detach().norm() for m in (grpo_model, sft_model)]
+    result["logit_scale"] = (gains[0] / gains[1]).item()
     atomic_write_json(args.out_dir / "eval.json", result)
     sft, grpo = result["sft"], result["grpo"]
     line = (f"held-out: exact-answer accuracy SFT {sft['exact_answer_accuracy']:.3f} -> GRPO "
@@ -272,7 +275,7 @@ def evaluate(args, grpo_model, tok):
              f"{cut['relative']:+.1%} relative (95% CI {cut['ci95'][0]:+.1%} .. {cut['ci95'][1]:+.1%}; "
              "< 0: more errors)")
     print(line + f"; KL(GRPO||SFT) per token {result['kl_k1_per_token']:.4f} (k3 {result['kl_k3_per_token']:.4f}); "
-          f"wrote {args.out_dir / 'eval.json'}")
+          f"logits {result['logit_scale']:.2f}x as sharp; wrote {args.out_dir / 'eval.json'}")
     return result
 
 
@@ -307,7 +310,7 @@ def run_settings(args):
     recorded in grpo_output/lineage.json, where an identical rerun finds it finished."""
     return {**settings_of(args, "rm_weight", "exact_weight", "num_prompts", "epochs", "num_generations", "batch_size",
                           "max_completion_length", "temperature", "lr", "warmup_steps", "lora_r", "qlora", "seed",
-                          "num_iterations", "chat_fraction"),
+                          "num_iterations", "chat_fraction", "logit_scale_lr"),
             **({"micro_batch": args.micro_batch} if args.micro_batch else {}),
             "dtype": dtype_name(allow_fp16=True), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
 
@@ -384,13 +387,17 @@ def build_trainer(args, policy, tok, dataset, funcs, weights, ckpt_dir, resume):
     """The fixed GRPOTrainer with LoRA on GPT-2's projections, its prompt order set to continue `resume`."""
     from peft import LoraConfig
 
+    if args.logit_scale_lr:
+        add_logit_scale(policy)
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)  # GPT-2 uses Conv1D
+                      target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,  # GPT-2 uses Conv1D
+                      modules_to_save=["ln_f"] if args.logit_scale_lr else None)  # its log_scale alone trains
     callbacks = logging_callbacks(args, tok, ckpt_dir / "history.jsonl")
     config = grpo_config(args, ckpt_dir, weights, dtype_name(allow_fp16=True))
     trainer = grpo_trainer_class()(model=policy, reward_funcs=funcs, args=config, train_dataset=dataset,
                                    processing_class=tok, peft_config=lora, callbacks=callbacks)
     trainer.first_epoch = checkpoint_epoch(resume)
+    trainer.logit_scale_lr = args.logit_scale_lr
     return trainer
 
 
@@ -400,7 +407,10 @@ def save_grpo_model(args, stage, trainer, tok, history_file):
     from peft import PeftModel
 
     with stage.output() as tmp:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp / "adapter"))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if args.logit_scale_lr:
+            print(f"the logits' learned scale: {fold_logit_scale(model):.3f}")
+        model.save_pretrained(str(tmp / "adapter"))
         base, _ = load_policy(args.sft_dir, args.base_dir)
         merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
         merged.save_pretrained(str(tmp))
@@ -472,6 +482,9 @@ def build_parser():
     parser.add_argument("--warmup-steps", type=nonnegative_int,
                         help="(preset) optimizer steps of linear lr warm-up, then constant")
     parser.add_argument("--lora-r", type=positive_int, help="(preset)")
+    parser.add_argument("--logit-scale-lr", type=nonnegative_float,
+                        help="(preset) lr of one scalar that scales the logits (how sure the policy is), trained "
+                             "with the LoRA; 0: not trained")
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 policy weights (bitsandbytes) under LoRA")
     parser.add_argument("--save-steps", type=positive_int, help="(preset)")
     parser.add_argument("--eval-arithmetic", type=nonnegative_int,

@@ -7,6 +7,42 @@ from llm_train.atomic import atomic_write_bytes
 from llm_train.engine import Engine, Sampling
 from llm_train.sampling import last_token_logps
 
+import torch
+
+
+class ScaledLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm whose output is multiplied by exp(log_scale), one trainable scalar: in front of GPT-2's tied LM
+    head it sets how sharp the logits are, which LoRA on the projections cannot (the final norm renormalizes)."""
+
+    def __init__(self, norm):
+        super().__init__(norm.normalized_shape, eps=norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
+        self.load_state_dict(norm.state_dict())
+        self.log_scale = torch.nn.Parameter(torch.zeros((), device=norm.weight.device))
+
+    def forward(self, x):
+        return super().forward(x) * self.log_scale.exp()
+
+
+def add_logit_scale(policy):
+    """Give the policy's final layer norm a log_scale starting at 0 (the same outputs). GRPO trains it as PEFT's
+    modules_to_save copy of ln_f, so it is in the adapter of every checkpoint; fold_logit_scale undoes the class."""
+    policy.transformer.ln_f = ScaledLayerNorm(policy.transformer.ln_f)
+    return policy
+
+
+def fold_logit_scale(peft_model):
+    """Multiply the trained copy of ln_f's weight and bias by its scale and make it a plain LayerNorm again: the
+    same outputs, and an adapter that PeftModel.from_pretrained loads on the plain SFT policy. Returns the scale."""
+    wrapper = peft_model.base_model.model.transformer.ln_f
+    norm = wrapper.modules_to_save["default"]
+    scale = norm.log_scale.detach().exp()
+    plain = torch.nn.LayerNorm(norm.normalized_shape, eps=norm.eps, device=norm.weight.device)
+    with torch.no_grad():
+        plain.weight.copy_(norm.weight * scale)
+        plain.bias.copy_(norm.bias * scale)
+    wrapper.modules_to_save["default"] = plain
+    return scale.item()
+
 
 def grpo_trainer_class():
     """GRPOTrainer of TRL 1.16 with two fixes and our sampler (a function, so that trl is imported only when
@@ -22,8 +58,10 @@ def grpo_trainer_class():
       epoch from one generator, so a run resumed in a later epoch got the first epoch's order again.
     - The groups are sampled by llm_train.engine (the evaluations' sampler) under the training's autocast:
       generate()'s torch.multinomial took a fifth of a cpu-preset step (docs/experiments.md#grpo).
+
+    And with logit_scale_lr > 0, the log_scale of the final norm's copy (add_logit_scale) trains at that lr; the
+    copy's weight and bias stay as they are.
     """
-    import torch
     from trl import GRPOTrainer
     from trl.models import unwrap_model_for_generation
     from trl.trainer.utils import RepeatSampler
@@ -40,6 +78,22 @@ def grpo_trainer_class():
 
     class GRPOTrainerFixed(GRPOTrainer):
         first_epoch = 0  # the epoch a resumed run starts in (checkpoint_epoch)
+        logit_scale_lr = 0.0
+
+        def create_optimizer(self, model=None):
+            model = self.model if model is None else model
+            if self.optimizer is None and self.logit_scale_lr:
+                for name, param in model.named_parameters():
+                    if "modules_to_save" in name and not name.endswith("log_scale"):
+                        param.requires_grad_(False)
+                trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                groups = [{"params": [p for n, p in trained if not n.endswith("log_scale")],
+                           "weight_decay": self.args.weight_decay},
+                          {"params": [p for n, p in trained if n.endswith("log_scale")], "lr": self.logit_scale_lr,
+                           "weight_decay": 0.0}]
+                optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+                self.optimizer = optimizer_cls(groups, **kwargs)
+            return super().create_optimizer(model)
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, **kwargs):

@@ -155,6 +155,8 @@ def check_lessons(report, sft, rl):
         "n/a", "n/a", f"{cut['relative']:+.1%} ({low:+.1%} .. {high:+.1%})"]
     assert rows["reward-model score"] == [
         "n/a", f3(rl["sft"]["reward_model_score"]), f3(rl["grpo"]["reward_model_score"])]
+    assert rows["logits' scale (the final norm's gain relative to SFT; 1 = as sure as SFT)"] == [
+        "n/a", "n/a", f"{rl['logit_scale']:.2f}x"]
     for k in ("k1", "k3"):
         kl = rl[f"kl_{k}_per_token"]
         assert rows[f"KL to the SFT policy (per token, {k} estimate)"] == ["n/a", "n/a", f"{kl:.4f}"]

@@ -569,9 +569,14 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
     merged, sft = load_file(rlhf_dir / "grpo_output" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(merged[k], sft[k]) for k in sft)
     assert (rlhf_dir / "grpo_output" / "adapter" / "adapter_config.json").is_file()
+    # The smoke preset trains the logits' scale too: the merged final norm is the SFT one times the learned scale.
+    ev = json.loads((rlhf_dir / "eval.json").read_text())
+    scale = ev["logit_scale"]
+    assert abs(scale - 1) > 1e-3, scale
+    for key in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
+        assert torch.allclose(merged[key], sft[key] * scale, rtol=1e-5, atol=1e-7), key
     lineage = read_lineage(rlhf_dir / "grpo_output")
     assert set(lineage["parents"]) == {"policy", "reward_model"}
-    ev = json.loads((rlhf_dir / "eval.json").read_text())
     assert ev["prompts"] == 12 and ev["arithmetic_prompts"] == 8
     assert ev["kl_k3_per_token"] > 1e-4 and "reward_model_score" in ev["grpo"]
     # The same evaluation of the SFT policy against itself: KL 0.
@@ -582,7 +587,7 @@ def test_grpo_trl_trains_logs_saves_and_resumes_exactly(rlhf_dir, tiny_model_dir
     sft_model, tok = load_policy(tiny_model_dir, tiny_model_dir)
     itself = trl_script.evaluate(args, sft_model, tok)
     assert abs(itself["kl_k1_per_token"]) < 1e-6 and abs(itself["kl_k3_per_token"]) < 1e-6
-    assert itself["sft"] == itself["grpo"]  # same greedy answers, same scores
+    assert itself["sft"] == itself["grpo"] and itself["logit_scale"] == 1.0  # same answers, scores and logits
 
     again = main_of("RLHF/grpo_trl.py", grpo_args(tiny_model_dir, rlhf_dir, "--epochs", 2))
     assert "already finished with these settings; nothing to do" in again
@@ -689,10 +694,11 @@ def test_grpo_trl_leaves_out_prompts_that_leave_no_room_for_the_completion(rlhf_
     out.mkdir()
     os.symlink(rlhf_dir / "reward_model", out / "reward_model")
     proc = run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, out, "--epochs", 1, "--max-completion-length",
-                                                     256 - room, "--eval-arithmetic", 4, "--eval-conversation", 0))
+                                                     256 - room, "--eval-arithmetic", 4, "--eval-conversation", 0,
+                                                     "--logit-scale-lr", 0))
     left_out = sum(n > room for n in lengths)
     assert left_out >= 2 and f"{8 - left_out} prompts ({left_out} left out: longer than {room} tokens)" in proc.stdout
-    assert (out / "eval.json").is_file()
+    assert json.loads((out / "eval.json").read_text())["logit_scale"] == 1.0  # the final norm stayed frozen
 
 
 def test_plain_pytorch_grpo_trains(rlhf_dir, tiny_model_dir):
