@@ -20,7 +20,10 @@ class ScaledLayerNorm(torch.nn.LayerNorm):
         self.log_scale = torch.nn.Parameter(torch.zeros((), device=norm.weight.device))
 
     def forward(self, x):
-        return super().forward(x) * self.log_scale.exp()
+        # the params in x's dtype: TRL casts a QLoRA policy's trained copies to bf16, CPU layer_norm refuses the mix
+        out = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype),
+                                             self.eps)
+        return out * self.log_scale.exp()
 
 
 def add_logit_scale(policy):

@@ -248,7 +248,7 @@ def test_report_card_tables_from_made_up_eval_files():
 
     sft = {"base": stage(0.0, "zh sub 22"), "sft": stage(0.01, "en add 21"), "n_heldout_tasks": 400}
     grpo = {"sft": stage(0.02, "en sub 11"), "grpo": stage(0.03, "zh add 11"), "kl_k1_per_token": 0.00123,
-            "kl_k3_per_token": 0.00117, "sampling": {"temperature": 0.7, "samples_per_problem": 4},
+            "kl_k3_per_token": 0.00117, "logit_scale": 4.776, "sampling": {"temperature": 0.7, "samples_per_problem": 4},
             "sampled_error_reduction": {"relative": 0.1234, "ci95": [-0.0456, 0.2789], "error_before": 0.48,
                                         "error_after": 0.42}, "max_new_tokens": 56}
     said = {0: 7, 1: 53, 2: None}  # right, wrong with a number, no answer

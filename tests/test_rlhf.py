@@ -683,6 +683,23 @@ def test_grpo_trl_two_processes(rlhf_dir, tiny_model_dir, tmp_path):
     assert (out / "eval.json").is_file()
 
 
+def test_grpo_qlora_trains_the_logit_scale_over_4bit_weights(rlhf_dir, tiny_model_dir, tmp_path):
+    """--qlora: the policy's weights in 4-bit NF4 (bitsandbytes) under LoRA; TRL casts the trained copy of the final
+    norm to bf16 there, which the scaled norm must take. The merged model is the full-precision SFT policy with the
+    LoRA merged in and the final norm times the learned scale."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "qlora"
+    out.mkdir()
+    os.symlink(rlhf_dir / "reward_model", out / "reward_model")
+    run_script("RLHF/grpo_trl.py", *grpo_args(tiny_model_dir, out, "--epochs", 1, "--qlora", "--eval-arithmetic", 4,
+                                              "--eval-conversation", 0))
+    scale = json.loads((out / "eval.json").read_text())["logit_scale"]
+    merged, sft = load_file(out / "grpo_output" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert abs(scale - 1) > 1e-3, scale
+    assert torch.allclose(merged["transformer.ln_f.weight"], sft["transformer.ln_f.weight"] * scale, rtol=1e-2)
+
+
 def test_grpo_trl_leaves_out_prompts_that_leave_no_room_for_the_completion(rlhf_dir, tiny_model_dir, tmp_path):
     """TRL generates from the whole prompt: a prompt longer than the context minus --max-completion-length is left
     out (and counted) instead of generating past GPT-2's last position (IndexError in the position table)."""
