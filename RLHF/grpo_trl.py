@@ -192,7 +192,7 @@ def policy_metrics(args, model, tok, prompts, rm):
     right (for the paired bootstrap): exact-answer accuracy of its greedy answers (per held-out split and language x
     op x digits cell), how many end the turn, examples, the reward model's mean score (rm: (model, tokenizer) or
     None) and the exact-answer accuracy of answers sampled at the training temperature (what GRPO optimizes)."""
-    messages, answers = [p["prompt"] for p in prompts], [p["answer"] for p in prompts]
+    messages = [p["prompt"] for p in prompts]
     model.eval()
     ids, texts = generate_completions(model, tok, messages, args.max_completion_length, do_sample=False,
                                       dtype=dtype_name(allow_fp16=True))
