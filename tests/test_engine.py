@@ -75,6 +75,30 @@ def test_greedy_is_the_direct_generate_call_token_for_token(engine):
         assert all(b[0].startswith(a[0]) for a, b in zip(texts, texts[1:]))
 
 
+def test_a_batch_whose_rows_stop_at_different_steps_matches_generate_row_for_row():
+    """decode_batch drops stopped rows from the batch and its KV cache: when the rows of a left-padded batch stop at
+    different steps, each reply is still what a one-row generate() call gives. (A GPT-2 with large random weights:
+    its greedy replies vary, where the tiny model of conftest repeats one token.)"""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       initializer_range=0.5, bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (3, 9, 5, 12, 4, 7, 6, 10)]
+    free = Engine(model, None, stops=[]).generate_batch(prompts, 16)
+    stops = sorted({reply[2 + 2 * i] for i, reply in enumerate(free[:6])})  # each of 6 rows stops by its own step
+    engine = Engine(model, None, stops=stops)
+    direct = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                             eos_token_id=stops, pad_token_id=0)[0, len(ids):].tolist()
+        direct.append(engine.cut_at_stop(out))
+    assert len({len(reply) for reply in direct}) >= 4 and min(map(len, direct)) <= 4  # rows leave the batch early
+    assert engine.generate_batch(prompts, 16) == direct
+
+
 def test_sampled_streams_match_sampled_batches(engine):
     import torch
 
