@@ -99,13 +99,21 @@ class InverseCdfDraw:
     """A logits processor that draws the next token from softmax(scores) and leaves only it possible (0, the rest
     -inf), so generate()'s argmax picks it: one uniform number per row against the cumulative probabilities. The
     same distribution as generate()'s torch.multinomial, whose exponential draw per vocabulary entry is slow on CPU
-    (docs/experiments.md#sampling)."""
+    (docs/experiments.md#sampling). Engine.decode_batch, which drops stopped rows, sets rows (the batch rows still
+    in its loop) and batch: the numbers are still drawn for the whole batch, so it samples what generate() would."""
+
+    def __init__(self):
+        self.rows = self.batch = None
 
     def __call__(self, input_ids, scores):
         import torch
 
         cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
-        u = torch.rand((scores.shape[0], 1), device=scores.device) * cdf[:, -1:]
+        if self.rows is None:
+            u = torch.rand((scores.shape[0], 1), device=scores.device)
+        else:
+            u = torch.rand((self.batch, 1), device=scores.device)[self.rows]
+        u = u * cdf[:, -1:]
         token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # the first cdf > u: p > 0
         return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
 
@@ -224,15 +232,17 @@ class Engine:
         return replies
 
     def decode_batch(self, input_ids, attention_mask, max_new_tokens, sampling=GREEDY):
-        """The new tokens (B, N) after a left-padded batch that fits, what generate() gives (the same tokens when
-        greedy, the same distribution when sampling; a stopped row padded with pad tokens), from a KV-cache loop that
-        drops the stopped rows and their cache once DROP_SHARE of the batch has stopped. generate() keeps computing
-        every row until the longest reply ends; this costs about the replies' total length instead (~30% less time
-        for the arithmetic evaluations, whose mean reply is 39 tokens of a batch's 64: docs/experiments.md#sampling)."""
+        """The new tokens (B, N) after a left-padded batch that fits, what generate() gives (a stopped row padded
+        with pad tokens; sampling draws generate()'s random numbers, so from the same seed the same tokens), from a
+        KV-cache loop that drops the stopped rows and their cache once DROP_SHARE of the batch has stopped.
+        generate() computes every row until the longest reply ends; this costs about the replies' total length
+        instead (~30% less time for the arithmetic evaluations, whose mean reply is 39 tokens of a batch's 64:
+        docs/experiments.md#sampling)."""
         import torch
         from transformers import DynamicCache
 
         processors = sampling.generate_kwargs().get("logits_processor")
+        draw = processors[-1] if processors is not None else None
         device, batch = input_ids.device, input_ids.shape[0]
         stops = torch.tensor(self.stops, device=device)
         out = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
@@ -247,6 +257,7 @@ class Engine:
             for step in range(max_new_tokens):
                 scores = logits.float()  # as generate() hands them to the logits processors
                 if processors is not None:
+                    draw.batch, draw.rows = batch, rows
                     scores = processors(None, scores)
                 token = scores.argmax(-1)
                 out[rows[going], step] = token[going]

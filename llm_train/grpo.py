@@ -125,7 +125,7 @@ def grpo_trainer_class():
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
             with unwrapped as model, self._dist.summon_full_params(self.model_wrapped, recurse=False):
                 engine = Engine(model, self._tokenizer, dtype=dtype, stops=self.eos_token_ids)
-                # one generate() call; each completion up to and with its first stop token, as TRL cuts them
+                # one batch; each completion up to and with its first stop token, as TRL cuts them
                 completions = engine.generate_batch(prompt_ids, self.max_completion_length, sampling,
                                                     batch_size=len(prompt_ids))
             return completions, None

@@ -97,6 +97,16 @@ def test_a_batch_whose_rows_stop_at_different_steps_matches_generate_row_for_row
         direct.append(engine.cut_at_stop(out))
     assert len({len(reply) for reply in direct}) >= 4 and min(map(len, direct)) <= 4  # rows leave the batch early
     assert engine.generate_batch(prompts, 16) == direct
+    # sampled, the batch as one generate() call makes it, from the same seed: the same tokens
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[0] * (width - len(x)) + x for x in prompts])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts])
+    sampling = Sampling(1.0, 0, 0.9)
+    torch.manual_seed(7)
+    one_call = [engine.cut_at_stop(row) for row in engine.generate(input_ids, 16, sampling, mask).tolist()]
+    torch.manual_seed(7)
+    assert engine.generate_batch(prompts, 16, sampling) == one_call
+    assert one_call != direct and len({len(reply) for reply in one_call}) >= 3
 
 
 def test_sampled_streams_match_sampled_batches(engine):
