@@ -244,7 +244,7 @@ class Engine:
         processors = sampling.generate_kwargs().get("logits_processor")
         draw = processors[-1] if processors is not None else None
         device, batch = input_ids.device, input_ids.shape[0]
-        stops = torch.tensor(self.stops, device=device)
+        stops = torch.tensor(self.stops, dtype=torch.long, device=device)
         out = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         rows = torch.arange(batch, device=device)  # the batch row of each row still in the loop
         going = torch.ones(batch, dtype=torch.bool, device=device)  # not stopped yet
