@@ -236,8 +236,7 @@ class Engine:
         with pad tokens; sampling draws generate()'s random numbers, so from the same seed the same tokens), from a
         KV-cache loop that drops the stopped rows and their cache once DROP_SHARE of the batch has stopped.
         generate() computes every row until the longest reply ends; this costs about the replies' total length
-        instead (~30% less time for the arithmetic evaluations, whose mean reply is 39 tokens of a batch's 64:
-        docs/experiments.md#sampling)."""
+        instead (docs/experiments.md#sampling)."""
         import torch
         from transformers import DynamicCache
 
