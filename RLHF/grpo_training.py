@@ -100,11 +100,11 @@ def parse_args(argv=None):
 
 def rewards_of(args, rm, messages, texts, answers):
     """The weighted reward of each completion; a reward a prompt has no value for counts 0: the exact answer on a chat
-    prompt, and (as in grpo_trl.py) the reward model's score where an exact answer is checked. rm: (model,
-    tokenizer) or None."""
+    prompt, and (as in grpo_trl.py) the reward model's score where an exact answer is checked. rm: a RewardModel or
+    None."""
     rewards = torch.zeros(len(texts))
     if rm is not None:
-        scores = chat_reward_model_scores(*rm, messages, texts, answers)
+        scores = chat_reward_model_scores(rm, messages, texts, answers)
         rewards += args.rm_weight * torch.tensor([0.0 if r is None else r for r in scores])
     if args.exact_weight:
         exact = exact_answer_reward(texts, answers)

@@ -59,7 +59,6 @@ from llm_train.rl import (
     load_reward_model,
     paired_bootstrap_error_reduction,
     policy_parents,
-    reward_model_scores,
     rlhf_prompts,
 )
 from llm_train.runtime import compute_dtype, default_scale, dtype_name
@@ -131,11 +130,10 @@ def reward_functions(args, device):
     with their weights. TRL sums the weighted rewards; advantages are taken from that sum."""
     funcs, weights = [], []
     if args.rm_weight:
-        rm, rm_tok = load_reward_model(args.reward_model, device)
+        rm = load_reward_model(args.reward_model, device)
 
         def reward_model_score(prompts, completions, answer, **kwargs):
-            return chat_reward_model_scores(rm, rm_tok, prompts, [c[-1]["content"] for c in completions],
-                                                        answer)
+            return chat_reward_model_scores(rm, prompts, [c[-1]["content"] for c in completions], answer)
 
         funcs.append(reward_model_score)
         weights.append(args.rm_weight)
@@ -206,7 +204,7 @@ def policy_metrics(args, model, tok, prompts, rm):
               "ends_with_im_end": sum(bool(x) and x[-1] == im_end for x in ids) / max(1, len(ids)),
               "examples": [{"prompt": m[-1]["content"], "completion": t} for m, t in zip(messages[::97], texts[::97])]}
     if rm is not None:
-        scores = reward_model_scores(rm[0], rm[1], messages, texts)
+        scores = rm.scores(messages, texts)
         result["reward_model_score"] = sum(scores) / len(scores)
     # Both models are sampled from the same seed: the SFT policy against itself gives the same value.
     sampled = sampled_exact_answers(args, model, tok, [p["prompt"] for p, _ in arithmetic],

@@ -4,10 +4,14 @@ Reads:  the SFT policy as the starting point (SFT/sft_output/merged/, else outpu
         SFT/sft_output/ merged in memory; if --sft-dir holds no model yet, the pretrained model in output/; a
         --sft-dir that does not exist, or an adapter trained on another base, is an error), and preference pairs:
         by default the embedded RLHF/data/preference_{train,heldout}.jsonl.gz, or your own.
-Writes: RLHF/reward_model/      GPT2ForSequenceClassification (num_labels=1) + tokenizer; load it with
-                                AutoModelForSequenceClassification.from_pretrained("RLHF/reward_model")
-                                and lineage.json (settings; the SFT policy and base it was built from)
-        RLHF/reward_eval.json   held-out pairwise accuracy (chosen scored above rejected), overall and per kind
+Writes: RLHF/reward_model/      the reward: a preference classifier, GPT2ForSequenceClassification (num_labels=1),
+                                + tokenizer, plus likelihood_weight (in its config.json) x the reply's mean
+                                log-probability per token under reference/, a copy of the SFT policy; the weight is
+                                fitted on training pairs after training. Load it with
+                                llm_train.rl.load_reward_model("RLHF/reward_model") and score with .scores(...).
+                                lineage.json: settings; the SFT policy and base it was built from
+        RLHF/reward_eval.json   held-out pairwise accuracy (chosen scored above rejected), overall and per kind, and
+                                the classifier's alone
         RLHF/checkpoints/reward_model/  resumable checkpoints
         RLHF/train.log, RLHF/runs/reward_model/ (TensorBoard)
 
@@ -35,12 +39,19 @@ import os
 import tempfile
 from pathlib import Path
 
-from llm_train import rl
+from llm_train import rl, runtime
 from llm_train.atomic import atomic_write_json
-from llm_train.cli import apply_preset, nonnegative_int, positive_float, positive_int, settings_of
+from llm_train.cli import apply_preset, nonnegative_float, nonnegative_int, positive_float, positive_int, settings_of
 from llm_train.errors import UserError, run_main
 from llm_train.paths import OUTPUT_DIR, PREFERENCE_FILES, REWARD_MODEL_DIR, SFT_OUTPUT_DIR
-from llm_train.rl import load_policy, reward_model_input_ids, reward_model_scores
+from llm_train.rl import (
+    REFERENCE_DIR,
+    RewardModel,
+    classifier_scores,
+    load_policy,
+    reply_log_likelihoods,
+    reward_model_input_ids,
+)
 from llm_train.runtime import default_scale, dtype_name
 from llm_train.stage import Stage
 from llm_train.tokenizer import load_chat_tokenizer
@@ -65,9 +76,9 @@ STAGE = "reward_model"
 # batches: no better within the seeds' spread; see docs/experiments.md#reward-model). batch_size is the global batch
 # (pairs per optimizer step over all processes; split_global_batch splits it, e.g. gpu: 1 x 32 or 8 x 4).
 PRESETS = {
-    "gpu": dict(epochs=1.0, max_steps=-1, batch_size=32, lr=5e-5, save_steps=100),
-    "cpu": dict(epochs=1.0, max_steps=-1, batch_size=16, lr=2e-4, save_steps=100),
-    "smoke": dict(epochs=1.0, max_steps=6, batch_size=16, lr=3e-4, save_steps=50),
+    "gpu": dict(epochs=1.0, max_steps=-1, batch_size=32, lr=5e-5, save_steps=100, likelihood_weight=3.0),
+    "cpu": dict(epochs=1.0, max_steps=-1, batch_size=16, lr=2e-4, save_steps=100, likelihood_weight=3.0),
+    "smoke": dict(epochs=1.0, max_steps=6, batch_size=16, lr=3e-4, save_steps=50, likelihood_weight=3.0),
 }
 ROWS_PER_SLICE = 8  # of the 2 x pairs rows of a batch, scored together (LengthSlices)
 
@@ -187,8 +198,9 @@ def policy_parents(sft_dir, base_dir):
 
 
 def init_reward_model(sft_dir, base_dir, parents, tmp):
-    """GPT2ForSequenceClassification (num_labels=1) from the policy in parents (see policy_parents)."""
-    from transformers import AutoModelForSequenceClassification
+    """(GPT2ForSequenceClassification with num_labels=1, the reference causal LM, tokenizer), both models from the
+    policy in parents (see policy_parents)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = parents["policy"]
     if parents["base"] is not None:  # an adapter: merge it, then reload the merged weights with a score head
@@ -199,24 +211,34 @@ def init_reward_model(sft_dir, base_dir, parents, tmp):
     tok = load_chat_tokenizer(path if (Path(path) / "tokenizer.json").is_file() else base_dir)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
-    return model, tok
+    reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, reference, tok
 
 
-def evaluate(model, tok, pairs):
-    """Held-out pairwise accuracy (chosen scored above rejected), overall and per kind, and the mean margin."""
-    model.eval()
-    prompts = [p["prompt"] + p["chosen"][:-1] for p in pairs]
-    chosen = reward_model_scores(model, tok, prompts, [p["chosen"][-1]["content"] for p in pairs])
-    prompts = [p["prompt"] + p["rejected"][:-1] for p in pairs]
-    rejected = reward_model_scores(model, tok, prompts, [p["rejected"][-1]["content"] for p in pairs])
-    wins = [c > r for c, r in zip(chosen, rejected)]
+def pair_margins(reward, pairs, classifier=True):
+    """Per pair, chosen minus rejected: (classifier score or None, reference mean log-likelihood per token)."""
+    def margins(score):
+        sides = [score([p["prompt"] + p[side][:-1] for p in pairs], [p[side][-1]["content"] for p in pairs])
+                 for side in ("chosen", "rejected")]
+        return [c - r for c, r in zip(*sides)]
+
+    return (margins(lambda *a: classifier_scores(reward.classifier, reward.tokenizer, *a)) if classifier else None,
+            margins(lambda *a: reply_log_likelihoods(reward.reference, reward.tokenizer, *a)))
+
+
+def evaluate(reward, pairs):
+    """Held-out pairwise accuracy (chosen scored above rejected) of the reward, overall and per kind, its mean
+    margin, and the classifier's accuracy alone."""
+    scores, likelihoods = pair_margins(reward, pairs)
+    margins = [s + reward.likelihood_weight * l for s, l in zip(scores, likelihoods)]
     by_kind = {}
-    for p, w in zip(pairs, wins):
-        by_kind.setdefault(p["kind"], []).append(w)
-    return {"pairs": len(pairs), "accuracy": sum(wins) / len(wins),
+    for p, m in zip(pairs, margins):
+        by_kind.setdefault(p["kind"], []).append(m > 0)
+    return {"pairs": len(pairs), "accuracy": sum(m > 0 for m in margins) / len(pairs),
             "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
             "pairs_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
-            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
+            "mean_margin": sum(margins) / len(pairs),
+            "classifier_accuracy": sum(s > 0 for s in scores) / len(pairs)}
 
 
 def steps(text):
@@ -247,6 +269,9 @@ def build_parser():
                         help="a longer prompt + answer keeps its last this many tokens (default: the model's context, as "
                              "scoring does)")
     parser.add_argument("--save-steps", type=positive_int, help="(preset)")
+    parser.add_argument("--likelihood-weight", type=nonnegative_float,
+                        help="(preset) the reward adds this x the reply's mean log-probability per token under the SFT "
+                             "policy; the classifier trains on what that leaves (0: the classifier alone)")
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--force", action="store_true",
                         help="redo a finished run, discard checkpoints of a run with other settings, and replace a "
@@ -273,7 +298,7 @@ def run_settings(args, train_pairs, eval_pairs):
     """What decides the reward model, besides its parents: compared with the checkpoints' run before resuming it, and
     recorded in reward_model/lineage.json, where an identical rerun finds it finished."""
     return {**settings_of(args, "hf_dataset", "hf_split", "hf_eval_split", "epochs", "max_steps", "batch_size", "lr",
-                          "max_length", "seed"),
+                          "max_length", "likelihood_weight", "seed"),
             **({"micro_batch": args.micro_batch} if args.micro_batch else {}),
             "data": [str(p.resolve()) for p in args.data or []],
             "eval_data": [str(p.resolve()) for p in args.eval_data or []],
@@ -282,17 +307,19 @@ def run_settings(args, train_pairs, eval_pairs):
             "dtype": dtype_name(allow_fp16=True), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
-def pair_dataset(tok, pairs, max_len):
+def pair_dataset(tok, pairs, max_len, likelihood_margins, likelihood_weight):
     """The pairs' chosen and rejected token ids, tokenized as scoring tokenizes them (TRL would drop every pair
     longer than max_length, a quarter of the embedded "rambling" pairs, while scoring cuts them from the left: the
-    model never saw what it was judged on)."""
+    model never saw what it was judged on), and TRL's margin: the classifier's loss is -log sigmoid(its margin +
+    likelihood_weight x the reference's likelihood margin), the reward's own loss."""
     from datasets import Dataset
 
     def input_ids(side):
         return reward_model_input_ids(tok, [p["prompt"] + p[side][:-1] for p in pairs],
                                       [p[side][-1]["content"] for p in pairs], max_len)
 
-    return Dataset.from_dict({"chosen_ids": input_ids("chosen"), "rejected_ids": input_ids("rejected")})
+    return Dataset.from_dict({"chosen_ids": input_ids("chosen"), "rejected_ids": input_ids("rejected"),
+                              "margin": [-likelihood_weight * m for m in likelihood_margins]})
 
 
 class LengthSlices:
@@ -303,7 +330,7 @@ class LengthSlices:
     def __init__(self, model, rows_per_slice):
         self.model, self.rows_per_slice = model, rows_per_slice
 
-    def __call__(self, input_ids, attention_mask, **kwargs):
+    def __call__(self, input_ids, attention_mask, margin=None, **kwargs):  # the margin is the loss's, not the model's
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
         lengths = attention_mask.sum(dim=1)
@@ -346,19 +373,23 @@ def build_trainer(args, model, tok, train_ds, ckpt_dir):
     return trainer(model=model, args=config, train_dataset=train_ds, processing_class=tok, callbacks=callbacks)
 
 
-def save_and_evaluate(args, stage, trainer, tok, eval_pairs, report):
-    """reward_model/ (model, tokenizer, lineage.json), then its held-out accuracy into reward_eval.json (after the
-    run's numbers in report) and train.log."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+def save_and_evaluate(args, stage, trainer, reward, eval_pairs, report):
+    """reward_model/ (the classifier with the likelihood weight in its config, tokenizer, reference/, lineage.json),
+    then its held-out accuracy into reward_eval.json (after the run's numbers in report) and train.log."""
+    reward.classifier = trainer.accelerator.unwrap_model(trainer.model).eval()
+    reward.classifier.config.likelihood_weight = reward.likelihood_weight
     with stage.output() as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    metrics = evaluate(model, tok, eval_pairs)
-    atomic_write_json(args.out_dir / "reward_eval.json", {**report, "heldout": metrics})
+        reward.classifier.save_pretrained(tmp)
+        reward.tokenizer.save_pretrained(tmp)
+        reward.reference.save_pretrained(Path(tmp) / REFERENCE_DIR)
+    metrics = evaluate(reward, eval_pairs)
+    atomic_write_json(args.out_dir / "reward_eval.json", {**report, "likelihood_weight": reward.likelihood_weight,
+                                                          "heldout": metrics})
     append_jsonl(args.out_dir / "train.log", {"stage": STAGE, "event": "eval", **metrics})
     kinds = ", ".join(f"{k} {v:.2f}" for k, v in metrics["accuracy_by_kind"].items())
-    print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} ({kinds}); saved {stage.out_dir} "
-          f"and {args.out_dir / 'reward_eval.json'}")
+    print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} (the classifier alone {metrics['classifier_accuracy']:.3f},"
+          f" the likelihood weighted {reward.likelihood_weight:g}; {kinds}); saved {stage.out_dir} and "
+          f"{args.out_dir / 'reward_eval.json'}")
 
 
 def main():
@@ -375,14 +406,21 @@ def main():
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok = init_reward_model(args.sft_dir, args.base_dir, parents, tmp)
+        model, reference, tok = init_reward_model(args.sft_dir, args.base_dir, parents, tmp)
     print(f"reward model initialised from {source}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
           f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
     max_len = min(args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
-    trainer = build_trainer(args, model, tok, pair_dataset(tok, train_pairs, max_len), ckpt_dir)
+    reference.to(runtime.device())
+    reward = RewardModel(model, reference, tok, args.likelihood_weight)
+    margins = [0.0] * len(train_pairs)
+    if args.likelihood_weight:
+        with runtime.autocast(runtime.device()):  # as the classifier trains
+            margins = pair_margins(reward, train_pairs, classifier=False)[1]
+    trainer = build_trainer(args, model, tok, pair_dataset(tok, train_pairs, max_len, margins, args.likelihood_weight),
+                            ckpt_dir)
     seconds = train_and_end(trainer, resume, finished, args.out_dir / "train.log", STAGE)
     if trainer.accelerator.is_main_process:
-        save_and_evaluate(args, stage, trainer, tok, eval_pairs, {
+        save_and_evaluate(args, stage, trainer, reward, eval_pairs, {
             "initialised_from": source, "train_pairs": len(train_pairs), "steps": trainer.state.global_step,
             "train_loss": mean_logged(trainer.state, "loss"),  # the whole run, also after a resume
             "train_seconds": round(seconds, 1)})

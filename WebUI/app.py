@@ -49,7 +49,7 @@ from llm_train.engine import Engine, Sampling, new_token_count, reply_budget
 from llm_train.errors import UserError, run_main
 from llm_train.lineage import check_lineage
 from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, REWARD_MODEL_DIR, SFT_OUTPUT_DIR, TOKENIZER_DIR
-from llm_train.rl import find_policy, load_policy, load_reward_model, policy_parents, reward_model_scores
+from llm_train.rl import find_policy, load_policy, load_reward_model, policy_parents
 from llm_train.runtime import compute_dtype, dtype_name
 from llm_train.tokenizer import load_tokenizer, render_messages
 from llm_train.trainer_runs import rerun_command
@@ -138,7 +138,7 @@ def load_reward(args):
 
 
 def load_all(args):
-    """(engines {name: Engine} of base / SFT / GRPO, (reward model, tokenizer) or None, {name: why not loaded}) of
+    """(engines {name: Engine} of base / SFT / GRPO, the RewardModel or None, {name: why not loaded}) of
     the stages that loaded; the others' messages name server paths (the page shows them through public())."""
     import torch
 
@@ -151,14 +151,13 @@ def load_all(args):
     for name, load in (("base", lambda: load_base(args, dtype)), ("SFT", lambda: load_sft(args, dtype)),
                        ("GRPO", lambda: load_grpo(args, dtype)), ("reward model", lambda: load_reward(args))):
         try:
-            model, tok = load()
+            loaded[name] = load()
         except UserError as e:
             problems[name] = str(e)
-            continue
-        loaded[name] = (model.to(dev).eval(), tok)
-    reward = loaded.pop("reward model", None)
+    reward = loaded.pop("reward model", None)  # a RewardModel, on its device already
     engine_dtype = dtype_name(allow_fp16=True) if on_gpu else "fp32"  # "fp32": no autocast
-    return {name: Engine(model, tok, engine_dtype) for name, (model, tok) in loaded.items()}, reward, problems
+    return ({name: Engine(model.to(dev).eval(), tok, engine_dtype) for name, (model, tok) in loaded.items()}, reward,
+            problems)
 
 
 def server_dirs(args):
@@ -318,9 +317,7 @@ class Handlers:
         """Add the reward model's score and the arithmetic verdict to each answer's note."""
         scores = {}
         if self.reward is not None and names:
-            rm, rm_tok = self.reward
-            scores = dict(zip(names, reward_model_scores(rm, rm_tok, [messages] * len(names),
-                                                         [answers[n] for n in names])))
+            scores = dict(zip(names, self.reward.scores([messages] * len(names), [answers[n] for n in names])))
         answer = arithmetic_answer(prompt)
         for n in names:
             score = f"reward-model score **{scores[n]:+.3f}**" if n in scores else \

@@ -15,6 +15,9 @@ from llm_train.tokenizer import load_chat_tokenizer
 from llm_train.trainer_runs import rerun_command
 
 
+REFERENCE_DIR = "reference"  # in the reward model's dir: the SFT policy whose likelihoods the reward adds
+
+
 class NoSFTModel(UserError):
     """--sft-dir exists but holds no model (the reward model then starts from the pretrained base)."""
 
@@ -106,30 +109,86 @@ def reward_model_input_ids(tokenizer, prompts, completions, max_len):
     return [x[-max_len:] for x in ids]                                              # for what is cut right here
 
 
-def reward_model_scores(reward_model, tokenizer, prompts, completions, batch_size=32):
-    """Reward-model score of each (prompt messages, completion text): reward_model_input_ids at the model's
-    context, right-padded (the score is read at the last real token)."""
+def padded_batches(ids, pad_id, batch_size, dev):
+    """(row indices, right-padded input_ids, attention mask) of batches of rows of like length (less padding)."""
     import torch
 
-    max_len = reward_model.config.max_position_embeddings
-    dev = next(reward_model.parameters()).device
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        ids = reward_model_input_ids(tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size], max_len)
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=dev)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.tensor([ids[i] + [pad_id] * (width - len(ids[i])) for i in rows], device=dev)
+        mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in rows], device=dev)
+        yield rows, input_ids, mask
+
+
+def classifier_scores(classifier, tokenizer, prompts, completions, batch_size=32):
+    """The preference classifier's score of each (prompt messages, completion text): reward_model_input_ids at the
+    model's context (the score is read at the last real token)."""
+    import torch
+
+    ids = reward_model_input_ids(tokenizer, prompts, completions, classifier.config.max_position_embeddings)
+    scores = [0.0] * len(ids)
+    for rows, input_ids, mask in padded_batches(ids, tokenizer.pad_token_id, batch_size,
+                                                next(classifier.parameters()).device):
         with torch.no_grad():
-            scores += reward_model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+            for i, score in zip(rows, classifier(input_ids=input_ids, attention_mask=mask).logits[:, 0].tolist()):
+                scores[i] = score
     return scores
 
 
-def chat_reward_model_scores(reward_model, tokenizer, prompts, completions, answers):
+def reply_log_likelihoods(lm, tokenizer, prompts, completions, batch_size=32):
+    """The mean log-probability per token, under the causal LM lm, of each completion's tokens (its <|im_end|>
+    included) after its prompt messages, in the chat template; a pair longer than the context is cut from the left
+    as reward_model_input_ids cuts it."""
+    import torch
+
+    full = tokenizer([render_chat(tokenizer, p, c) for p, c in zip(prompts, completions)], add_special_tokens=False,
+                     verbose=False)["input_ids"]
+    asked = tokenizer([render_chat(tokenizer, p) for p in prompts], add_special_tokens=False,
+                      verbose=False)["input_ids"]
+    ids = [x[-lm.config.max_position_embeddings:] for x in full]
+    means = [0.0] * len(ids)
+    for rows, input_ids, mask in padded_batches(ids, tokenizer.pad_token_id, batch_size, next(lm.parameters()).device):
+        targets = torch.zeros_like(mask, dtype=torch.bool)  # the positions whose next token is the reply's
+        for row, i in enumerate(rows):
+            targets[row, max(0, len(ids[i]) - (len(full[i]) - len(asked[i])) - 1):len(ids[i]) - 1] = True
+        with torch.no_grad():  # the LM head only where a reply token is predicted: half the FLOPs of the small models
+            hidden = lm.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state[targets]
+            log_probs = -torch.nn.functional.cross_entropy(lm.get_output_embeddings()(hidden).float(),
+                                                           input_ids[:, 1:][targets[:, :-1]], reduction="none")
+        sums = torch.zeros(len(rows), device=log_probs.device).index_add_(0, targets.nonzero()[:, 0], log_probs)
+        for i, total, n in zip(rows, sums.tolist(), targets.sum(1).tolist()):
+            means[i] = total / max(n, 1)
+    return means
+
+
+class RewardModel:
+    """The reward of a reply: a preference classifier's score (GPT2ForSequenceClassification, trained on chosen /
+    rejected pairs) plus likelihood_weight x the reply's mean log-probability per token under the reference policy,
+    the SFT policy the classifier was trained from. The classifier does not learn to check a column sum from pairs;
+    the policy predicts the right one (docs/experiments.md#reward-model). reward_model.py fits the weight."""
+
+    def __init__(self, classifier, reference, tokenizer, likelihood_weight):
+        self.classifier, self.reference, self.tokenizer = classifier, reference, tokenizer
+        self.likelihood_weight = likelihood_weight
+
+    def scores(self, prompts, completions, batch_size=32):
+        """The reward of each (prompt messages, completion text)."""
+        if not prompts:
+            return []
+        scores = classifier_scores(self.classifier, self.tokenizer, prompts, completions, batch_size)
+        if not self.likelihood_weight:
+            return scores
+        likelihoods = reply_log_likelihoods(self.reference, self.tokenizer, prompts, completions, batch_size)
+        return [s + self.likelihood_weight * l for s, l in zip(scores, likelihoods)]
+
+
+def chat_reward_model_scores(reward_model, prompts, completions, answers):
     """GRPO's reward-model reward: the score of each completion whose prompt has no checkable answer (answer None),
     None where the exact answer judges it (there the reward model's scores would only add noise to the 0/1)."""
     judged = [i for i, a in enumerate(answers) if a is None]
-    scores = iter(reward_model_scores(reward_model, tokenizer, [prompts[i] for i in judged],
-                                      [completions[i] for i in judged]))
+    scores = iter(reward_model.scores([prompts[i] for i in judged], [completions[i] for i in judged]))
     return [next(scores) if a is None else None for a in answers]
 
 
@@ -140,17 +199,22 @@ def exact_answer_reward(completions, answers):
 
 
 def load_reward_model(path, dev=None):
-    """(reward model, its tokenizer), in eval mode on dev."""
-    if not (Path(path) / "config.json").is_file():
+    """The RewardModel in path (RLHF/reward_model/: the classifier, its tokenizer, reference/ and the weight in
+    config.json), in eval mode on dev."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
         raise UserError(f"no reward model in {path}: run `python RLHF/reward_model.py` first "
                         "(or pass --rm-weight 0 to train on exact answers alone)")
+    if not (path / REFERENCE_DIR / "config.json").is_file():
+        raise UserError(f"{path} has no {REFERENCE_DIR}/ (the policy it scores likelihoods with; an older "
+                        "llm_train wrote it): rerun `python RLHF/reward_model.py --force`")
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model.to(dev or "cpu"), load_chat_tokenizer(path)
-
-
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(str(path / REFERENCE_DIR), dtype=torch.float32).eval()
+    return RewardModel(classifier.to(dev or "cpu"), reference.to(dev or "cpu"), load_chat_tokenizer(path),
+                       classifier.config.likelihood_weight)
 
 
 def paired_bootstrap_error_reduction(before, after, samples=2000, seed=0):

@@ -14,7 +14,7 @@ from llm_train.corpus import read_jsonl_gz
 from llm_train.engine import generate_completions, prompt_room, prompt_token_ids
 from llm_train.errors import UserError
 from llm_train.lineage import output_fingerprint, read_lineage, write_lineage
-from llm_train.rl import load_policy, rlhf_prompts
+from llm_train.rl import REFERENCE_DIR, load_policy, load_reward_model, rlhf_prompts
 from llm_train.runtime import DTYPE_ENV, autocast, dtype_name
 from llm_train.sampling import completion_logps
 from llm_train.tokenizer import IM_END, PAD, load_chat_tokenizer
@@ -132,6 +132,7 @@ def rlhf_dir(tmp_path_factory, tiny_model_dir):
 
 
 def test_reward_model_learns_the_pairs(rlhf_dir, tiny_model_dir):
+    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
     report = json.loads((rlhf_dir / "reward_eval.json").read_text())
@@ -146,11 +147,65 @@ def test_reward_model_learns_the_pairs(rlhf_dir, tiny_model_dir):
     tok = load_chat_tokenizer(rlhf_dir / "reward_model")
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id == tok.convert_tokens_to_ids(
         PAD)  # the score is read at the last token before padding
+    # the reference is the policy the classifier started from, unchanged; the weight was fitted
+    assert report["likelihood_weight"] == model.config.likelihood_weight >= 0
+    reference = load_file(rlhf_dir / "reward_model" / REFERENCE_DIR / "model.safetensors")
+    policy = load_file(tiny_model_dir / "model.safetensors")
+    assert reference.keys() == policy.keys() and all(torch.equal(reference[k], policy[k]) for k in policy)
     assert any(json.loads(line).get("stage") == "reward_model" for line in open(rlhf_dir / "train.log"))
     assert list((rlhf_dir / "runs" / "reward_model").glob("events.out.tfevents.*"))
     lineage = read_lineage(rlhf_dir / "reward_model")
     assert lineage["stage"] == "reward_model" and lineage["settings"]["max_steps"] == 60
     assert lineage["parents"]["policy"]["fingerprint"] == output_fingerprint(tiny_model_dir)
+
+
+def test_the_reward_is_the_classifier_score_plus_the_weighted_mean_log_likelihood_of_the_reply(rlhf_dir):
+    """RewardModel.scores: the classifier's score + likelihood_weight x the mean log-probability under the reference
+    of the reply's tokens only (its <|im_end|> included, the prompt's left out), whatever the batch's padding."""
+    reward = load_reward_model(rlhf_dir / "reward_model")
+    tok = reward.tokenizer
+    prompts = [[{"role": "user", "content": "What is 47 + 38?"}], [{"role": "user", "content": "Hello there, how are you"}]]
+    replies = ["47 + 38: 7 + 8 = 15, write 5 carry 1; 4 + 3 + 1 = 8. The answer is 85.", "Hi!"]
+    weight = reward.likelihood_weight = 2.5
+    for prompt, reply, score in zip(prompts, replies, reward.scores(prompts, replies)):
+        asked = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=False)
+        ids = tok(full, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        start = len(tok(asked, add_special_tokens=False)["input_ids"])
+        assert tok.decode(ids[0, start:]).startswith(reply[:5]) and tok.decode(ids[0, -2:]).startswith(IM_END)
+        with torch.no_grad():
+            classifier = reward.classifier(input_ids=ids).logits[0, 0].item()
+            log_probs = torch.log_softmax(reward.reference(input_ids=ids).logits[0, :-1], -1)
+        reply_log_probs = log_probs[start - 1:].gather(1, ids[0, start:, None])
+        assert score == pytest.approx(classifier + weight * reply_log_probs.mean().item(), abs=1e-4)
+
+
+def test_the_classifier_trains_on_the_loss_of_the_whole_reward(rlhf_dir, tmp_path):
+    """The reward model's training loss (TRL's, with our margin column) is -log sigmoid(classifier margin + weight x
+    reference likelihood margin): the classifier learns what the weighted likelihood leaves, with the sign right."""
+    rm = load_script("RLHF/reward_model.py")
+    reward = load_reward_model(rlhf_dir / "reward_model")
+    weight = reward.likelihood_weight = 2.0
+    pairs = rm.load_pairs([DATA / "preference_heldout.jsonl.gz"])[::50]
+    scores, likelihoods = rm.pair_margins(reward, pairs)
+    assert min(map(abs, likelihoods)) > 0  # the term is there to be counted
+    args = rm.apply_preset(rm.build_parser().parse_args(["--preset", "smoke", "--out-dir", str(tmp_path)]), rm.PRESETS,
+                           "smoke")
+    dataset = rm.pair_dataset(reward.tokenizer, pairs, 256, likelihoods, weight)
+    trainer = rm.build_trainer(args, reward.classifier, reward.tokenizer, dataset, tmp_path / "checkpoints")
+    batch = trainer.data_collator([dataset[i] for i in range(len(pairs))])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model.eval(), batch).item()
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(scores) + weight * torch.tensor(likelihoods)).mean()
+    assert loss == pytest.approx(expected.item(), abs=1e-4)
+    assert loss != pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(scores)).mean().item(), abs=1e-3)
+
+
+def test_a_reward_model_without_its_reference_is_refused_with_what_to_run(rlhf_dir, tmp_path):
+    old = tmp_path / "reward_model"
+    shutil.copytree(rlhf_dir / "reward_model", old, ignore=shutil.ignore_patterns(REFERENCE_DIR))
+    with pytest.raises(UserError, match="has no reference/.*RLHF/reward_model.py --force"):
+        load_reward_model(old)
 
 
 def test_length_slices_score_a_padded_batch_as_one_call_does_on_fewer_positions(tiny_model_dir):
@@ -520,9 +575,7 @@ def grpo_args(tiny_model_dir, out, *extra):
 
 def test_reward_functions_score_known_completions(rlhf_dir, tiny_model_dir):
     """The rewards GRPO optimises: 1 for a completion with the exact answer, 0 for a wrong one, none for a chat
-    prompt; the reward-model reward is the reward model's score of the rendered conversation."""
-    from transformers import AutoModelForSequenceClassification
-
+    prompt; the reward-model reward is the reward model's score of the conversation."""
     trl_script = load_script("RLHF/grpo_trl.py")
     args = trl_script.parse_args(["--preset", "smoke", "--sft-dir", str(tiny_model_dir), "--out-dir", str(rlhf_dir)])
     (rm_reward, exact), weights = trl_script.reward_functions(args, torch.device("cpu"))
@@ -532,13 +585,9 @@ def test_reward_functions_score_known_completions(rlhf_dir, tiny_model_dir):
     completions = [[{"role": "assistant", "content": c}] for c in
                    (task["response"], f"The answer is {task['answer'] + 1}.", "Hi!")]
     assert exact(prompts, completions, answer=[task["answer"], task["answer"], None]) == [1.0, 0.0, None]
-    rm = AutoModelForSequenceClassification.from_pretrained(str(rlhf_dir / "reward_model")).eval()
-    tok = load_chat_tokenizer(rlhf_dir / "reward_model")
-    text = tok.apply_chat_template(prompts[2] + completions[2], tokenize=False)
-    with torch.no_grad():
-        chat_score = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
     # the reward model scores only the prompts without a checkable answer
     rewards = rm_reward(prompts, completions, answer=[task["answer"], task["answer"], None])
+    chat_score = load_reward_model(rlhf_dir / "reward_model").scores(prompts[2:], ["Hi!"])[0]
     assert rewards[:2] == [None, None] and rewards[2] == pytest.approx(chat_score, abs=1e-5)
 
 

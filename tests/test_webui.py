@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llm_train.arithmetic import EXAMPLE_PROMPTS, arithmetic_answer, arithmetic_tasks, extract_answer
 from llm_train.engine import Engine, Sampling
-from llm_train.rl import load_reward_model, reward_model_scores
+from llm_train.rl import load_reward_model
 from llm_train.tokenizer import load_chat_tokenizer, load_tokenizer, render_messages, tokenizer_fingerprint
 
 import pytest
@@ -229,8 +229,8 @@ def test_gradio_client_chat_streams_and_compare_scores(app_url, smoke_repo):
             break
     assert all(a.strip() for a in answers), answers
     # the scores shown are the reward model's scores of these answers
-    rm, rm_tok = load_reward_model(smoke_repo[0] / "RLHF" / "reward_model")
-    scores = reward_model_scores(rm, rm_tok, [[{"role": "user", "content": ARITH}]] * 3, list(answers))
+    scores = load_reward_model(smoke_repo[0] / "RLHF" / "reward_model").scores(
+        [[{"role": "user", "content": ARITH}]] * 3, list(answers))
     for v, s, a in zip(verdicts, scores, answers):
         assert f"reward-model score **{s:+.3f}**" in v, (v, s)
         assert ("✓ right" if extract_answer(a) == 85 else "✗") in v and "85" in v
