@@ -73,7 +73,8 @@ STAGE = "reward_model"
 # Budget and optimizer per scale of policy, in one place (README table); each value can be overridden by its flag.
 # All weights are trained (the scalar head is new), so the lr is lower than a LoRA run's. cpu: 1 epoch over two
 # rejected kinds per prompt plus a contradiction per problem, lr 2e-4 (more epochs, other lrs, LoRA, length-grouped
-# batches: no better within the seeds' spread; see docs/experiments.md#reward-model). batch_size is the global batch
+# batches: no better within the seeds' spread); likelihood_weight 3: best of 1-30 on wrong numbers and overall
+# (docs/experiments.md#reward-model). batch_size is the global batch
 # (pairs per optimizer step over all processes; split_global_batch splits it, e.g. gpu: 1 x 32 or 8 x 4).
 PRESETS = {
     "gpu": dict(epochs=1.0, max_steps=-1, batch_size=32, lr=5e-5, save_steps=100, likelihood_weight=3.0),

@@ -13,6 +13,7 @@ move by +-0.09 between draws of the rejected answers; 400 by about +-0.05 (95%).
 nothing else running.
 
     python bench/sweep_reward_model.py --epochs 1 2 3
+    python bench/sweep_reward_model.py --epochs 1 -- --likelihood-weight 0     # the classifier alone
 """
 import argparse
 import json
