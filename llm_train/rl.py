@@ -167,7 +167,8 @@ class RewardModel:
     """The reward of a reply: a preference classifier's score (GPT2ForSequenceClassification, trained on chosen /
     rejected pairs) plus likelihood_weight x the reply's mean log-probability per token under the reference policy,
     the SFT policy the classifier was trained from. The classifier does not learn to check a column sum from pairs;
-    the policy predicts the right one (docs/experiments.md#reward-model). reward_model.py fits the weight."""
+    the policy predicts the right one (docs/experiments.md#reward-model). reward_model.py trains the classifier on
+    the loss of this whole reward, the weight given (--likelihood-weight)."""
 
     def __init__(self, classifier, reference, tokenizer, likelihood_weight):
         self.classifier, self.reference, self.tokenizer = classifier, reference, tokenizer
