@@ -6,8 +6,8 @@ Reads:  the SFT policy as the starting point (SFT/sft_output/merged/, else outpu
         by default the embedded RLHF/data/preference_{train,heldout}.jsonl.gz, or your own.
 Writes: RLHF/reward_model/      the reward: a preference classifier, GPT2ForSequenceClassification (num_labels=1),
                                 + tokenizer, plus likelihood_weight (in its config.json) x the reply's mean
-                                log-probability per token under reference/, a copy of the SFT policy; the weight is
-                                fitted on training pairs after training. Load it with
+                                log-probability per token under reference/, a copy of the SFT policy (the classifier
+                                is trained on the loss of that whole reward). Load it with
                                 llm_train.rl.load_reward_model("RLHF/reward_model") and score with .scores(...).
                                 lineage.json: settings; the SFT policy and base it was built from
         RLHF/reward_eval.json   held-out pairwise accuracy (chosen scored above rejected), overall and per kind, and
@@ -217,11 +217,17 @@ def init_reward_model(sft_dir, base_dir, parents, tmp):
 
 
 def pair_margins(reward, pairs, classifier=True):
-    """Per pair, chosen minus rejected: (classifier score or None, reference mean log-likelihood per token)."""
+    """Per pair, chosen minus rejected: (classifier score or None, reference mean log-likelihood per token). Each
+    distinct (prompt, reply) is scored once: a chosen reply sits in several pairs (3 in 10 of the embedded ones)."""
+    keys = [[json.dumps([p["prompt"], p[side]], ensure_ascii=False) for side in ("chosen", "rejected")] for p in pairs]
+    replies = {}
+    for p, sides in zip(pairs, keys):
+        replies.update({k: p["prompt"] + p[side] for k, side in zip(sides, ("chosen", "rejected"))})
+
     def margins(score):
-        sides = [score([p["prompt"] + p[side][:-1] for p in pairs], [p[side][-1]["content"] for p in pairs])
-                 for side in ("chosen", "rejected")]
-        return [c - r for c, r in zip(*sides)]
+        scored = dict(zip(replies, score([m[:-1] for m in replies.values()],
+                                         [m[-1]["content"] for m in replies.values()])))
+        return [scored[chosen] - scored[rejected] for chosen, rejected in keys]
 
     return (margins(lambda *a: classifier_scores(reward.classifier, reward.tokenizer, *a)) if classifier else None,
             margins(lambda *a: reply_log_likelihoods(reward.reference, reward.tokenizer, *a)))

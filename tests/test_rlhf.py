@@ -147,7 +147,7 @@ def test_reward_model_learns_the_pairs(rlhf_dir, tiny_model_dir):
     tok = load_chat_tokenizer(rlhf_dir / "reward_model")
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id == tok.convert_tokens_to_ids(
         PAD)  # the score is read at the last token before padding
-    # the reference is the policy the classifier started from, unchanged; the weight was fitted
+    # the reference is the policy the classifier started from, unchanged; the weight is the run's
     assert report["likelihood_weight"] == model.config.likelihood_weight >= 0
     reference = load_file(rlhf_dir / "reward_model" / REFERENCE_DIR / "model.safetensors")
     policy = load_file(tiny_model_dir / "model.safetensors")
