@@ -8,14 +8,15 @@
 
 Every generation goes through this Engine, under the compute dtype's autocast, without autograd, so the stop tokens,
 the sampling settings and the context window are decided here only. A stream is one Hugging Face generate() call
-(Engine.generate); a batch (generate_batch: evaluations, GRPO's rollouts) runs our own KV-cache loop that drops the
-rows that have stopped, as generate() cannot (decode_batch):
+(Engine.generate); a batch (generate_batch: evaluations, GRPO's rollouts) runs our own KV-cache loop over the GPT-2's
+modules (GPT2Decoder), which computes a repeated prompt once and drops the rows that have stopped (decode_batch):
 - stop tokens: <|im_end|> (end of a chat turn) and <|endoftext|> (end of a document), those the tokenizer has;
 - Sampling: temperature 0 = greedy; top_k 0 = off; top_p 1 = off. Out-of-range or NaN values raise a UserError
   naming the setting, before any generation. The token is drawn by InverseCdfDraw, not generate()'s multinomial;
 - context: a prompt keeps its last prompt_room() tokens (its end, where the reply starts), so prompt + new tokens
   never ask for a position the model did not learn; generate_sliding() goes past the context by sliding the window.
-Greedy generation is the same token for token as a direct generate() call with the same stops, batches included.
+Greedy generation in fp32 is the same token for token as a direct generate() call with the same stops, batches
+included; under bf16 autocast a batch's logits differ from generate()'s by bf16 rounding (the attention's kernel).
 """
 import math
 import queue
@@ -105,7 +106,8 @@ class InverseCdfDraw:
     def __init__(self):
         self.rows = self.batch = None
 
-    def __call__(self, input_ids, scores):
+    def token(self, scores):
+        """The drawn token id of each row of scores (B, V)."""
         import torch
 
         cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
@@ -114,8 +116,12 @@ class InverseCdfDraw:
         else:
             u = torch.rand((self.batch, 1), device=scores.device)[self.rows]
         u = u * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # the first cdf > u: p > 0
-        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1).squeeze(1)  # the first cdf > u
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        return torch.full_like(scores, -math.inf).scatter_(1, self.token(scores)[:, None], 0.0)
 
 
 GREEDY = Sampling()
@@ -154,6 +160,101 @@ def prompt_token_ids(tokenizer, prompts, room=None):
     ids = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
                                         tokenizer_kwargs={"verbose": False})["input_ids"]  # no "too long" warning:
     return ids if room is None else [x[-room:] for x in ids]                              # cut right here
+
+
+class GPT2Decoder:
+    """GPT-2's forward for a batch's KV-cache loop, through the model's own modules (so LoRA layers, 4-bit weights
+    and a scaled final norm all take part), with the cache preallocated for `length` positions in the compute dtype.
+    A new token attends over the whole cache, masked, in three small ops (HF's eager attention), not
+    scaled_dot_product_attention, whose CPU kernel costs ~5x more for one query (docs/experiments.md#sampling):
+    the same logits as the model's forward in fp32, and to bf16's rounding under autocast. GPT-2 only (every model
+    of this project)."""
+
+    def __init__(self, model, length):
+        import torch
+
+        gpt = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel: its LoRA'd GPT-2
+        config = gpt.config
+        if config.model_type != "gpt2" or config.reorder_and_upcast_attn or config.scale_attn_by_inverse_layer_idx \
+                or not config.scale_attn_weights:
+            raise UserError(f"batched generation runs GPT-2 models with standard attention only, got a "
+                            f"{config.model_type} model")
+        self.transformer, self.lm_head = gpt.transformer, gpt.lm_head
+        self.heads, self.length = config.n_head, length
+        self.scale = (config.n_embd // config.n_head) ** -0.5
+        self.keys = self.values = self.seen = None  # (layers, B, heads, length, head dim) in the compute dtype;
+        # (B, length) bool: a position holds a token
+        self.filled = 0
+        self.device = next(gpt.parameters()).device
+        self.no_autocast = torch.autocast(self.device.type, enabled=False)
+
+    def _split(self, qkv):
+        """(B, T, 3C) -> q, k, v as (B, heads, T, C / heads)."""
+        B, T, _ = qkv.shape
+        return [x.view(B, T, self.heads, -1).transpose(1, 2) for x in qkv.chunk(3, dim=-1)]
+
+    def _block(self, block, x, attend):
+        q, k, v = self._split(block.attn.c_attn(block.ln_1(x)))
+        y = attend(q, k, v)
+        x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return x + block.mlp(block.ln_2(x))
+
+    def _logits(self, x):
+        return self.lm_head(self.transformer.ln_f(x[:, -1])).float()
+
+    def prefill(self, input_ids, attention_mask):
+        """The logits (B, V) of the next token after a left-padded batch (B, T), its keys and values cached. A prompt
+        that comes several times (GRPO's groups, several samples per problem) is computed once."""
+        import torch
+        import torch.nn.functional as F
+
+        B, T = input_ids.shape
+        rows, copies = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+        input_ids, attention_mask = rows[:, :T], rows[:, T:]
+        positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # left padding: each prompt starts at position 0
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+        dtype = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else x.dtype
+        self.keys = torch.zeros(len(self.transformer.h), B, self.heads, self.length, x.shape[-1] // self.heads,
+                                dtype=dtype, device=self.device)
+        self.values = torch.zeros_like(self.keys)
+        self.seen = torch.zeros(B, self.length, dtype=torch.bool, device=self.device)
+        self.seen[:, :T] = attention_mask.bool()[copies]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        # a pad position sees itself too: its (unused) output stays finite, so no NaN reaches the cache
+        mask = ((causal & attention_mask.bool()[:, None]) | torch.eye(T, dtype=torch.bool, device=self.device))[:, None]
+        for i, block in enumerate(self.transformer.h):
+            def attend(q, k, v, i=i):
+                self.keys[i, :, :, :T], self.values[i, :, :, :T] = k[copies], v[copies]
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+            x = self._block(block, x, attend)
+        self.filled = T
+        return self._logits(x)[copies]
+
+    def step(self, token, position):
+        """The logits (B, V) after one more token per row (B,) at its position (B,)."""
+        import torch
+
+        n = self.filled
+        self.filled += 1
+        self.seen[:, n] = True
+        x = self.transformer.wte(token[:, None]) + self.transformer.wpe(position[:, None])
+        masked = ~self.seen[:, None, None, :]  # the whole length: a slice of the cache would be copied by matmul
+        for i, block in enumerate(self.transformer.h):
+            def attend(q, k, v, i=i):
+                keys, values = self.keys[i], self.values[i]
+                keys[:, :, n], values[:, :, n] = k[:, :, 0], v[:, :, 0]
+                with self.no_autocast:  # in the cache's dtype, the softmax in fp32: HF's eager attention
+                    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scale).masked_fill_(masked, -math.inf)
+                    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
+
+            x = self._block(block, x, attend)
+        return self._logits(x)
+
+    def keep_rows(self, keep):
+        """Drop every row of the cache but `keep` (indices)."""
+        self.keys, self.values = self.keys.index_select(1, keep), self.values.index_select(1, keep)
+        self.seen = self.seen.index_select(0, keep)
 
 
 class _TokenQueue:
@@ -233,32 +334,33 @@ class Engine:
 
     def decode_batch(self, input_ids, attention_mask, max_new_tokens, sampling=GREEDY):
         """The new tokens (B, N) after a left-padded batch that fits, what generate() gives (a stopped row padded
-        with pad tokens; sampling draws generate()'s random numbers, so from the same seed the same tokens), from a
-        KV-cache loop that drops the stopped rows and their cache once DROP_SHARE of the batch has stopped.
-        generate() computes every row until the longest reply ends; this costs about the replies' total length
-        instead (docs/experiments.md#sampling)."""
+        with pad tokens; sampling draws generate()'s random numbers, so from the same seed the same tokens), from our
+        own KV-cache loop over the GPT-2's modules (GPT2Decoder), which drops the stopped rows and their cache once
+        DROP_SHARE of the batch has stopped. generate() computes every row until the longest reply ends; this costs
+        about the replies' total length instead, and each new token ~half of what generate()'s step costs on a CPU
+        (docs/experiments.md#sampling)."""
         import torch
-        from transformers import DynamicCache
 
+        decoder = GPT2Decoder(self.model, input_ids.shape[1] + max_new_tokens)
         processors = sampling.generate_kwargs().get("logits_processor")
-        draw = processors[-1] if processors is not None else None
+        warpers, draw = (processors[:-1], processors[-1]) if processors is not None else ([], None)
         device, batch = input_ids.device, input_ids.shape[0]
         stops = torch.tensor(self.stops, dtype=torch.long, device=device)
         out = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         rows = torch.arange(batch, device=device)  # the batch row of each row still in the loop
         going = torch.ones(batch, dtype=torch.bool, device=device)  # not stopped yet
-        cache, mask = DynamicCache(), attention_mask
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # left padding: each prompt starts at position 0
+        position = (attention_mask.sum(-1) - 1).clamp_(min=0)  # of each prompt's last token (left padding)
         with torch.no_grad(), autocast(self.device, self.dtype):
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            position = positions[:, -1]
+            logits = decoder.prefill(input_ids, attention_mask)
             for step in range(max_new_tokens):
                 scores = logits.float()  # as generate() hands them to the logits processors
-                if processors is not None:
+                for warper in warpers:
+                    scores = warper(None, scores)
+                if draw is not None:
                     draw.batch, draw.rows = batch, rows
-                    scores = processors(None, scores)
-                token = scores.argmax(-1)
+                    token = draw.token(scores)
+                else:
+                    token = scores.argmax(-1)
                 out[rows[going], step] = token[going]
                 going &= ~torch.isin(token, stops)
                 left = int(going.sum())
@@ -266,12 +368,10 @@ class Engine:
                     break
                 if left <= (1 - DROP_SHARE) * len(going):
                     keep = going.nonzero().squeeze(1)
-                    cache.batch_select_indices(keep)
-                    rows, token, mask, position, going = rows[keep], token[keep], mask[keep], position[keep], going[keep]
-                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+                    decoder.keep_rows(keep)
+                    rows, token, position, going = rows[keep], token[keep], position[keep], going[keep]
                 position = position + 1
-                logits = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                                    past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = decoder.step(token, position)
         return out
 
     def decode(self, ids):

@@ -78,23 +78,15 @@ def test_greedy_is_the_direct_generate_call_token_for_token(engine):
 def test_a_batch_whose_rows_stop_at_different_steps_matches_generate_row_for_row():
     """decode_batch drops stopped rows from the batch and its KV cache: when the rows of a left-padded batch stop at
     different steps, each reply is still what a one-row generate() call gives. (A GPT-2 with large random weights:
-    its greedy replies vary, where the tiny model of conftest repeats one token.)"""
+    its greedy replies vary.)"""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                       initializer_range=0.5, bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    model = _random_gpt2()
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (3, 9, 5, 12, 4, 7, 6, 10)]
     free = Engine(model, None, stops=[]).generate_batch(prompts, 16)
     stops = sorted({reply[2 + 2 * i] for i, reply in enumerate(free[:6])})  # each of 6 rows stops by its own step
     engine = Engine(model, None, stops=stops)
-    direct = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
-                             eos_token_id=stops, pad_token_id=0)[0, len(ids):].tolist()
-        direct.append(engine.cut_at_stop(out))
+    direct = _generate_each(model, prompts, 16, stops)
     assert len({len(reply) for reply in direct}) >= 4 and min(map(len, direct)) <= 4  # rows leave the batch early
     assert engine.generate_batch(prompts, 16) == direct
     # sampled, the batch as one generate() call makes it, from the same seed: the same tokens
@@ -107,6 +99,101 @@ def test_a_batch_whose_rows_stop_at_different_steps_matches_generate_row_for_row
     torch.manual_seed(7)
     assert engine.generate_batch(prompts, 16, sampling) == one_call
     assert one_call != direct and len({len(reply) for reply in one_call}) >= 3
+
+
+def _random_gpt2(seed=0, **sizes):
+    """A GPT-2 with large random weights: its greedy replies vary (the tiny model of conftest repeats one token)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = dict(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(GPT2Config(**{**config, **sizes})).eval()
+
+
+def _generate_each(model, prompts, max_new_tokens, stops):
+    """Each prompt's greedy reply from its own generate() call (no padding), cut after its stop token."""
+    import torch
+
+    engine = Engine(model, None, stops=stops)
+    direct = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stops or None, pad_token_id=0)[0, len(ids):].tolist()
+        direct.append(engine.cut_at_stop(out))
+    return direct
+
+
+def test_the_batch_loop_runs_lora_and_a_scaled_final_norm_and_computes_a_repeated_prompt_once():
+    """GRPO samples from a PeftModel (LoRA on the projections, the final norm a trained ScaledLayerNorm copy) and
+    repeats each prompt for its group: the batch loop's replies are those of generate() on that very model, the
+    repeated prompts' included; and they differ from the plain model's, so the LoRA and the scale took part."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llm_train.grpo import add_logit_scale
+
+    plain = _random_gpt2(seed=1)
+    prompts = [torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 9, 5)]
+    prompts = [p for p in prompts for _ in range(3)] + [prompts[1]]  # groups, and a prompt once more on its own
+    before = Engine(plain, None, stops=[]).generate_batch(prompts, 12)
+    model = add_logit_scale(_random_gpt2(seed=1))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                             fan_in_fan_out=True, modules_to_save=["ln_f"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+            if name.endswith("log_scale"):
+                param.fill_(0.7)
+    model.eval()
+    replies = Engine(model, None, stops=[]).generate_batch(prompts, 12)
+    assert replies == _generate_each(model, prompts, 12, [])
+    assert replies[:3] == [replies[0]] * 3 and replies[-1] == replies[3]
+    assert replies != before
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_batch_loop_computes_what_the_models_forward_does(dtype):
+    """The batch loop's logits at each step equal one forward pass of the model over the prompt and the tokens so far
+    (left padding, position ids from the first real token), in fp32 to float rounding and under bf16 autocast to
+    bf16's (its attention is eager attention in the cache's dtype, the forward's is SDPA)."""
+    import torch
+
+    from llm_train.engine import GPT2Decoder
+
+    model = _random_gpt2(seed=2, n_layer=3)
+    prompts = [torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4, 11, 7)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    tokens = torch.randint(1, 300, (3, 6), generator=torch.Generator().manual_seed(0))
+    decoder = GPT2Decoder(model, width + tokens.shape[1])
+    tolerance = 1e-4 if dtype == "fp32" else 0.05
+    with torch.no_grad(), autocast("cpu", dtype):
+        steps = [decoder.prefill(ids, mask)]
+        position = mask.sum(-1) - 1
+        for j in range(tokens.shape[1] - 1):
+            position = position + 1
+            steps.append(decoder.step(tokens[:, j], position))
+        for j, logits in enumerate(steps):
+            full_ids, full_mask = torch.cat([ids, tokens[:, :j]], 1), torch.cat([mask, torch.ones_like(tokens[:, :j])], 1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            expected = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, -1].float()
+            scale = expected.abs().max()
+            assert (logits - expected).abs().max() <= tolerance * scale, (j, (logits - expected).abs().max(), scale)
+
+
+def test_the_batch_loop_is_for_gpt2():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UserError, match="GPT-2 models .* got a llama model"):
+        Engine(model, None, stops=[]).decode_batch(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), 4)
 
 
 def test_sampled_streams_match_sampled_batches(engine):
