@@ -48,7 +48,7 @@ from pathlib import Path
 
 from llm_train.atomic import atomic_write_bytes, atomic_write_json, check_writable_dir
 from llm_train.cli import positive_int
-from llm_train.engine import stop_token_ids
+from llm_train.engine import Engine, stop_token_ids
 from llm_train.errors import UserError, run_main
 from llm_train.lineage import check_lineage, recorded_parents
 from llm_train.paths import GRPO_OUTPUT_DIR, OUTPUT_DIR, REPO, SFT_OUTPUT_DIR
@@ -170,19 +170,39 @@ def resolve_tasks(names):
     return manager, offline, hub
 
 
-def load_model(model_dir, adapter_dir, tokenizer_dir, args):
-    """lm-eval's HFLM on one model: a local dir, plus a LoRA adapter through peft=, with the chat tokenizer."""
+def engine_lm_class():
+    """lm-eval's HFLM whose greedy generation runs in llm_train.engine's batch loop, as SFT's and GRPO's evaluations
+    do (the same replies up to the batches' makeup, and ~3x faster than generate() on a CPU); sampled requests (a hub
+    task's) go to HFLM's own generate()."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    class EngineLM(HFLM):
+        def _model_generate(self, context, max_length, stop, **kwargs):
+            if kwargs.get("do_sample") or kwargs.get("temperature") or "attention_mask" not in kwargs:
+                return super()._model_generate(context, max_length, stop, **kwargs)
+            engine = Engine(self.model, self.tokenizer, dtype_name(allow_fp16=True))
+            new = engine.decode_batch(context, kwargs["attention_mask"], max_length - context.shape[1])
+            return torch.cat([context, new], dim=1)  # lm-eval cuts the text at its stop strings
+
+    return EngineLM
+
+
+def load_model(model_dir, adapter_dir, tokenizer_dir, args):
+    """lm-eval's HFLM (EngineLM) on one model: a local dir, plus a LoRA adapter through peft= (merged into the
+    weights), with the chat tokenizer."""
+    import torch
+
     dtype = compute_dtype(allow_fp16=True)
     tokenizer = load_chat_tokenizer(tokenizer_dir)
-    lm = HFLM(pretrained=str(model_dir), peft=str(adapter_dir) if adapter_dir else None, tokenizer=tokenizer,
+    lm = engine_lm_class()(pretrained=str(model_dir), peft=str(adapter_dir) if adapter_dir else None, tokenizer=tokenizer,
               device=args.device, batch_size=args.batch_size, dtype=torch.float32, trust_remote_code=False,
               mixed_precision_dtype=None if dtype == torch.float32 else dtype, softmax_dtype=torch.float32)
     # A reply ends at <|im_end|> (or <|endoftext|>), as in SFT's and GRPO's own evaluations: the rows of a batch that
     # are done get pad tokens while the others finish, not the text after the end of their turn.
     lm.model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    if adapter_dir:  # the policy SFT and GRPO use: merged, as in their evaluations (an unmerged LoRA costs 2x a step)
+        lm._model = lm.model.merge_and_unload()
     return lm
 
 
