@@ -7,8 +7,8 @@ Reads:  the SFT policy (SFT/sft_output/merged/, else output/ + the LoRA adapter 
 Writes: RLHF/grpo_output/           merged full model + tokenizer (AutoModelForCausalLM.from_pretrained works on it),
                                     adapter/ (the LoRA adapter alone), history.jsonl (one line per logged step),
                                     lineage.json (settings; the policy and reward model it was built from)
-        RLHF/eval.json              held-out prompts: reward-model score and exact-answer accuracy of the SFT policy
-                                    vs the GRPO policy, and the GRPO policy's per-token KL to the SFT policy
+        RLHF/eval.json              held-out prompts: exact-answer accuracy and reward-model score (chat prompts) of
+                                    the SFT policy vs the GRPO policy, and the GRPO policy's per-token KL to the SFT policy
         RLHF/checkpoints/grpo/      resumable checkpoints and the run's history.jsonl
         RLHF/train.log, RLHF/runs/grpo/ (TensorBoard): reward, reward std, KL, completion length, step time, and
                                     with --eval-every N the held-out exact answers every N steps (as eval.json's)
@@ -188,8 +188,9 @@ def heldout_exact_answers(args, model, tok, arithmetic):
 def policy_metrics(args, model, tok, prompts, rm):
     """eval.json's numbers of one policy on the held-out prompts, and the per-problem fraction of sampled answers
     right (for the paired bootstrap): exact-answer accuracy of its greedy answers (per held-out split and language x
-    op x digits cell), how many end the turn, examples, the reward model's mean score (rm: (model, tokenizer) or
-    None) and the exact-answer accuracy of answers sampled at the training temperature (what GRPO optimizes)."""
+    op x digits cell), how many end the turn, examples, the reward model's mean score on the chat prompts (rm: a
+    RewardModel or None) and the exact-answer accuracy of answers sampled at the training temperature (what GRPO
+    optimizes)."""
     messages = [p["prompt"] for p in prompts]
     model.eval()
     ids, texts = generate_completions(model, tok, messages, args.max_completion_length, do_sample=False,
@@ -203,8 +204,9 @@ def policy_metrics(args, model, tok, prompts, rm):
               "arithmetic": greedy,
               "ends_with_im_end": sum(bool(x) and x[-1] == im_end for x in ids) / max(1, len(ids)),
               "examples": [{"prompt": m[-1]["content"], "completion": t} for m, t in zip(messages[::97], texts[::97])]}
-    if rm is not None:
-        scores = rm.scores(messages, texts)
+    chats = [(m, t) for p, m, t in zip(prompts, messages, texts) if p["answer"] is None]
+    if rm is not None and chats:  # the prompts whose replies the reward model scores in training
+        scores = rm.scores(*map(list, zip(*chats)))
         result["reward_model_score"] = sum(scores) / len(scores)
     # Both models are sampled from the same seed: the SFT policy against itself gives the same value.
     sampled = sampled_exact_answers(args, model, tok, [p["prompt"] for p, _ in arithmetic],
@@ -266,8 +268,9 @@ def evaluate(args, grpo_model, tok):
     line = (f"held-out: exact-answer accuracy SFT {sft['exact_answer_accuracy']:.3f} -> GRPO "
             f"{grpo['exact_answer_accuracy']:.3f} (sampled at temperature {args.temperature}: "
             f"{sft['sampled_exact_answer_accuracy']:.3f} -> {grpo['sampled_exact_answer_accuracy']:.3f})")
-    if rm is not None:
-        line += f"; reward-model score SFT {sft['reward_model_score']:.3f} -> GRPO {grpo['reward_model_score']:.3f}"
+    if "reward_model_score" in sft:
+        line += (f"; reward-model score on the chat prompts SFT {sft['reward_model_score']:.3f} -> GRPO "
+                 f"{grpo['reward_model_score']:.3f}")
     cut = result["sampled_error_reduction"]
     line += (f"; sampled error rate {cut['error_before']:.1%} -> {cut['error_after']:.1%}: reduced by "
              f"{cut['relative']:+.1%} relative (95% CI {cut['ci95'][0]:+.1%} .. {cut['ci95'][1]:+.1%}; "

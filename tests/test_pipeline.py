@@ -153,7 +153,7 @@ def check_lessons(report, sft, rl):
     low, high = cut["ci95"]
     assert rows["sampled error rate: relative reduction SFT → GRPO (95% paired-bootstrap interval)"] == [
         "n/a", "n/a", f"{cut['relative']:+.1%} ({low:+.1%} .. {high:+.1%})"]
-    assert rows["reward-model score"] == [
+    assert rows["reward-model score (held-out chat prompts)"] == [
         "n/a", f3(rl["sft"]["reward_model_score"]), f3(rl["grpo"]["reward_model_score"])]
     assert rows["logits' scale (the final norm's gain relative to SFT; 1 = as sure as SFT)"] == [
         "n/a", "n/a", f"{rl['logit_scale']:.2f}x"]
@@ -276,7 +276,7 @@ def test_report_card_tables_from_made_up_eval_files():
     rows = table(no_grpo, "## What each stage taught")
     assert rows["exact match, held-out wordings (greedy)"] == [f3(sft["base"]["exact_match_heldout_wordings"]),
                                                               f3(sft["sft"]["exact_match_heldout_wordings"]), "n/a"]
-    assert "reward-model score" not in rows and "| cell | digits | base | SFT |" in no_grpo
+    assert "reward-model score (held-out chat prompts)" not in rows and "| cell | digits | base | SFT |" in no_grpo
     neither = report_card.render(dict(m, sft=None, grpo=None, example_answers={}))
     assert "## What each stage taught" not in neither and "### Per cell" not in neither
     assert "## Supervised fine-tuning (QLoRA)\n\nnot run" in neither
