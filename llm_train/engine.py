@@ -213,10 +213,6 @@ class GPT2Decoder:
         input_ids, attention_mask = rows[:, :T], rows[:, T:]
         positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # left padding: each prompt starts at position 0
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
-        dtype = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else x.dtype
-        self.keys = torch.zeros(len(self.transformer.h), B, self.heads, self.length, x.shape[-1] // self.heads,
-                                dtype=dtype, device=self.device)
-        self.values = torch.zeros_like(self.keys)
         self.seen = torch.zeros(B, self.length, dtype=torch.bool, device=self.device)
         self.seen[:, :T] = attention_mask.bool()[copies]
         causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
@@ -224,6 +220,9 @@ class GPT2Decoder:
         mask = ((causal & attention_mask.bool()[:, None]) | torch.eye(T, dtype=torch.bool, device=self.device))[:, None]
         for i, block in enumerate(self.transformer.h):
             def attend(q, k, v, i=i):
+                if i == 0:  # in the dtype of the projections' output (autocast's, or a 4-bit layer's own)
+                    self.keys = k.new_zeros(len(self.transformer.h), B, self.heads, self.length, k.shape[-1])
+                    self.values = torch.zeros_like(self.keys)
                 self.keys[i, :, :, :T], self.values[i, :, :, :T] = k[copies], v[copies]
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 

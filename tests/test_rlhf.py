@@ -1,6 +1,7 @@
 """RLHF stage: embedded preference data, reward model (TRL RewardTrainer), GRPO with TRL and in plain PyTorch.
 
 Everything runs on the tiny random GPT-2 of conftest as the "SFT policy" (a full model dir is accepted as --sft-dir)."""
+import contextlib
 import json
 import os
 import random
@@ -461,16 +462,28 @@ def test_grpo_loss_and_gradients_match_trl(tiny_model_dir, dtype, monkeypatch):
         assert abs(trl_loss.item() - wrong[0]) > 10 * loss_tol and grad_error(wrong[1]) > 2 * grad_tol, wrong[0]
 
 
-def record_sampling_logits(model):
-    """Hook `model` so that every generation step appends its last-position logits (what the token was sampled
-    from) to the returned list; scoring calls (TRL's fused head) are left out."""
-    steps = []
+@contextlib.contextmanager
+def recorded_sampling_logits():
+    """Within it, every step of llm_train.engine's batch loop appends the logits it returned (what the next token was
+    sampled from), one row per batch row."""
+    from llm_train.engine import GPT2Decoder
 
-    def hook(module, args, kwargs, out):
-        if not kwargs.get("fused_lm_head"):
-            steps.append(out.logits[:, -1].float())
+    steps, originals = [], {name: getattr(GPT2Decoder, name) for name in ("prefill", "step")}
 
-    return steps, model.register_forward_hook(hook, with_kwargs=True)
+    def recording(method):
+        def run(self, *args):
+            logits = method(self, *args)
+            steps.append(logits.float())
+            return logits
+        return run
+
+    for name, method in originals.items():
+        setattr(GPT2Decoder, name, recording(method))
+    try:
+        yield steps
+    finally:
+        for name, method in originals.items():
+            setattr(GPT2Decoder, name, method)
 
 
 def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
@@ -494,9 +507,8 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
     # grpo_training.py: generate_completions samples, completion_logps scores.
     model = load_policy(tiny_model_dir, tiny_model_dir)[0].eval()
     torch.manual_seed(0)
-    steps, hook = record_sampling_logits(model)
-    ids, _ = generate_completions(model, tok, prompts, 8, do_sample=True, temperature=temperature)
-    hook.remove()
+    with recorded_sampling_logits() as steps:
+        ids, _ = generate_completions(model, tok, prompts, 8, do_sample=True, temperature=temperature)
     with torch.no_grad():
         logps, mask = completion_logps(model, prompt_token_ids(tok, prompts), ids, temperature)
     expected = sampled(steps, ids)
@@ -506,9 +518,8 @@ def test_logps_of_the_loss_are_those_of_the_sampling_pass(tiny_model_dir):
     # grpo_trl.py: TRL's own generation and the log-probabilities its loss uses (policy; reference = SFT weights).
     trainer, _ = trl_trainer(tiny_model_dir, "fp32")
     trainer.model.train()  # groups of num_generations, as in training (dropout is off)
-    steps, hook = record_sampling_logits(trainer.model)
-    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(2)])
-    hook.remove()
+    with recorded_sampling_logits() as steps:
+        batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(2)])
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     n = batch["completion_ids"].size(1)
