@@ -1,7 +1,7 @@
 """Stage 7: evaluate every stage's model on the same tasks with EleutherAI's lm-evaluation-harness (lm-eval).
 
 Reads:  the models that exist of output/ (the pretrained base), SFT/sft_output/ (the LoRA adapter on output/, which
-        lm-eval's HFLM loads with peft=) and RLHF/grpo_output/ (the merged GRPO policy), each with its own tokenizer;
+        lm-eval's HFLM loads with peft=, then merged) and RLHF/grpo_output/ (the merged GRPO policy), each with its own tokenizer;
         the task YAMLs in Eval/tasks/ (offline: their data is built in memory from the repo's held-out data), and
         by name any task of lm-eval's own registry (those download their data from the Hugging Face hub).
 Writes: Eval/results.json            per model, task and metric: value and stderr; the lm-eval version, the settings,
@@ -29,7 +29,8 @@ Offline tasks (tag llm_train; Eval/tasks/*.yaml, their data and scoring in Eval/
   llm_train_bpb_pretrain_val    (by name only) bits per byte of pretrain_data_chunks/'s val split: the text whose
                                 val_bpb PreTrain/model.py reports
 Generation tasks run with apply_chat_template=True (these are chat models, the base too since mid-training), in
-batches of --generation-batch-size prompts; log-likelihood tasks score plain text, as lm-eval's leaderboards do, in
+batches of --generation-batch-size prompts, greedy ones through llm_train.engine's batch loop (EngineLM), as SFT's and
+GRPO's evaluations generate; log-likelihood tasks score plain text, as lm-eval's leaderboards do, in
 batches of --batch-size. Without network, a task that needs the hub stops the run with one error before any model
 is loaded. Weights are fp32; $LLM_TRAIN_DTYPE / auto (bf16 on GPUs) is the
 autocast dtype, as in SFT's evaluation. An adapter on another base, or a GRPO model whose parents were replaced, is
@@ -77,9 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="sequences per forward pass of the log-likelihood tasks (bits per byte, multiple choice)")
     p.add_argument("--generation-batch-size", type=positive_int, default=128,
-                   help="prompts per generate() call of the generation tasks: with the small models a new token "
-                        "costs little more for 128 rows than for 32, so the 800 held-out arithmetic replies of the CPU "
-                        "model take ~12 s instead of ~19 s at 32 (2 cores)")
+                   help="prompts per batch of the generation tasks: with the small models a new token costs little "
+                        "more for 128 rows than for 32")
     p.add_argument("--device", help="cuda, cuda:N or cpu (not given: cuda when there is a GPU, else cpu)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="reply length of the offline generation tasks (SFT's --max-new-tokens, for the same numbers)")
