@@ -164,11 +164,10 @@ def prompt_token_ids(tokenizer, prompts, room=None):
 
 class GPT2Decoder:
     """GPT-2's forward for a batch's KV-cache loop, through the model's own modules (so LoRA layers, 4-bit weights
-    and a scaled final norm all take part), with the cache preallocated for `length` positions in the compute dtype.
-    A new token attends over the whole cache, masked, in three small ops (HF's eager attention), not
-    scaled_dot_product_attention, whose CPU kernel costs ~5x more for one query (docs/experiments.md#sampling):
-    the same logits as the model's forward in fp32, and to bf16's rounding under autocast. GPT-2 only (every model
-    of this project)."""
+    and a scaled final norm all take part), with the cache preallocated for `length` positions, in fp32. A new
+    token attends over the whole cache, masked, in three small fp32 ops, not scaled_dot_product_attention, whose CPU
+    kernel costs ~4x more for one query (docs/experiments.md#sampling): the same logits as the model's forward in
+    fp32, and to the rounding of bf16 outputs under autocast. GPT-2 only (every model of this project)."""
 
     def __init__(self, model, length):
         import torch
@@ -182,8 +181,8 @@ class GPT2Decoder:
         self.transformer, self.lm_head = gpt.transformer, gpt.lm_head
         self.heads, self.length = config.n_head, length
         self.scale = (config.n_embd // config.n_head) ** -0.5
-        self.keys = self.values = self.seen = None  # (layers, B, heads, length, head dim) in the compute dtype;
-        # (B, length) bool: a position holds a token
+        self.keys = self.values = self.seen = None  # (layers, B, heads, length, head dim) fp32; (B, length) bool:
+        # a position holds a token
         self.filled = 0
         self.device = next(gpt.parameters()).device
         self.no_autocast = torch.autocast(self.device.type, enabled=False)
@@ -220,8 +219,9 @@ class GPT2Decoder:
         mask = ((causal & attention_mask.bool()[:, None]) | torch.eye(T, dtype=torch.bool, device=self.device))[:, None]
         for i, block in enumerate(self.transformer.h):
             def attend(q, k, v, i=i):
-                if i == 0:  # in the dtype of the projections' output (autocast's, or a 4-bit layer's own)
-                    self.keys = k.new_zeros(len(self.transformer.h), B, self.heads, self.length, k.shape[-1])
+                if i == 0:
+                    self.keys = k.new_zeros(len(self.transformer.h), B, self.heads, self.length, k.shape[-1],
+                                            dtype=torch.float32)
                     self.values = torch.zeros_like(self.keys)
                 self.keys[i, :, :, :T], self.values[i, :, :, :T] = k[copies], v[copies]
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
@@ -243,9 +243,10 @@ class GPT2Decoder:
             def attend(q, k, v, i=i):
                 keys, values = self.keys[i], self.values[i]
                 keys[:, :, n], values[:, :, n] = k[:, :, 0], v[:, :, 0]
-                with self.no_autocast:  # in the cache's dtype, the softmax in fp32: HF's eager attention
-                    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scale).masked_fill_(masked, -math.inf)
-                    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
+                with self.no_autocast:  # in fp32, as the fused kernel computes inside
+                    scores = torch.matmul(q.float(), keys.transpose(-1, -2)).mul_(self.scale).masked_fill_(
+                        masked, -math.inf)
+                    return torch.matmul(torch.softmax(scores, dim=-1), values).to(q.dtype)
 
             x = self._block(block, x, attend)
         return self._logits(x)

@@ -171,7 +171,7 @@ def test_the_batch_loop_computes_what_the_models_forward_does(dtype):
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
     tokens = torch.randint(1, 300, (3, 6), generator=torch.Generator().manual_seed(0))
     decoder = GPT2Decoder(model, width + tokens.shape[1])
-    tolerance = 1e-4 if dtype == "fp32" else 0.05
+    tolerance = 1e-4 if dtype == "fp32" else 0.02
     with torch.no_grad(), autocast("cpu", dtype):
         steps = [decoder.prefill(ids, mask)]
         position = mask.sum(-1) - 1
