@@ -261,7 +261,8 @@ def test_compare_marks_the_example_prompts(app_module, app_url):
 def test_two_clients_chat_at_the_same_time(app_url):
     """Two sessions chat at once: both get answers, and they are generated together, not one after the other
     (shown on a round where both replies are long enough for their times to overlap; the smoke model ends a reply
-    when it likes, often within a few tokens, so up to eight rounds)."""
+    when it likes, often within a few tokens, and a 17-token reply can end in the ~20 ms before the other's first
+    token, so up to eight rounds; a server that serves one session after the other overlaps none)."""
     clients = {name: client(app_url) for name in ("Ann", "Bob")}
     for _ in range(8):
         results, errors, barrier = {}, [], threading.Barrier(2)
@@ -288,9 +289,9 @@ def test_two_clients_chat_at_the_same_time(app_url):
         if min(r[3] for r in results.values()) >= 16:
             assert all(r[2].strip() for r in results.values()), results
             (a_first, a_end, *_), (b_first, b_end, *_) = results["Ann"], results["Bob"]
-            assert a_first < b_end and b_first < a_end, f"served one after the other, not together: {results}"
-            return
-    pytest.fail(f"no round where both replies had 16 tokens or more: {results}")
+            if a_first < b_end and b_first < a_end:
+                return
+    pytest.fail(f"no round where both replies had 16 tokens or more and were generated together: {results}")
 
 
 @contextlib.contextmanager
