@@ -1,7 +1,8 @@
 """Stage 7: evaluate every stage's model on the same tasks with EleutherAI's lm-evaluation-harness (lm-eval).
 
 Reads:  the models that exist of output/ (the pretrained base), SFT/sft_output/ (the LoRA adapter on output/, which
-        lm-eval's HFLM loads with peft=, then merged) and RLHF/grpo_output/ (the merged GRPO policy), each with its own tokenizer;
+        lm-eval's HFLM loads with peft=, then merged) and RLHF/grpo_output/ (the merged GRPO policy), each with its
+        own tokenizer;
         the task YAMLs in Eval/tasks/ (offline: their data is built in memory from the repo's held-out data), and
         by name any task of lm-eval's own registry (those download their data from the Hugging Face hub).
 Writes: Eval/results.json            per model, task and metric: value and stderr; the lm-eval version, the settings,
@@ -172,7 +173,7 @@ def resolve_tasks(names):
 
 def engine_lm_class():
     """lm-eval's HFLM whose greedy generation runs in llm_train.engine's batch loop, as SFT's and GRPO's evaluations
-    do (the same replies up to the batches' makeup, and ~3x faster than generate() on a CPU); sampled requests (a hub
+    do (the same replies up to the batches' makeup, and faster than generate() on a CPU); sampled requests (a hub
     task's) go to HFLM's own generate()."""
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -195,9 +196,10 @@ def load_model(model_dir, adapter_dir, tokenizer_dir, args):
 
     dtype = compute_dtype(allow_fp16=True)
     tokenizer = load_chat_tokenizer(tokenizer_dir)
-    lm = engine_lm_class()(pretrained=str(model_dir), peft=str(adapter_dir) if adapter_dir else None, tokenizer=tokenizer,
-              device=args.device, batch_size=args.batch_size, dtype=torch.float32, trust_remote_code=False,
-              mixed_precision_dtype=None if dtype == torch.float32 else dtype, softmax_dtype=torch.float32)
+    lm = engine_lm_class()(pretrained=str(model_dir), peft=str(adapter_dir) if adapter_dir else None,
+                           tokenizer=tokenizer, device=args.device, batch_size=args.batch_size, dtype=torch.float32,
+                           trust_remote_code=False, mixed_precision_dtype=None if dtype == torch.float32 else dtype,
+                           softmax_dtype=torch.float32)
     # A reply ends at <|im_end|> (or <|endoftext|>), as in SFT's and GRPO's own evaluations: the rows of a batch that
     # are done get pad tokens while the others finish, not the text after the end of their turn.
     lm.model.generation_config.eos_token_id = stop_token_ids(tokenizer)

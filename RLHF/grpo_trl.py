@@ -8,7 +8,8 @@ Writes: RLHF/grpo_output/           merged full model + tokenizer (AutoModelForC
                                     adapter/ (the LoRA adapter alone), history.jsonl (one line per logged step),
                                     lineage.json (settings; the policy and reward model it was built from)
         RLHF/eval.json              held-out prompts: exact-answer accuracy and reward-model score (chat prompts) of
-                                    the SFT policy vs the GRPO policy, and the GRPO policy's per-token KL to the SFT policy
+                                    the SFT policy vs the GRPO policy, and the GRPO policy's per-token KL to the SFT
+                                    policy
         RLHF/checkpoints/grpo/      resumable checkpoints and the run's history.jsonl
         RLHF/train.log, RLHF/runs/grpo/ (TensorBoard): reward, reward std, KL, completion length, step time, and
                                     with --eval-every N the held-out exact answers every N steps (as eval.json's)

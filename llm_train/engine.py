@@ -337,7 +337,7 @@ class Engine:
         with pad tokens; sampling draws generate()'s random numbers, so from the same seed the same tokens), from our
         own KV-cache loop over the GPT-2's modules (GPT2Decoder), which drops the stopped rows and their cache once
         DROP_SHARE of the batch has stopped. generate() computes every row until the longest reply ends; this costs
-        about the replies' total length instead, and each new token ~half of what generate()'s step costs on a CPU
+        about the replies' total length instead, and each new token less than generate()'s step on a CPU
         (docs/experiments.md#sampling)."""
         import torch
 

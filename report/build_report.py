@@ -234,7 +234,8 @@ def stage_lessons(m):
                      f"{percent(cut['relative'])} ({percent(low)} .. {percent(high)})"))
     rows.append((f"replies ending with {IM_END}", get(sft, "base", "ends_with_im_end"),
                  get(sft, "sft", "ends_with_im_end"), get(grpo, "grpo", "ends_with_im_end")))
-    rows.append(("reward-model score (held-out chat prompts)", None, get(grpo, "sft", "reward_model_score"), get(grpo, "grpo", "reward_model_score")))
+    rows.append(("reward-model score (held-out chat prompts)", None, get(grpo, "sft", "reward_model_score"),
+                 get(grpo, "grpo", "reward_model_score")))
     scale = get(grpo, "logit_scale")  # what the logit-scale lr trained: how much surer GRPO made the policy
     rows.append(("logits' scale (the final norm's gain relative to SFT; 1 = as sure as SFT)", None, None,
                  None if scale is None else f"{scale:.2f}x"))

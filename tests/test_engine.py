@@ -179,7 +179,8 @@ def test_the_batch_loop_computes_what_the_models_forward_does(dtype):
             position = position + 1
             steps.append(decoder.step(tokens[:, j], position))
         for j, logits in enumerate(steps):
-            full_ids, full_mask = torch.cat([ids, tokens[:, :j]], 1), torch.cat([mask, torch.ones_like(tokens[:, :j])], 1)
+            full_ids = torch.cat([ids, tokens[:, :j]], 1)
+            full_mask = torch.cat([mask, torch.ones_like(tokens[:, :j])], 1)
             positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
             expected = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, -1].float()
             scale = expected.abs().max()
