@@ -217,8 +217,9 @@ def test_gradio_client_chat_streams_and_compare_scores(app_url, smoke_repo):
     history, _, note = c.predict("And then?", history, "GRPO", *FREE_SAMPLING, 16, api_name="/chat")
     # (a long sampled first reply may already push the window: the note then starts with what was left out)
     assert [m["role"] for m in history] == ["user", "assistant"] * 2 and "GRPO: " in note
+    # the user's messages alone overflow the window (context 256 - 64 for the reply), however short the replies are
     for i in range(3):
-        history, _, note = c.predict(f"Tell me more about topic number {i}, please.", history, "GRPO",
+        history, _, note = c.predict(f"Tell me more about topic number {i}, please. " * 4, history, "GRPO",
                                      *FREE_SAMPLING, 64, api_name="/chat")
     assert "oldest messages were left out" in note and len(history) == 10
 
