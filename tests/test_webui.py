@@ -236,7 +236,10 @@ def test_gradio_client_chat_streams_and_compare_scores(app_url, smoke_repo):
         assert f"reward-model score **{s:+.3f}**" in v, (v, s)
         assert ("✓ right" if extract_answer(a) == 85 else "✗") in v and "85" in v
 
-    text, note = c.predict("Once upon a time", *FREE_SAMPLING, 20, api_name="/complete")
+    for _ in range(3):  # the smoke base ends the text at its first token ~0.4% of the time: ask again
+        text, note = c.predict("Once upon a time", *FREE_SAMPLING, 20, api_name="/complete")
+        if len(text) > len("Once upon a time"):
+            break
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") and "tokens/s" in note
 
     status, *plots = c.predict(api_name="/training")
@@ -509,7 +512,10 @@ def test_missing_and_mismatched_stages_are_explained_not_fatal(smoke_repo, tmp_p
         # no server path in the page: repo-relative names, "…/" and the last part elsewhere
         assert "was built from a different base than the one in …/output" in note
         assert "Rebuild it with `python SFT/qlora_fine_tune_trl.py --merge --model-dir …/output" in note
-        out = c.predict(ARITH, *FREE_SAMPLING, 16, api_name="/compare")
+        for _ in range(3):  # the smoke base ends a chat reply at its first token ~1% of the time: ask again
+            out = c.predict(ARITH, *FREE_SAMPLING, 16, api_name="/compare")
+            if out[0].strip():
+                break
         assert out[0].strip() and out[1:3] == ("", "")  # the base answers; SFT and GRPO are explained instead
         assert "no reward-model score (no reward model in" in out[3] and "python RLHF/reward_model.py" in out[3]
         assert "different base" in out[4] and "train it with `python RLHF/grpo_trl.py`" in out[5]
@@ -517,7 +523,10 @@ def test_missing_and_mismatched_stages_are_explained_not_fatal(smoke_repo, tmp_p
         assert "history.jsonl` is missing: run `python RLHF/grpo_trl.py`" in status
         assert "metrics.json` is missing: run `python report/build_report.py`" in status
         assert loss and tokenizer and report is None
-        text, _ = c.predict("Once upon a time", *FREE_SAMPLING, 8, api_name="/complete")
+        for _ in range(3):  # (see above: the smoke base may end the text at once)
+            text, _ = c.predict("Once upon a time", *FREE_SAMPLING, 8, api_name="/complete")
+            if len(text) > len("Once upon a time"):
+                break
         assert len(text) > len("Once upon a time")
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         page = opener.open(f"{url}/config", timeout=30).read().decode()
