@@ -205,9 +205,9 @@ def policy_metrics(args, model, tok, prompts, rm):
               "arithmetic": greedy,
               "ends_with_im_end": sum(bool(x) and x[-1] == im_end for x in ids) / max(1, len(ids)),
               "examples": [{"prompt": m[-1]["content"], "completion": t} for m, t in zip(messages[::97], texts[::97])]}
-    chats = [(m, t) for p, m, t in zip(prompts, messages, texts) if p["answer"] is None]
-    if rm is not None and chats:  # the prompts whose replies the reward model scores in training
-        scores = rm.scores(*map(list, zip(*chats)))
+    chats = [i for i, p in enumerate(prompts) if p["answer"] is None]  # replies the reward model scores in training
+    if rm is not None and chats:
+        scores = rm.scores([messages[i] for i in chats], [texts[i] for i in chats])
         result["reward_model_score"] = sum(scores) / len(scores)
     # Both models are sampled from the same seed: the SFT policy against itself gives the same value.
     sampled = sampled_exact_answers(args, model, tok, [p["prompt"] for p, _ in arithmetic],

@@ -180,9 +180,10 @@ class GPT2Decoder:
                             f"{config.model_type} model")
         self.transformer, self.lm_head = gpt.transformer, gpt.lm_head
         self.heads, self.length = config.n_head, length
-        self.scale = (config.n_embd // config.n_head) ** -0.5
-        self.keys = self.values = self.seen = None  # (layers, B, heads, length, head dim) fp32; (B, length) bool:
-        # a position holds a token
+        self.head_dim = config.n_embd // config.n_head
+        self.scale = self.head_dim ** -0.5
+        self.keys = self.values = None  # (layers, B, heads, length, head dim), fp32
+        self.seen = None  # (B, length) bool: a position holds a token
         self.filled = 0
         self.device = next(gpt.parameters()).device
         self.no_autocast = torch.autocast(self.device.type, enabled=False)
@@ -199,6 +200,7 @@ class GPT2Decoder:
         return x + block.mlp(block.ln_2(x))
 
     def _logits(self, x):
+        """The last position's logits in fp32, as generate() hands them to the logits processors."""
         return self.lm_head(self.transformer.ln_f(x[:, -1])).float()
 
     def prefill(self, input_ids, attention_mask):
@@ -217,12 +219,11 @@ class GPT2Decoder:
         causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
         # a pad position sees itself too: its (unused) output stays finite, so no NaN reaches the cache
         mask = ((causal & attention_mask.bool()[:, None]) | torch.eye(T, dtype=torch.bool, device=self.device))[:, None]
+        self.keys = torch.zeros(len(self.transformer.h), B, self.heads, self.length, self.head_dim,
+                                dtype=torch.float32, device=self.device)
+        self.values = torch.zeros_like(self.keys)
         for i, block in enumerate(self.transformer.h):
             def attend(q, k, v, i=i):
-                if i == 0:
-                    self.keys = k.new_zeros(len(self.transformer.h), B, self.heads, self.length, k.shape[-1],
-                                            dtype=torch.float32)
-                    self.values = torch.zeros_like(self.keys)
                 self.keys[i, :, :, :T], self.values[i, :, :, :T] = k[copies], v[copies]
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
@@ -353,7 +354,7 @@ class Engine:
         with torch.no_grad(), autocast(self.device, self.dtype):
             logits = decoder.prefill(input_ids, attention_mask)
             for step in range(max_new_tokens):
-                scores = logits.float()  # as generate() hands them to the logits processors
+                scores = logits
                 for warper in warpers:
                     scores = warper(None, scores)
                 if draw is not None:
