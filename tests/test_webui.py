@@ -87,6 +87,16 @@ def client(url):
     return Client(url, verbose=False)
 
 
+def ask_until(ask, ok, tries=3):
+    """ask()'s first answer that ok() accepts, of up to `tries` (a smoke model may end a sampled reply at its first
+    token: then it is asked again), else its last answer."""
+    for _ in range(tries):
+        answer = ask()
+        if ok(answer):
+            break
+    return answer
+
+
 def reply_of(history):
     """The text of the last (assistant) message of a chatbot value returned by the API."""
     content = history[-1]["content"]
@@ -223,11 +233,9 @@ def test_gradio_client_chat_streams_and_compare_scores(app_url, smoke_repo):
                                      *FREE_SAMPLING, 64, api_name="/chat")
     assert "oldest messages were left out" in note and len(history) == 10
 
-    for _ in range(5):  # a sampled reply of a smoke model may end at its first token: ask again
-        out = c.predict(ARITH, *FREE_SAMPLING, 24, api_name="/compare")
-        answers, verdicts = out[:3], out[3:]
-        if all(a.strip() for a in answers):
-            break
+    out = ask_until(lambda: c.predict(ARITH, *FREE_SAMPLING, 24, api_name="/compare"),
+                    lambda out: all(a.strip() for a in out[:3]), tries=5)
+    answers, verdicts = out[:3], out[3:]
     assert all(a.strip() for a in answers), answers
     # the scores shown are the reward model's scores of these answers
     scores = load_reward_model(smoke_repo[0] / "RLHF" / "reward_model").scores(
@@ -236,10 +244,9 @@ def test_gradio_client_chat_streams_and_compare_scores(app_url, smoke_repo):
         assert f"reward-model score **{s:+.3f}**" in v, (v, s)
         assert ("✓ right" if extract_answer(a) == 85 else "✗") in v and "85" in v
 
-    for _ in range(3):  # the smoke base ends the text at its first token ~0.4% of the time: ask again
-        text, note = c.predict("Once upon a time", *FREE_SAMPLING, 20, api_name="/complete")
-        if len(text) > len("Once upon a time"):
-            break
+    # (the smoke base ends the text at its first token ~0.4% of the time)
+    text, note = ask_until(lambda: c.predict("Once upon a time", *FREE_SAMPLING, 20, api_name="/complete"),
+                           lambda out: len(out[0]) > len("Once upon a time"))
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") and "tokens/s" in note
 
     status, *plots = c.predict(api_name="/training")
@@ -512,10 +519,8 @@ def test_missing_and_mismatched_stages_are_explained_not_fatal(smoke_repo, tmp_p
         # no server path in the page: repo-relative names, "…/" and the last part elsewhere
         assert "was built from a different base than the one in …/output" in note
         assert "Rebuild it with `python SFT/qlora_fine_tune_trl.py --merge --model-dir …/output" in note
-        for _ in range(3):  # the smoke base ends a chat reply at its first token ~1% of the time: ask again
-            out = c.predict(ARITH, *FREE_SAMPLING, 16, api_name="/compare")
-            if out[0].strip():
-                break
+        # (the smoke base ends a chat reply at its first token ~1% of the time)
+        out = ask_until(lambda: c.predict(ARITH, *FREE_SAMPLING, 16, api_name="/compare"), lambda out: out[0].strip())
         assert out[0].strip() and out[1:3] == ("", "")  # the base answers; SFT and GRPO are explained instead
         assert "no reward-model score (no reward model in" in out[3] and "python RLHF/reward_model.py" in out[3]
         assert "different base" in out[4] and "train it with `python RLHF/grpo_trl.py`" in out[5]
@@ -523,10 +528,8 @@ def test_missing_and_mismatched_stages_are_explained_not_fatal(smoke_repo, tmp_p
         assert "history.jsonl` is missing: run `python RLHF/grpo_trl.py`" in status
         assert "metrics.json` is missing: run `python report/build_report.py`" in status
         assert loss and tokenizer and report is None
-        for _ in range(3):  # (see above: the smoke base may end the text at once)
-            text, _ = c.predict("Once upon a time", *FREE_SAMPLING, 8, api_name="/complete")
-            if len(text) > len("Once upon a time"):
-                break
+        text, _ = ask_until(lambda: c.predict("Once upon a time", *FREE_SAMPLING, 8, api_name="/complete"),
+                            lambda out: len(out[0]) > len("Once upon a time"))
         assert len(text) > len("Once upon a time")
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         page = opener.open(f"{url}/config", timeout=30).read().decode()
